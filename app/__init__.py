@@ -1,0 +1,52 @@
+"""Elemta: a mail transfer agent administered through a REST + WebSocket API."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Flask
+
+from . import models  # noqa: F401  (registers the tables on db.metadata)
+from .config import load_config
+from .errors import register_error_handlers
+from .extensions import Api, db, migrate, sock
+from .http import register_request_hooks
+
+__version__ = "0.1.0"
+
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "migrations")
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the application: config, extensions, blueprints, error handlers, CLI."""
+    app = Flask(__name__, instance_relative_config=True)
+    load_config(app, config)
+    app.config.update(
+        API_TITLE="Elemta",
+        API_VERSION=__version__,
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",
+    )
+
+    db.init_app(app)
+    # An absolute path: Flask-Migrate would resolve "migrations" against the current directory.
+    migrate.init_app(app, db, directory=MIGRATIONS_DIR)
+    # One Api per application (not a module singleton): each app owns its OpenAPI document.
+    api = Api(app, spec_kwargs={"info": {"description": "Elemta mail transfer agent API"}})
+    sock.init_app(app)
+    register_error_handlers(app)
+    register_request_hooks(app)
+
+    from .queue.routes import blp as queue_blp
+
+    api.register_blueprint(queue_blp)
+
+    from .cli import register_cli
+
+    register_cli(app)
+    return app

@@ -1,0 +1,1 @@
+"""System logs and message delivery events."""

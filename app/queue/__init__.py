@@ -1,0 +1,1 @@
+"""The queue: messages, their recipients and the operator actions on them."""

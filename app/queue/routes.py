@@ -1,0 +1,141 @@
+"""Queue endpoints (SPEC 2.2): thin views over ``queue.service``."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from flask import Response, request
+from flask.views import MethodView
+
+from ..auth import current_actor
+from ..extensions import Blueprint, db
+from ..schemas import CountedStatusSchema, StatusSchema
+from . import service
+from .schemas import (
+    BulkQuerySchema,
+    DetailQuerySchema,
+    ListQuerySchema,
+    MessageDetailSchema,
+    MessageSchema,
+    QueueStatsSchema,
+)
+
+blp = Blueprint("queue", __name__, url_prefix="/api/queue", description="The mail queue")
+
+
+def _filters(args: dict[str, Any]) -> service.MessageFilters:
+    return service.MessageFilters(
+        sender=args.get("sender"),
+        recipient=args.get("recipient"),
+        domain=args.get("domain"),
+        before=args.get("before"),
+        after=args.get("after"),
+    )
+
+
+def _next_link(cursor: str) -> str:
+    query = request.args.to_dict()
+    query["cursor"] = cursor
+    return f'<{request.base_url}?{urlencode(query)}>; rel="next"'
+
+
+@blp.route("/stats")
+class QueueStats(MethodView):
+    @blp.response(200, QueueStatsSchema)
+    def get(self) -> dict[str, int]:
+        """Number of messages in each queue state"""
+        return service.queue_stats(db.session)
+
+
+@blp.route("/<string:queue_type>")
+class QueueListing(MethodView):
+    @blp.arguments(ListQuerySchema, location="query", as_kwargs=True)
+    @blp.response(200, MessageSchema(many=True),
+                  headers={"X-Total-Count": {"schema": {"type": "integer"}},
+                           "Link": {"schema": {"type": "string"}}})
+    def get(self, queue_type: str, limit: int, cursor: str | None = None, **filters: Any) -> Any:
+        """List messages of a queue (pending, deferred, held, failed or all), oldest first"""
+        page = service.list_messages(db.session, queue_type, _filters(filters), limit=limit,
+                                     cursor=cursor)
+        headers = {"X-Total-Count": str(page.total)}
+        if page.next_cursor:
+            headers["Link"] = _next_link(page.next_cursor)
+        return page.items, 200, headers
+
+
+@blp.route("/<string:queue_type>/flush")
+class QueueFlush(MethodView):
+    @blp.arguments(BulkQuerySchema, location="query", as_kwargs=True)
+    @blp.response(200, CountedStatusSchema)
+    def post(self, queue_type: str, dry_run: bool, **filters: Any) -> dict[str, Any]:
+        """Delete every message of a queue (with the listing filters; dry_run counts only)"""
+        count = service.bulk_action(db.session, "flush", queue_type, _filters(filters),
+                                    current_actor(), dry_run=dry_run)
+        verb = "would be flushed" if dry_run else "flushed"
+        return {"status": "success", "message": f"Queue {queue_type} {verb}", "count": count}
+
+
+def _bulk_view(action: str, summary: str) -> type[MethodView]:
+    class BulkAction(MethodView):
+        @blp.arguments(BulkQuerySchema, location="query", as_kwargs=True)
+        @blp.response(200, CountedStatusSchema)
+        def post(self, queue_type: str, dry_run: bool, **filters: Any) -> dict[str, Any]:
+            count = service.bulk_action(db.session, action, queue_type, _filters(filters),
+                                        current_actor(), dry_run=dry_run)
+            done = "would be " + service.PAST_TENSE[action] if dry_run else service.PAST_TENSE[action]
+            return {"status": "success", "message": f"{count} message(s) {done}", "count": count}
+
+    BulkAction.post.__doc__ = summary
+    BulkAction.__name__ = f"QueueBulk{action.title()}"
+    return BulkAction
+
+
+blp.route("/<string:queue_type>/retry")(
+    _bulk_view("retry", "Retry every matching message now (deferred, failed or all)"))
+blp.route("/<string:queue_type>/hold")(
+    _bulk_view("hold", "Hold every matching message (pending, deferred or all)"))
+blp.route("/<string:queue_type>/release")(
+    _bulk_view("release", "Release every matching held message (type must be held)"))
+
+
+@blp.route("/message/<string:message_id>")
+class QueueMessage(MethodView):
+    @blp.arguments(DetailQuerySchema, location="query", as_kwargs=True)
+    @blp.response(200, MessageDetailSchema)
+    @blp.alt_response(200, description="The raw message (format=raw)", content_type="message/rfc822",
+                      success=True)
+    def get(self, message_id: str, format: str) -> Any:
+        """A message with recipients, headers, content and events; format=raw for the message itself"""
+        if format == "raw":
+            raw = service.message_raw(db.session, message_id)
+            return Response(raw, mimetype="message/rfc822")
+        return service.message_detail(db.session, message_id)
+
+    @blp.response(200, StatusSchema)
+    def delete(self, message_id: str) -> dict[str, str]:
+        """Delete a message from the queue"""
+        service.delete_message(db.session, message_id, current_actor())
+        return {"status": "success", "message": f"Message {message_id} deleted"}
+
+
+def _single_view(action: str, summary: str) -> type[MethodView]:
+    act = getattr(service, f"{action}_message")
+
+    class SingleAction(MethodView):
+        @blp.response(200, StatusSchema)
+        def post(self, message_id: str) -> dict[str, str]:
+            act(db.session, message_id, current_actor())
+            return {"status": "success", "message": f"Message {message_id} {service.PAST_TENSE[action]}"}
+
+    SingleAction.post.__doc__ = summary
+    SingleAction.__name__ = f"QueueMessage{action.title()}"
+    return SingleAction
+
+
+blp.route("/message/<string:message_id>/retry")(
+    _single_view("retry", "Make a message due now; failed recipients get another chance"))
+blp.route("/message/<string:message_id>/hold")(
+    _single_view("hold", "Put a message on hold"))
+blp.route("/message/<string:message_id>/release")(
+    _single_view("release", "Release a held message; it becomes due now"))

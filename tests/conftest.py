@@ -1,0 +1,126 @@
+"""Fixtures: every database test runs on SQLite and, when configured, on PostgreSQL.
+
+``ELEMTA_TEST_DATABASE_URL`` names a PostgreSQL server (any database on it). The tests create a
+database of their own with a unique name, migrate it with the project's migrations, and drop it
+at the end, so a run never depends on, or leaves, state on a shared server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask.testing import FlaskClient, FlaskCliRunner
+
+from app import create_app
+from app.config import normalise_database_url
+from app.extensions import db
+
+PG_URL_ENV = "ELEMTA_TEST_DATABASE_URL"
+BACKENDS = ["sqlite", "postgresql"]
+
+# Tables emptied between tests; queue_counts is reset rather than emptied.
+DATA_TABLES = [
+    "recipients", "message_contents", "messages", "delivery_events", "delivery_rollup",
+    "queue_count_deltas", "system_logs", "api_keys", "worker_heartbeats",
+]
+
+
+def _pg_admin_dsn(url: str, dbname: str | None = None) -> str:
+    parsed = sa.make_url(normalise_database_url(url))
+    if dbname:
+        parsed = parsed.set(database=dbname)
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def migrate_database(url: str) -> None:
+    from flask_migrate import upgrade
+
+    app = create_app({"DATABASE_URL": url, "TESTING": True})
+    with app.app_context():
+        upgrade()
+        db.engine.dispose()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated, empty database of this test run, on each backend."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("db") / "elemta-test.db"
+        url = f"sqlite:///{path}"
+        migrate_database(url)
+        yield url
+        return
+    server = os.environ.get(PG_URL_ENV)
+    if not server:
+        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
+    name = f"elemta_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(_pg_admin_dsn(server), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = sa.make_url(normalise_database_url(server)).set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate_database(url)
+        yield url
+    finally:
+        with psycopg.connect(_pg_admin_dsn(server), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def empty_database(app: Flask) -> None:
+    with app.app_context():
+        with db.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY"))
+            else:
+                for table in DATA_TABLES:
+                    conn.execute(sa.text(f"DELETE FROM {table}"))
+            conn.execute(sa.text("UPDATE queue_counts SET n = 0"))
+
+
+@pytest.fixture
+def make_app(database_url: str) -> Iterator:
+    """Build apps on this test's database with extra config; all are disposed afterwards."""
+    apps: list[Flask] = []
+
+    def factory(**config: object) -> Flask:
+        settings = {"DATABASE_URL": database_url, "TESTING": True, "AUTH_MODE": "off"}
+        settings.update({k.upper(): v for k, v in config.items()})
+        app = create_app(settings)
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        with app.app_context():
+            db.session.remove()
+            db.engine.dispose()
+
+
+@pytest.fixture
+def app(make_app) -> Iterator[Flask]:
+    application = make_app()
+    empty_database(application)
+    yield application
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app: Flask) -> FlaskCliRunner:
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def session(app: Flask) -> Iterator:
+    """A database session inside an app context, for arranging and checking state."""
+    with app.app_context():
+        yield db.session
+        db.session.remove()
