@@ -65,9 +65,16 @@ def record_system_events(
     session: so.Session,
     rows: Iterable[Mapping[str, Any]],
     text: str,
+    *,
+    action: str,
+    queue_state: str | None,
     timestamp: dt.datetime | None = None,
 ) -> int:
-    """One ``system`` event per affected message (rows with ``id`` and ``sender``), set-based."""
+    """One ``system`` event per affected message (rows with ``id`` and ``sender``), set-based.
+
+    ``action`` is what happened (held, released, retried, flushed, ...); ``queue_state`` the
+    messages' state afterwards (None when they left the queue).
+    """
     moment = timestamp or utcnow()
     values = [
         {
@@ -77,6 +84,8 @@ def record_system_events(
             "sender": row["sender"],
             "message": text.format(id=row["id"]),
             "threats": [],
+            "action": action,
+            "queue_state": queue_state,
         }
         for row in rows
     ]

@@ -130,6 +130,11 @@ class DeliveryEvent(db.Model):
     spam_score: so.Mapped[float | None] = so.mapped_column(sa.Float)
     threats: so.Mapped[list[Any]] = so.mapped_column(sa.JSON, default=list)
     message: so.Mapped[str | None] = so.mapped_column(sa.Text)
+    # What happened to the queue entry (queued, deferred, delivered, failed, deleted, held,
+    # released, retried, flushed, purged) and the message's queue state after it (None when it
+    # left the queue): the structured form the live queue stream sends.
+    action: so.Mapped[str | None] = so.mapped_column(sa.String(16))
+    queue_state: so.Mapped[str | None] = so.mapped_column(sa.String(16))
 
     __table_args__ = (
         # Newest-first listings are ORDER BY id DESC, filtered by one of these.

@@ -111,6 +111,8 @@ def accept_message(
         recipient=", ".join(r.address for r in message.recipients)[:320],
         message=reception_note or f"Message accepted ({origin}, {len(raw)} bytes)",
         timestamp=now,
+        action="queued",
+        queue_state="pending",
         **(event_fields or {}),
     )
     session.commit()
@@ -277,7 +279,8 @@ def message_timeline(session: so.Session, message_id: str) -> list[DeliveryEvent
 def delete_message(session: so.Session, message_id: str, actor: str) -> None:
     message = get_message(session, message_id)
     record_event(session, "system", message_id=message.id, sender=message.sender,
-                 message=f"Message {message.id} deleted by {actor}")
+                 message=f"Message {message.id} deleted by {actor}", action="deleted",
+                 queue_state=None)
     session.delete(message)
     session.commit()
 
@@ -362,7 +365,9 @@ def _apply(
     if action == "flush":
         stmt = sa.delete(Message).where(*where).returning(Message.id, Message.sender)
         rows = session.execute(stmt).mappings().all()
-        record_system_events(session, rows, f"Message {{id}} flushed from the {queue_type} queue by {actor}", now)
+        record_system_events(session, rows,
+                             f"Message {{id}} flushed from the {queue_type} queue by {actor}",
+                             action="flushed", queue_state=None, timestamp=now)
         return [r["id"] for r in rows]
 
     where.append(Message.queue_state.in_(ACTION_FROM_STATES[action]))
@@ -388,7 +393,8 @@ def _apply(
             .values(status="pending", next_attempt_at=now)
             .execution_options(synchronize_session=False)
         )
-    record_system_events(session, rows, f"Message {{id}} {PAST_TENSE[action]} by {actor}", now)
+    record_system_events(session, rows, f"Message {{id}} {PAST_TENSE[action]} by {actor}",
+                         action=PAST_TENSE[action], queue_state=values["queue_state"], timestamp=now)
     return changed
 
 

@@ -52,6 +52,8 @@ def upgrade():
     sa.Column('spam_score', sa.Float(), nullable=True),
     sa.Column('threats', sa.JSON(), nullable=False),
     sa.Column('message', sa.Text(), nullable=True),
+    sa.Column('action', sa.String(length=16), nullable=True),
+    sa.Column('queue_state', sa.String(length=16), nullable=True),
     sa.CheckConstraint("event_type IN ('reception', 'delivery', 'tempfail', 'rejection', 'system')", name=op.f('ck_delivery_events_event_type')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_delivery_events'))
     )

@@ -1,0 +1,1 @@
+"""Elemta's benchmark (`make bench`): measures the targets of SPEC section 13."""
