@@ -38,7 +38,7 @@ BULK_TYPES = {
 # Which queue states each action applies to (its 409 otherwise).
 ACTION_FROM_STATES = {
     "retry": ("pending", "deferred", "failed"),
-    "hold": ("pending", "deferred", "held"),
+    "hold": ("pending", "deferred"),
     "release": ("held",),
 }
 BULK_CHUNK = 1000
@@ -302,6 +302,8 @@ PAST_TENSE = {"retry": "retried", "hold": "held", "release": "released", "flush"
 
 def _act_on_one(session: so.Session, action: str, message_id: str, actor: str) -> Message:
     message = get_message(session, message_id)
+    if action == "hold" and message.queue_state == "held":
+        return message  # already where the operator wants it: nothing to change or record
     if message.queue_state not in ACTION_FROM_STATES[action]:
         raise Conflict(f"Cannot {action} message {message_id}: it is {message.queue_state}")
     affected = _apply(session, action, [message.id], actor)
