@@ -12,6 +12,7 @@ from .config import load_config
 from .errors import register_error_handlers
 from .extensions import Api, db, migrate, sock
 from .http import register_request_hooks
+from .openapi import openapi_settings, register_docs_assets
 
 __version__ = "0.1.0"
 
@@ -23,15 +24,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the application: config, extensions, blueprints, error handlers, CLI."""
     app = Flask(__name__, instance_relative_config=True)
     load_config(app, config)
-    app.config.update(
-        API_TITLE="Elemta",
-        API_VERSION=__version__,
-        OPENAPI_VERSION="3.0.3",
-        OPENAPI_URL_PREFIX="/api",
-        OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH="docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",
-    )
+    app.config.update(openapi_settings(__version__))
 
     db.init_app(app)
     # An absolute path: Flask-Migrate would resolve "migrations" against the current directory.
@@ -41,6 +34,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     sock.init_app(app)
     register_error_handlers(app)
     register_request_hooks(app)
+    register_docs_assets(app)
 
     from .queue.routes import blp as queue_blp
 

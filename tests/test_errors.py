@@ -91,3 +91,9 @@ def test_openapi_document_lists_every_queue_endpoint(client):
     assert "400" in listing["responses"] or "default" in listing["responses"]
     docs = client.get("/api/docs")
     assert docs.status_code == 200 and b"openapi.json" in docs.data
+    # The UI's assets are served locally (no CDN): the page works on an air-gapped host.
+    assert b"/api/docs/static/swagger-ui-bundle.js" in docs.data
+    asset = client.get("/api/docs/static/swagger-ui-bundle.js")
+    assert asset.status_code == 200 and len(asset.data) > 100_000
+    asset.close()
+    assert_error(client.get("/api/docs/static/../../app/config.py"), 404, "NOT_FOUND")
