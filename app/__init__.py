@@ -25,6 +25,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     load_config(app, config)
     app.config.update(openapi_settings(__version__))
+    app.json.sort_keys = False  # keep the contract's field order (error, code, details)
 
     db.init_app(app)
     # An absolute path: Flask-Migrate would resolve "migrations" against the current directory.
