@@ -40,6 +40,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from .queue.routes import blp as queue_blp
 
     api.register_blueprint(queue_blp)
+    from .mail.routes import blp as mail_blp  # noqa: E402
+
+    api.register_blueprint(mail_blp)
+    from .stats.routes import blp as stats_blp
+
+    api.register_blueprint(stats_blp)
 
     from .cli import register_cli
 

@@ -35,6 +35,11 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_SCHEDULE": "60,300,900,3600,10800,21600",
     "MAX_QUEUE_LIFETIME": 432000,
     "SEND_BOUNCES": True,
+    # Delivery worker (see docs/DELIVERY.md): seconds to wait for an SMTP peer, the port of
+    # MX delivery (tests point it at a loopback sink) and seconds for one DNS lookup.
+    "SMTP_TIMEOUT": 60,
+    "SMTP_PORT": 25,
+    "DNS_TIMEOUT": 10,
     "SMTP_LISTEN": "127.0.0.1:2525",
     "SMTP_HOSTNAME": "",
     "MAX_MESSAGE_BYTES": 26214400,
@@ -58,6 +63,9 @@ _INT_KEYS = (
     "MAX_QUEUE_LIFETIME",
     "MAX_MESSAGE_BYTES",
     "MAX_RECIPIENTS",
+    "SMTP_TIMEOUT",
+    "SMTP_PORT",
+    "DNS_TIMEOUT",
 )
 
 

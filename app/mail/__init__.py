@@ -1,0 +1,1 @@
+"""Test email (SPEC 6): validation, building a well-formed message, queueing it."""

@@ -1,0 +1,59 @@
+"""Building the test email and queueing it like any other message."""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import socket
+from collections.abc import Sequence
+from email.headerregistry import Address
+from email.message import EmailMessage
+
+import sqlalchemy.orm as so
+
+from ..models import Message
+from ..queue.service import accept_message
+from .addresses import Mailbox
+
+# CRLF line ends as they go on the wire; headers folded at 78, non-ASCII encoded (RFC 2047).
+WIRE_POLICY = email.policy.SMTP
+
+
+def local_hostname(configured: str = "") -> str:
+    """The name this MTA gives itself (EHLO, Message-ID, Reporting-MTA)."""
+    return configured or socket.getfqdn() or "localhost"
+
+
+def _header_address(mailbox: Mailbox) -> Address:
+    local, _, domain = mailbox.address.rpartition("@")
+    return Address(display_name=mailbox.display_name, username=local, domain=domain)
+
+
+def build_test_message(sender: Mailbox, recipients: Sequence[Mailbox], subject: str, body: str,
+                       hostname: str) -> bytes:
+    """An RFC 5322 message with every header a receiving server expects."""
+    msg = EmailMessage(policy=WIRE_POLICY)
+    msg["From"] = _header_address(sender)
+    msg["To"] = [_header_address(r) for r in recipients]
+    msg["Subject"] = subject
+    msg["Date"] = email.utils.formatdate(usegmt=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=hostname)
+    msg["X-Mailer"] = "Elemta send-test"
+    # set_content adds MIME-Version and Content-Type with the charset, and picks a transfer
+    # encoding that keeps lines within limits (7bit, quoted-printable or base64).
+    msg.set_content(body, charset="utf-8")
+    return msg.as_bytes()
+
+
+def send_test(session: so.Session, sender: Mailbox, recipients: Sequence[Mailbox], subject: str,
+              body: str, hostname: str) -> Message:
+    """Queue a test email as ``pending`` with its ``reception`` event; commits."""
+    raw = build_test_message(sender, recipients, subject, body, hostname)
+    return accept_message(
+        session,
+        sender=sender.address,
+        recipients=[r.address for r in recipients],
+        raw=raw,
+        origin="api",
+        reception_note=f"Test email accepted from the API ({len(raw)} bytes)",
+    )
