@@ -1,10 +1,19 @@
 """gunicorn settings for the Elemta API (``gunicorn -c gunicorn.conf.py wsgi:app``).
 
 gthread workers: flask-sock holds one thread per WebSocket, so each worker needs threads for
-its sockets plus its ordinary requests. Sizing is explained in the README.
+its sockets plus its ordinary requests. Sizing is explained in docs/OPERATIONS.md.
+
+Metrics: prometheus_client's multiprocess mode needs ``PROMETHEUS_MULTIPROC_DIR`` set before any
+worker imports it. Without one given, each master start gets a fresh temporary directory (removed
+at exit). With one given (to share it with a delivery worker on this host), files left by
+processes that no longer exist are removed at start, so a restart starts from zero.
 """
 
+import glob
 import os
+import shutil
+import tempfile
+import time
 
 bind = os.environ.get("ELEMTA_API_LISTEN", "127.0.0.1:8025")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -14,3 +23,65 @@ timeout = 60
 graceful_timeout = 30
 keepalive = 5
 accesslog = os.environ.get("ELEMTA_ACCESS_LOG", "-")
+errorlog = "-"
+# One JSON line per record, gunicorn's own and the access log included (app/logging_setup.py).
+# The loggers have no handler of their own: records reach the root's JSON handler once.
+os.environ.setdefault("ELEMTA_PROCESS_ROLE", "api")
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "root": {"level": "INFO", "handlers": ["json"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": [], "propagate": True},
+        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
+    },
+    "handlers": {"json": {"()": "app.logging_setup.StdoutJsonHandler"}},
+    "formatters": {},
+}
+
+_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
+_OWNER = "ELEMTA_METRICS_DIR_OWNER"  # the master that created the temporary directory
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _prepare_metrics_dir() -> None:
+    if os.environ.get(_OWNER) == str(os.getpid()):
+        return  # this master re-reads its configuration (SIGHUP): keep the live files
+    path = os.environ.get(_MULTIPROC)
+    if not path:
+        os.environ[_MULTIPROC] = tempfile.mkdtemp(prefix="elemta-metrics-")
+        os.environ[_OWNER] = str(os.getpid())
+        return
+    os.makedirs(path, exist_ok=True)
+    for name in glob.glob(os.path.join(path, "*.db")):
+        pid = os.path.basename(name)[:-3].rpartition("_")[2]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            os.remove(name)
+
+
+_prepare_metrics_dir()
+
+
+def on_starting(server):
+    # The service's start, reported as uptime by every API worker (app/health/service.py).
+    os.environ["ELEMTA_STARTED_AT"] = str(time.time())
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if os.environ.get(_OWNER) == str(os.getpid()):
+        shutil.rmtree(os.environ[_MULTIPROC], ignore_errors=True)

@@ -12,6 +12,7 @@ from .config import load_config
 from .errors import register_error_handlers
 from .extensions import Api, db, migrate, sock
 from .http import register_request_hooks
+from .logging_setup import configure_logging
 from .openapi import openapi_settings, register_docs_assets
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the application: config, extensions, blueprints, error handlers, CLI."""
     app = Flask(__name__, instance_relative_config=True)
     load_config(app, config)
+    configure_logging(app)
     app.config.update(openapi_settings(__version__))
     app.json.sort_keys = False  # keep the contract's field order (error, code, details)
 
@@ -46,6 +48,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from .stats.routes import blp as stats_blp
 
     api.register_blueprint(stats_blp)
+
+    from .health.routes import blp as health_blp
+    from .metrics import init_metrics
+
+    api.register_blueprint(health_blp)
+    init_metrics(app)
 
     from .cli import register_cli
 

@@ -1,0 +1,1 @@
+"""Health of the running service (SPEC 5): /api/health, /livez, /readyz."""

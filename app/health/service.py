@@ -1,0 +1,195 @@
+"""What /api/health reports, gathered from this process and the database.
+
+The process figures come from /proc when it exists (Linux), else from ``resource``. The database
+figures are real queries: a ``SELECT 1`` timed for ``latency_ms``, the newest worker heartbeat,
+and the queue counts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import platform
+import resource
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from ..errors import is_database_unavailable
+from ..models import WorkerHeartbeat
+from ..queue.service import queue_stats
+from ..timeutil import UTC, isoformat_z, parse_iso, utcnow
+
+# A worker beats at least every 15 s (SPEC 10); four missed beats make it stale.
+HEARTBEAT_STALE_SECONDS = 60
+# gunicorn.conf.py stores the master's start here, so every API worker reports the uptime of
+# the service (not of a worker that was recycled a minute ago).
+STARTED_AT_ENV = "ELEMTA_STARTED_AT"
+
+_UNITS = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
+
+
+def format_uptime(seconds: float) -> str:
+    """The two largest non-zero units: ``1 day``, ``2 days, 3 hours``, ``0 seconds``."""
+    remaining = max(0, int(seconds))
+    parts: list[str] = []
+    for name, size in _UNITS:
+        amount, remaining = divmod(remaining, size)
+        if amount:
+            parts.append(f"{amount} {name}{'' if amount == 1 else 's'}")
+    return ", ".join(parts[:2]) or "0 seconds"
+
+
+def _proc_start_time() -> dt.datetime | None:
+    """This process's start from /proc (boot time + start ticks), None where unavailable."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            # Field 22 (starttime); the command name (field 2) may contain spaces, skip past ')'.
+            fields = stat.read().rpartition(")")[2].split()
+        ticks = int(fields[19])
+        with open("/proc/stat", encoding="ascii") as proc_stat:
+            btime = next(int(line.split()[1]) for line in proc_stat if line.startswith("btime"))
+        return dt.datetime.fromtimestamp(btime + ticks / os.sysconf("SC_CLK_TCK"), UTC)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+@functools.cache
+def service_started_at() -> dt.datetime:
+    """The gunicorn master's start when there is one, else this process's start."""
+    given = os.environ.get(STARTED_AT_ENV)
+    if given:
+        try:
+            return dt.datetime.fromtimestamp(float(given), UTC)
+        except ValueError:
+            pass
+    return _proc_start_time() or utcnow()
+
+
+def _proc_status() -> dict[str, str]:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line)
+    except OSError:
+        return {}
+
+
+def _kib(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        return int(value.split()[0]) * 1024
+    except (ValueError, IndexError):
+        return None
+
+
+def process_figures() -> dict[str, Any]:
+    """Threads and memory of this process."""
+    status = _proc_status()
+    # ru_maxrss is KiB on Linux: the fallback where /proc is missing.
+    peak_fallback = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = _kib(status.get("VmRSS")) or peak_fallback
+    peak = _kib(status.get("VmHWM")) or peak_fallback
+    try:
+        threads = int(status["Threads"])
+    except (KeyError, ValueError):
+        threads = threading.active_count()
+    return {
+        "python_version": platform.python_version(),
+        "num_threads": threads,
+        "memory": {"rss": rss, "peak_rss": max(peak, rss)},
+    }
+
+
+def database_latency_ms(session: so.Session) -> float:
+    """Time a ``SELECT 1`` round trip; raises when the database does not answer."""
+    start = time.perf_counter()
+    session.execute(sa.text("SELECT 1")).scalar_one()
+    return round((time.perf_counter() - start) * 1000, 2)
+
+
+def worker_status(session: so.Session, now: dt.datetime) -> dict[str, Any]:
+    """``running`` when the newest heartbeat is at most 60 s old, ``stale`` older, else ``absent``."""
+    newest = session.scalar(sa.select(sa.func.max(WorkerHeartbeat.last_heartbeat)))
+    if newest is None:
+        return {"status": "absent", "last_heartbeat": None}
+    # max() bypasses the column type: SQLite answers text or a naive datetime.
+    if isinstance(newest, str):
+        newest = parse_iso(newest)
+    elif newest.tzinfo is None:
+        newest = newest.replace(tzinfo=UTC)
+    age = (now - newest).total_seconds()
+    status = "running" if age <= HEARTBEAT_STALE_SECONDS else "stale"
+    return {"status": status, "last_heartbeat": isoformat_z(newest)}
+
+
+@dataclass
+class HealthReport:
+    body: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        return str(self.body["status"])
+
+
+def health_report(session: so.Session) -> HealthReport:
+    """The health document; ``unhealthy`` (with nulls for what needs the database) when it is down."""
+    now = utcnow()
+    started_at = service_started_at()
+    uptime = max(0, int((now - started_at).total_seconds()))
+    body: dict[str, Any] = {
+        "status": "healthy",
+        "uptime": uptime,
+        "uptime_formatted": format_uptime(uptime),
+        "started_at": isoformat_z(started_at),
+        **process_figures(),
+    }
+    try:
+        latency = database_latency_ms(session)
+        worker = worker_status(session, now)
+        queue = queue_stats(session)
+        session.commit()  # end the read transaction; no connection is kept checked out
+    except Exception as exc:
+        _rollback_quietly(session)
+        if not is_database_unavailable(exc):
+            raise
+        body.update(
+            status="unhealthy",
+            database={"status": "unavailable", "latency_ms": None},
+            worker={"status": "unknown", "last_heartbeat": None},
+            queue=None,
+        )
+        return HealthReport(body)
+    body.update(
+        status="healthy" if worker["status"] == "running" else "degraded",
+        database={"status": "ok", "latency_ms": latency},
+        worker=worker,
+        queue=queue,
+    )
+    return HealthReport(body)
+
+
+def database_ready(session: so.Session) -> bool:
+    """True when the database answers a ``SELECT 1``."""
+    try:
+        database_latency_ms(session)
+        session.commit()
+        return True
+    except Exception as exc:
+        _rollback_quietly(session)
+        if not is_database_unavailable(exc):
+            raise
+        return False
+
+
+def _rollback_quietly(session: so.Session) -> None:
+    # The connection may be gone already; the pool drops it (pre-ping replaces it next time).
+    try:
+        session.rollback()
+    except Exception:  # noqa: BLE001 - nothing left to undo on a dead connection
+        pass

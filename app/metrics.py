@@ -1,0 +1,201 @@
+"""Prometheus metrics at ``/metrics`` (SPEC 5), correct under several gunicorn workers.
+
+Two kinds of figures:
+
+* Per-process observations (HTTP request durations, delivery latency) are prometheus_client
+  metrics. Under gunicorn, ``gunicorn.conf.py`` sets ``PROMETHEUS_MULTIPROC_DIR`` before any
+  worker starts; every process then writes its values to a file there and a scrape merges the
+  files of all processes, so whichever worker answers the scrape reports the sum.
+* Figures about shared state (queue depth and oldest message age per state, delivery outcomes,
+  worker heartbeat age) are read from the database at scrape time by ``DatabaseCollector``, so
+  they are right whatever process or host changed them. The queries are cheap: the folded
+  queue counters, one indexed ``MIN(created_at)`` per state, the hourly rollup totals.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import time
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+from flask import Flask, Response, current_app, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from .errors import is_database_unavailable
+from .extensions import db
+from .models import OUTCOMES, QUEUE_STATES, DeliveryRollup, Message, WorkerHeartbeat
+from .queue.counters import queue_counts
+from .timeutil import UTC, parse_iso, utcnow
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+HTTP_REQUEST_DURATION = Histogram(
+    "elemta_http_request_duration_seconds",
+    "HTTP request duration by endpoint (URL rule), method and status",
+    ["endpoint", "method", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
+DELIVERY_LATENCY = Histogram(
+    "elemta_delivery_latency_seconds",
+    "Time from acceptance into the queue to delivery, per delivered recipient",
+    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 10800, 43200, 86400, 432000),
+)
+
+
+def observe_delivery_latency(seconds: float) -> None:
+    """Record one delivered recipient's time in the queue (called by the delivery worker).
+
+    Visible in the API's ``/metrics`` when the worker runs on the same host with the same
+    ``PROMETHEUS_MULTIPROC_DIR`` as gunicorn (see docs/OPERATIONS.md).
+    """
+    DELIVERY_LATENCY.observe(max(0.0, float(seconds)))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class DatabaseCollector(Collector):
+    """Queue, outcome and worker figures read from the database at scrape time."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily("elemta_build_info", "Elemta build information",
+                                  labels=["version", "python_version"])
+        build.add_metric([_version(), platform.python_version()], 1)
+        yield build
+        up = GaugeMetricFamily("elemta_database_up",
+                               "1 when the database answered this scrape's queries")
+        with self.app.app_context():
+            try:
+                figures = list(self._database_figures())
+            except Exception as exc:
+                db.session.rollback()
+                if not is_database_unavailable(exc):
+                    raise
+                up.add_metric([], 0)
+                yield up
+                return
+            finally:
+                db.session.remove()
+        up.add_metric([], 1)
+        yield up
+        yield from figures
+
+    def _database_figures(self) -> Iterator[Metric]:
+        session = db.session
+        now = utcnow()
+        depth = GaugeMetricFamily("elemta_queue_messages", "Messages in the queue per state",
+                                  labels=["state"])
+        for state, n in queue_counts(session).items():
+            if state in QUEUE_STATES:
+                depth.add_metric([state], n)
+        yield depth
+
+        # One indexed MIN per state ((queue_state, created_at) index): four index probes.
+        oldest_per_state = sa.select(*[
+            sa.select(sa.func.min(Message.created_at))
+            .where(Message.queue_state == state).scalar_subquery().label(state)
+            for state in QUEUE_STATES
+        ])
+        oldest = session.execute(oldest_per_state).one()
+        age = GaugeMetricFamily("elemta_queue_oldest_message_age_seconds",
+                                "Age of the oldest message per queue state (0 when empty)",
+                                labels=["state"])
+        for state, created in zip(QUEUE_STATES, oldest):
+            created = _aware(created)
+            age.add_metric([state], max(0.0, (now - created).total_seconds()) if created else 0.0)
+        yield age
+
+        outcomes = CounterMetricFamily(
+            "elemta_delivery_outcomes", "Recipient delivery outcomes (from the hourly rollup)",
+            labels=["outcome"])
+        totals = dict.fromkeys(OUTCOMES, 0)
+        for outcome, count in session.execute(
+            sa.select(DeliveryRollup.outcome, sa.func.sum(DeliveryRollup.count))
+            .group_by(DeliveryRollup.outcome)
+        ):
+            if outcome in totals:
+                totals[outcome] = int(count or 0)
+        for outcome, count in totals.items():
+            outcomes.add_metric([outcome], count)
+        yield outcomes
+
+        newest = _aware(session.scalar(sa.select(sa.func.max(WorkerHeartbeat.last_heartbeat))))
+        heartbeat = GaugeMetricFamily(
+            "elemta_worker_heartbeat_age_seconds",
+            "Seconds since the newest delivery worker heartbeat (absent without any worker)")
+        if newest is not None:
+            heartbeat.add_metric([], max(0.0, (now - newest).total_seconds()))
+            yield heartbeat
+        session.commit()
+
+
+def _aware(value: dt.datetime | str | None) -> dt.datetime | None:
+    """Aggregates (MIN/MAX) bypass the column type: SQLite gives text or naive datetimes."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_iso(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class _ProcessCollector(Collector):
+    """This process's own metrics (single-process mode: dev server, tests, CLI)."""
+
+    def collect(self) -> Iterator[Metric]:
+        return REGISTRY.collect()
+
+
+def render_metrics(app: Flask) -> bytes:
+    """The Prometheus text exposition of everything above."""
+    registry = CollectorRegistry(auto_describe=False)
+    if os.environ.get(MULTIPROC_ENV):
+        MultiProcessCollector(registry)
+    else:
+        registry.register(_ProcessCollector())
+    registry.register(DatabaseCollector(app))
+    return generate_latest(registry)
+
+
+def _start_timer() -> None:
+    g.metrics_started = time.perf_counter()
+
+
+def _observe_request(response: Response) -> Response:
+    started = g.pop("metrics_started", None)
+    if started is not None:
+        # The URL rule, not the path: one series per endpoint, whatever the ids in the URLs.
+        endpoint = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        HTTP_REQUEST_DURATION.labels(endpoint, request.method, str(response.status_code)).observe(
+            time.perf_counter() - started)
+    return response
+
+
+def metrics_view() -> Response:
+    return Response(render_metrics(current_app._get_current_object()),  # type: ignore[attr-defined]
+                    content_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})
+
+
+def init_metrics(app: Flask) -> None:
+    """Time every request and serve ``/metrics``."""
+    app.before_request(_start_timer)
+    app.after_request(_observe_request)
+    app.add_url_rule("/metrics", "metrics", metrics_view, methods=["GET"])
