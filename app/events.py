@@ -18,6 +18,7 @@ import sqlalchemy.orm as so
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .models import OUTCOME_OF_EVENT, DeliveryEvent, DeliveryRollup
+from .sqltypes import time_bucket
 from .timeutil import utcnow
 
 
@@ -55,10 +56,34 @@ def record_event(
     )
     session.add(event)
     if counts_as_outcome is None:
-        counts_as_outcome = event_type in OUTCOME_OF_EVENT and bool(recipient and message_id)
+        counts_as_outcome = is_outcome(event_type, recipient, message_id)
     if counts_as_outcome:
         bump_rollup(session, {(hour_floor(event.timestamp), OUTCOME_OF_EVENT[event_type]): 1})
     return event
+
+
+def is_outcome(event_type: str, recipient: str | None, message_id: str | None) -> bool:
+    """The rule of what counts as a delivery outcome; ``outcome_rows`` is its SQL twin."""
+    return event_type in OUTCOME_OF_EVENT and bool(recipient and message_id)
+
+
+def outcome_rows() -> list[sa.ColumnElement[bool]]:
+    """WHERE conditions selecting the events that count as delivery outcomes (SQL form)."""
+    return [
+        DeliveryEvent.event_type.in_(list(OUTCOME_OF_EVENT)),
+        DeliveryEvent.recipient.is_not(None),
+        DeliveryEvent.recipient != "",
+        DeliveryEvent.message_id.is_not(None),
+        DeliveryEvent.message_id != "",
+    ]
+
+
+def outcome_of_event_type() -> sa.ColumnElement[str]:
+    """CASE event_type -> outcome, with literal strings (it is grouped by; no bound parameters)."""
+    return sa.case(
+        *[(DeliveryEvent.event_type == sa.literal_column(f"'{etype}'"),
+           sa.literal_column(f"'{outcome}'")) for etype, outcome in OUTCOME_OF_EVENT.items()]
+    )
 
 
 def record_system_events(
@@ -108,6 +133,44 @@ def bump_rollup(session: so.Session, increments: Mapping[tuple[dt.datetime, str]
             set_={"count": DeliveryRollup.count + stmt.excluded.count},
         )
         session.execute(stmt)
+
+
+def rebuild_rollup(
+    session: so.Session,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> int:
+    """Recompute the rollup from the events, for every hour or for [since, until); no commit.
+
+    Set-based: one DELETE and one INSERT ... SELECT ... GROUP BY. On PostgreSQL the rollup is
+    locked first (writers keep inserting events, their rollup bump waits), so an event is counted
+    exactly once: either it is visible to the recount, or its bump lands after it. SQLite has a
+    single writer, which gives the same guarantee. Returns the number of rollup rows written.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(sa.text("LOCK TABLE delivery_rollup IN SHARE ROW EXCLUSIVE MODE"))
+    hours = []
+    events = outcome_rows()
+    if since is not None:
+        since = hour_floor(since)
+        hours.append(DeliveryRollup.hour >= since)
+        events.append(DeliveryEvent.timestamp >= since)
+    if until is not None:
+        until = hour_floor(until) + (dt.timedelta(hours=1) if until != hour_floor(until) else dt.timedelta())
+        hours.append(DeliveryRollup.hour < until)
+        events.append(DeliveryEvent.timestamp < until)
+    session.execute(sa.delete(DeliveryRollup).where(*hours))
+    bucket = time_bucket("hour", DeliveryEvent.timestamp)
+    outcome = outcome_of_event_type()
+    recount = (
+        sa.select(bucket, outcome, sa.func.count())
+        .where(*events)
+        .group_by(bucket, outcome)
+    )
+    result = session.execute(
+        sa.insert(DeliveryRollup).from_select(["hour", "outcome", "count"], recount)
+    )
+    return result.rowcount
 
 
 def outcome_increments(events: Iterable[tuple[str, dt.datetime]]) -> Counter[tuple[dt.datetime, str]]:
