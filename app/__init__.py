@@ -37,6 +37,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     sock.init_app(app)
     register_error_handlers(app)
     register_request_hooks(app)
+    from .auth import init_app as init_auth_and_limits
+
+    init_auth_and_limits(app, api)
     register_docs_assets(app)
 
     from .queue.routes import blp as queue_blp

@@ -1,4 +1,4 @@
-"""Per-request plumbing shared by every endpoint: request ids and response headers."""
+"""Per-request plumbing shared by every endpoint: request ids, size limit, CORS, headers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import uuid
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from .errors import ApiError
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 SECURITY_HEADERS = {
@@ -15,6 +17,49 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+
+
+# CORS (SPEC 9): what a browser page on an allowed origin may send and read.
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-API-Key, X-Request-ID"
+CORS_EXPOSE_HEADERS = ("X-Request-ID, X-Total-Count, Link, X-RateLimit-Limit, "
+                       "X-RateLimit-Remaining, X-RateLimit-Reset, Retry-After")
+CORS_MAX_AGE = "600"
+
+
+def origin_allowed(origin: str) -> bool:
+    allowed = current_app.config["CORS_ORIGINS"]
+    return "*" in allowed or origin in allowed
+
+
+def is_preflight() -> bool:
+    return (request.method == "OPTIONS" and "Origin" in request.headers
+            and "Access-Control-Request-Method" in request.headers)
+
+
+def answer_preflight() -> Response | None:
+    """204 with the route's methods for an allowed origin; 403 for any other origin."""
+    if not is_preflight() or request.routing_exception is not None:
+        return None  # not a preflight, or an unknown route: the usual 404
+    origin = request.headers["Origin"]
+    if not origin_allowed(origin):
+        raise ApiError(403, "FORBIDDEN", "Cross-origin requests from this origin are not allowed",
+                       headers={"Vary": "Origin"})
+    adapter = current_app.url_map.bind_to_environ(request.environ)
+    methods = sorted(set(adapter.allowed_methods()) | {"OPTIONS"})
+    response = current_app.response_class(status=204)
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Allow-Methods"] = ", ".join(methods)
+    response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+    response.headers["Access-Control-Max-Age"] = CORS_MAX_AGE
+    return response
+
+
+def add_cors_headers(response: Response) -> None:
+    response.vary.add("Origin")
+    origin = request.headers.get("Origin")
+    if origin and origin_allowed(origin) and "Access-Control-Allow-Origin" not in response.headers:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
 
 
 def current_request_id() -> str | None:
@@ -32,6 +77,10 @@ def register_request_hooks(app: Flask) -> None:
         if limit and request.content_length and request.content_length > limit:
             raise RequestEntityTooLarge()
 
+    # Registered after the request id hook and before the rate limiter and the auth check
+    # (create_app's order): a preflight carries no credentials and costs nothing.
+    app.before_request(answer_preflight)
+
     @app.after_request
     def _common_headers(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
@@ -39,4 +88,5 @@ def register_request_hooks(app: Flask) -> None:
             response.headers.setdefault(name, value)
         if request.path.startswith("/api"):
             response.headers["Cache-Control"] = "no-store"
+        add_cors_headers(response)
         return response

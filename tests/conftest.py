@@ -18,8 +18,11 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
 from app import create_app
+from app.auth.keys import hash_key
 from app.config import normalise_database_url
 from app.extensions import db
+from app.models import ApiKey
+from app.timeutil import utcnow
 
 PG_URL_ENV = "ELEMTA_TEST_DATABASE_URL"
 BACKENDS = ["sqlite", "postgresql"]
@@ -29,6 +32,28 @@ DATA_TABLES = [
     "recipients", "message_contents", "messages", "delivery_events", "delivery_rollup",
     "queue_count_deltas", "system_logs", "api_keys", "worker_heartbeats",
 ]
+
+
+# Every test database holds this admin key, and every test client (``client``, and the test
+# client of any app from ``make_app``) sends it: tests run under the real default auth mode
+# ("admin") and their operator actions are recorded as done by TEST_ADMIN_NAME. Tests of
+# authentication itself use ``anonymous_client`` and keys of their own.
+TEST_ADMIN_NAME = "test-admin"
+TEST_ADMIN_KEY = "elemta_test-admin-key-0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+class AdminKeyClient(FlaskClient):
+    """A test client whose requests carry the test admin key unless told otherwise."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {TEST_ADMIN_KEY}"
+
+
+def insert_test_admin_key(conn: sa.Connection) -> None:
+    conn.execute(sa.insert(ApiKey.__table__).values(
+        name=TEST_ADMIN_NAME, prefix=TEST_ADMIN_KEY[:12], key_hash=hash_key(TEST_ADMIN_KEY),
+        role="admin", created_at=utcnow(), expires_at=None, revoked=False, last_used_at=None))
 
 
 def _pg_admin_dsn(url: str, dbname: str | None = None) -> str:
@@ -44,6 +69,8 @@ def migrate_database(url: str) -> None:
     app = create_app({"DATABASE_URL": url, "TESTING": True})
     with app.app_context():
         upgrade()
+        with db.engine.begin() as conn:
+            insert_test_admin_key(conn)
         db.engine.dispose()
 
 
@@ -80,6 +107,7 @@ def empty_database(app: Flask) -> None:
                 for table in DATA_TABLES:
                     conn.execute(sa.text(f"DELETE FROM {table}"))
             conn.execute(sa.text("UPDATE queue_counts SET n = 0"))
+            insert_test_admin_key(conn)
 
 
 @pytest.fixture
@@ -88,9 +116,10 @@ def make_app(database_url: str) -> Iterator:
     apps: list[Flask] = []
 
     def factory(**config: object) -> Flask:
-        settings = {"DATABASE_URL": database_url, "TESTING": True, "AUTH_MODE": "off"}
+        settings = {"DATABASE_URL": database_url, "TESTING": True}
         settings.update({k.upper(): v for k, v in config.items()})
         app = create_app(settings)
+        app.test_client_class = AdminKeyClient
         apps.append(app)
         return app
 
@@ -111,6 +140,12 @@ def app(make_app) -> Iterator[Flask]:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def anonymous_client(app: Flask) -> FlaskClient:
+    """A client that sends no API key (for authentication tests)."""
+    return FlaskClient(app, app.response_class, use_cookies=True)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ def test_retry_makes_message_due_now(client, session, start):
     assert state_of(session, message_id) == "pending"
     detail = client.get(f"/api/queue/message/{message_id}").get_json()
     assert [r["status"] for r in detail["recipients"]] == ["pending"]
-    assert system_events(session, message_id) == [f"Message {message_id} retried by anonymous"]
+    assert system_events(session, message_id) == [f"Message {message_id} retried by test-admin"]
 
 
 def test_retry_of_held_message_is_a_conflict(client, session):
@@ -45,8 +45,8 @@ def test_hold_then_release(client, session, start):
     assert detail["next_attempt_at"] is not None
     assert all(r["status"] == "pending" for r in detail["recipients"])
     assert system_events(session, message_id) == [
-        f"Message {message_id} held by anonymous",
-        f"Message {message_id} released by anonymous",
+        f"Message {message_id} held by test-admin",
+        f"Message {message_id} released by test-admin",
     ]
 
 
@@ -70,7 +70,7 @@ def test_delete_removes_message_and_records_it(client, session):
     assert response.get_json() == {"status": "success", "message": f"Message {message_id} deleted"}
     assert state_of(session, message_id) is None
     assert_error(client.get(f"/api/queue/message/{message_id}"), 404, "MESSAGE_NOT_FOUND")
-    assert system_events(session, message_id) == [f"Message {message_id} deleted by anonymous"]
+    assert system_events(session, message_id) == [f"Message {message_id} deleted by test-admin"]
     assert client.get("/api/queue/stats").get_json()["total"] == 0
 
 

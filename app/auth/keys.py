@@ -29,6 +29,7 @@ KEY_RANDOM_BYTES = 32
 # "elemta_" and the first characters of the random part: enough to tell keys apart in a list.
 DISPLAY_PREFIX_LENGTH = len(KEY_PREFIX) + 5
 ROLES = ("read", "admin")
+MAX_KEY_ID = 2**31 - 1  # an INTEGER column: a larger id cannot exist (and must not reach SQL)
 MAX_EXPIRES_DAYS = 36500
 # Longest string worth hashing: a real key is 50 characters.
 MAX_KEY_LENGTH = 256
@@ -100,7 +101,7 @@ def find_key(session: so.Session, name_or_id: str | int) -> ApiKey:
     key = None
     if isinstance(name_or_id, str):
         key = session.scalar(sa.select(ApiKey).where(ApiKey.name == name_or_id))
-    if key is None and str(name_or_id).isdigit() and len(str(name_or_id)) <= 18:
+    if key is None and str(name_or_id).isdigit() and int(name_or_id) <= MAX_KEY_ID:
         key = session.get(ApiKey, int(name_or_id))
     if key is None:
         raise NotFound(f"API key {name_or_id} not found")

@@ -1,0 +1,110 @@
+"""Rate limiting (SPEC 9) with Flask-Limiter, one Limiter per application.
+
+- Every request of a client counts against ``ELEMTA_RATELIMIT_DEFAULT`` (600 per minute), one
+  budget across all endpoints.
+- ``POST /api/send-test`` and the bulk queue actions (``POST /api/queue/<type>/flush|retry|
+  hold|release``) count against ``ELEMTA_RATELIMIT_STRICT`` (10 per minute) instead, one budget
+  shared by those costly operations. They are recognised by path here, so the blueprints that
+  define them need no limiter import.
+- The client is the API key (its SHA-256, never the key) when a valid one is given, else the
+  remote address. Behind proxies, ``ELEMTA_TRUSTED_PROXIES`` hops of X-Forwarded-For/-Proto are
+  trusted (werkzeug ProxyFix); with 0 (the default) nothing a client sends can change it.
+- Storage ``ELEMTA_RATELIMIT_STORAGE_URI``: ``memory://`` (per process) or ``redis://...``
+  (shared by every worker and host). If the storage is unreachable requests are let through and
+  the failure is logged: an outage of the limiter's Redis must not take the MTA's API down.
+- The health probes and /metrics are exempt. Responses carry X-RateLimit-Limit/-Remaining/
+  -Reset; a 429 carries Retry-After and the contract's RATE_LIMITED error body.
+
+The Limiter lives in ``app.extensions["elemta_limiter"]``, never in a module global: two apps
+(two tests) never share counters unless they share a storage URI and key prefix on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from flask import Flask, Response, request
+from flask_limiter import Limit, Limiter
+from limits import parse_many
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from .auth.guard import client_identity
+from .config import ConfigError
+
+log = logging.getLogger("elemta.ratelimit")
+
+EXEMPT_PATHS = frozenset({"/api/health", "/livez", "/readyz", "/metrics"})
+STRICT_PATH = re.compile(
+    r"^/api/(?:send-test|queue/(?!message/)[^/]+/(?:flush|retry|hold|release))/?$")
+
+
+def is_exempt() -> bool:
+    # Preflights do nothing and browsers send one per distinct request: do not count them.
+    return request.path in EXEMPT_PATHS or request.method == "OPTIONS"
+
+
+def is_strict() -> bool:
+    return request.method == "POST" and bool(STRICT_PATH.match(request.path))
+
+
+def _checked_limit(name: str, value: object) -> str:
+    text = str(value or "").strip()
+    try:
+        if not parse_many(text):
+            raise ValueError(text)
+    except ValueError:
+        raise ConfigError(
+            f"ELEMTA_{name} must be a rate limit such as '600 per minute', got {value!r}"
+        ) from None
+    return text
+
+
+def limiter_of(app: Flask) -> Limiter:
+    return app.extensions["elemta_limiter"]
+
+
+def init_ratelimit(app: Flask) -> Limiter:
+    """ProxyFix, the Limiter with the default and strict budgets, and the response headers."""
+    cfg = app.config
+    hops = cfg["TRUSTED_PROXIES"]
+    if hops:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
+
+    default_limit = _checked_limit("RATELIMIT_DEFAULT", cfg["RATELIMIT_DEFAULT"])
+    strict_limit = _checked_limit("RATELIMIT_STRICT", cfg["RATELIMIT_STRICT"])
+    limiter = Limiter(
+        client_identity,
+        default_limits=[
+            Limit(default_limit, scope="default", shared=True, exempt_when=is_strict),
+            Limit(strict_limit, scope="strict", shared=True, exempt_when=lambda: not is_strict()),
+        ],
+        storage_uri=cfg["RATELIMIT_STORAGE_URI"],
+        strategy=cfg.get("RATELIMIT_STRATEGY", "fixed-window"),
+        key_prefix=cfg.get("RATELIMIT_KEY_PREFIX", "elemta"),
+        # The headers are written below (flask-limiter would put Retry-After on every response).
+        headers_enabled=False,
+        swallow_errors=True,
+    )
+    limiter.request_filter(is_exempt)
+    limiter.init_app(app)
+    app.extensions["elemta_limiter"] = limiter
+
+    @app.after_request
+    def _rate_limit_headers(response: Response) -> Response:
+        current = limiter.current_limit
+        if current is None:
+            return response
+        try:
+            reset_at = int(current.reset_at)
+            response.headers["X-RateLimit-Limit"] = str(current.limit.amount)
+            response.headers["X-RateLimit-Remaining"] = str(max(0, current.remaining))
+            response.headers["X-RateLimit-Reset"] = str(reset_at)
+            if response.status_code == 429:
+                response.headers["Retry-After"] = str(max(1, reset_at - int(time.time())))
+        except Exception:  # the storage went away between the check and here
+            log.warning("rate limit headers unavailable: storage error", exc_info=True)
+        return response
+
+    return limiter
