@@ -24,6 +24,9 @@ graceful_timeout = 30
 keepalive = 5
 accesslog = os.environ.get("ELEMTA_ACCESS_LOG", "-")
 errorlog = "-"
+# gunicorn's control socket has one default path per user: several masters on one host (tests,
+# e2e, blue/green) would fight over it, and nothing here uses it.
+control_socket_disable = True
 # One JSON line per record, gunicorn's own and the access log included (app/logging_setup.py).
 # The loggers have no handler of their own: records reach the root's JSON handler once.
 os.environ.setdefault("ELEMTA_PROCESS_ROLE", "api")

@@ -64,17 +64,20 @@ class JsonFormatter(_JsonFormatter):
 
     def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord,
                    message_dict: dict[str, Any]) -> None:
+        extras: dict[str, Any] = {}
+        super().add_fields(extras, record, message_dict)  # extra= fields of the call
         log_data["timestamp"] = (dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
                                  .isoformat(timespec="milliseconds").replace("+00:00", "Z"))
         log_data["level"] = record.levelname.lower()
         log_data["logger"] = record.name
-        log_data["message"] = record.getMessage() if record.name != "gunicorn.access" else ""
+        log_data["message"] = record.getMessage()
         log_data["role"] = self.role
         log_data["pid"] = record.process
         log_data["request_id"] = getattr(record, "request_id", None)
         if record.name == "gunicorn.access" and isinstance(record.args, dict):
             self._access_fields(log_data, record.args)
-        super().add_fields(log_data, record, message_dict)
+        for key, value in extras.items():
+            log_data.setdefault(key, value)
 
     @staticmethod
     def _access_fields(log_data: dict[str, Any], atoms: Any) -> None:
