@@ -168,7 +168,8 @@ def rebuild_rollup(
         .group_by(bucket, outcome)
     )
     result = session.execute(
-        sa.insert(DeliveryRollup).from_select(["hour", "outcome", "count"], recount)
+        sa.insert(DeliveryRollup).from_select(["hour", "outcome", "count"], recount),
+        execution_options={"preserve_rowcount": True},
     )
     return result.rowcount
 

@@ -91,7 +91,10 @@ def _time_bucket_postgresql(element: time_bucket, compiler: Any, **kw: Any) -> s
 def _time_bucket_sqlite(element: time_bucket, compiler: Any, **kw: Any) -> str:
     _unit, column = element.clauses.clauses
     fmt, *modifiers = _SQLITE_BUCKET[element.unit]
-    args = [f"'{fmt}'", compiler.process(column, **kw)] + [f"'{m}'" for m in modifiers]
+    # Seconds only: SQLite keeps milliseconds in its date arithmetic and would round
+    # 23:59:59.9999 up into the next day before applying a modifier.
+    value = f"substr({compiler.process(column, **kw)}, 1, 19)"
+    args = [f"'{fmt}'", value] + [f"'{m}'" for m in modifiers]
     return f"strftime({', '.join(args)})"
 
 
