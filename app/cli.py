@@ -228,6 +228,12 @@ def demo_seed_cmd(messages: int, events: int, days: int, seed: int | None, as_js
 def register_cli(app: Flask) -> None:
     app.cli.add_command(queue_cli)
     app.cli.add_command(demo_cli)
+    from .delivery.cli import worker_cmd
+
+    app.cli.add_command(worker_cmd)
     from .stats.cli import stats_cli
 
     app.cli.add_command(stats_cli)
+    from .smtpd.cli import smtpd_cmd
+
+    app.cli.add_command(smtpd_cmd)

@@ -1,0 +1,96 @@
+"""Leases on due recipients: which worker delivers what, and until when.
+
+A claim picks messages whose queue state is ``pending`` or ``deferred`` (never ``held`` or
+``failed``) that have due, unleased recipients, and leases those recipients in one statement.
+On PostgreSQL the message rows are picked ``FOR UPDATE SKIP LOCKED`` so concurrent workers
+take disjoint messages without waiting on each other; the UPDATE re-checks the lease, so a
+claim committed a moment earlier by another worker is never taken twice. On SQLite the single
+UPDATE ... RETURNING statement holds the database's write lock, which makes it atomic.
+A lease that expires (its worker died) makes the recipients claimable again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from ..models import Message, Recipient
+from ..timeutil import utcnow
+
+CLAIMABLE_QUEUE_STATES = ("pending", "deferred")
+OPEN_RECIPIENT_STATES = ("pending", "deferred")
+
+
+@dataclass(frozen=True)
+class ClaimedRecipient:
+    id: int
+    message_id: str
+    address: str
+    domain: str
+
+
+def _due(now: dt.datetime) -> list[sa.ColumnElement[bool]]:
+    return [
+        Recipient.status.in_(OPEN_RECIPIENT_STATES),
+        Recipient.next_attempt_at <= now,
+        sa.or_(Recipient.lease_owner.is_(None), Recipient.lease_expires_at < now),
+    ]
+
+
+def claim_due(session: so.Session, worker_id: str, *, max_messages: int, lease_seconds: int,
+              now: dt.datetime | None = None) -> list[ClaimedRecipient]:
+    """Lease the due recipients of up to ``max_messages`` messages; commits.
+
+    Returns the claimed recipients ordered by message (a message's recipients are claimed
+    together, so they can share SMTP transactions).
+    """
+    now = now or utcnow()
+    picked = (
+        sa.select(Message.id)
+        .where(
+            Message.queue_state.in_(CLAIMABLE_QUEUE_STATES),
+            Message.next_attempt_at <= now,
+            sa.exists().where(Recipient.message_id == Message.id, *_due(now)),
+        )
+        .order_by(Message.priority.desc(), Message.next_attempt_at, Message.id)
+        .limit(max_messages)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        picked = picked.with_for_update(skip_locked=True)
+    stmt = (
+        sa.update(Recipient)
+        .where(Recipient.message_id.in_(picked.scalar_subquery()), *_due(now))
+        .values(lease_owner=worker_id, lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+        .returning(Recipient.id, Recipient.message_id, Recipient.address, Recipient.domain)
+        .execution_options(synchronize_session=False)
+    )
+    rows = session.execute(stmt).all()
+    session.commit()
+    claimed = [ClaimedRecipient(id=r.id, message_id=r.message_id, address=r.address,
+                                domain=r.domain) for r in rows]
+    claimed.sort(key=lambda c: (c.message_id, c.id))
+    return claimed
+
+
+def release_claims(session: so.Session, worker_id: str,
+                   recipient_ids: Iterable[int] | None = None) -> int:
+    """Give back leases of this worker (all of them, or the given recipients); commits.
+
+    Only the lease is cleared: the recipients stay due and another worker takes them at once.
+    """
+    stmt = sa.update(Recipient).where(Recipient.lease_owner == worker_id)
+    if recipient_ids is not None:
+        ids = list(recipient_ids)
+        if not ids:
+            return 0
+        stmt = stmt.where(Recipient.id.in_(ids))
+    result = session.execute(
+        stmt.values(lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount or 0

@@ -1,0 +1,188 @@
+"""Recording what one delivery attempt did, in one transaction.
+
+Per recipient: its new state (delivered, deferred with the next retry time, failed), an event
+(``delivery``, ``tempfail`` or ``rejection``, which also bumps the hourly rollup), then the
+message's queue state (``settle_message_state``), and a bounce when recipients failed for
+good. Everything commits together, so the queue, the history and the statistics never
+disagree.
+
+Operator actions that raced the attempt win: the message row is locked first (an UPDATE, which
+also takes SQLite's write lock up front); a message deleted meanwhile is not re-created, only
+what the remote server accepted is still recorded; a held message stays held
+(``settle_message_state`` keeps it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from ..events import record_event
+from ..models import Message, MessageContent
+from ..queue.service import accept_message, settle_message_state
+from ..timeutil import utcnow
+from .bounces import FailedRecipient, build_dsn, dsn_status
+from .smtp_client import RecipientResult
+
+log = logging.getLogger("elemta.delivery")
+
+EVENT_OF_KIND = {"delivered": "delivery", "tempfail": "tempfail", "rejection": "rejection"}
+ACTION_OF_KIND = {"delivered": "delivered", "tempfail": "deferred", "rejection": "failed"}
+EXPIRED = "Queue lifetime expired"
+
+
+@dataclass(frozen=True)
+class OutcomePolicy:
+    """The settings that turn a result into a recipient state."""
+
+    retry_schedule: Sequence[int]
+    max_queue_lifetime: int
+    send_bounces: bool
+    reporting_mta: str
+    jitter: float = 0.10
+
+
+def retry_delay(policy: OutcomePolicy, attempts: int, rng: random.Random | None = None) -> float:
+    """Seconds until the next attempt after ``attempts`` failed ones: the schedule's step
+    (the last one repeats), +-10% so deferred mail does not come back in lockstep."""
+    steps = policy.retry_schedule
+    base = steps[min(max(attempts, 1), len(steps)) - 1]
+    return base * (rng or random).uniform(1 - policy.jitter, 1 + policy.jitter)
+
+
+@dataclass
+class Recorded:
+    """What ``record_outcome`` did (for logs and tests)."""
+
+    queue_state: str | None
+    message_deleted: bool
+    bounce_id: str | None = None
+
+
+def record_outcome(session: so.Session, worker_id: str, message_id: str,
+                   results: Sequence[RecipientResult], policy: OutcomePolicy,
+                   now: dt.datetime | None = None, sender: str | None = None) -> Recorded:
+    """Apply the results of one attempt; commits. ``sender`` names the envelope sender in
+    the events should the message have been deleted meanwhile."""
+    now = now or utcnow()
+    locked = session.execute(
+        sa.update(Message).where(Message.id == message_id).values(updated_at=now)
+        .returning(Message.sender).execution_options(synchronize_session=False)
+    ).first()
+    if locked is None:
+        return _record_for_deleted(session, message_id, results, now, sender)
+
+    message = session.scalar(
+        sa.select(Message).where(Message.id == message_id)
+        .options(so.selectinload(Message.recipients))
+        .execution_options(populate_existing=True)
+    )
+    assert message is not None
+    by_id = {r.id: r for r in message.recipients}
+    expiry = message.created_at + dt.timedelta(seconds=policy.max_queue_lifetime)
+    applied: list[tuple[RecipientResult, str]] = []  # (result, final kind)
+    for result in results:
+        recipient = by_id.get(result.recipient_id)
+        if recipient is None:
+            continue
+        if recipient.lease_owner != worker_id:
+            # Our lease expired and another worker took the recipient over: its state is
+            # that worker's to write. What the remote accepted is still a fact worth recording.
+            log.warning("lease of %s (%s) lost before the outcome was recorded",
+                        recipient.address, message_id)
+            if result.kind == "delivered":
+                applied.append((result, "delivered"))
+            continue
+        kind = result.kind
+        recipient.attempts += 1
+        recipient.last_attempt_at = now
+        recipient.lease_owner = None
+        recipient.lease_expires_at = None
+        if kind == "delivered":
+            recipient.status = "delivered"
+            recipient.last_error = None
+            recipient.next_attempt_at = None
+        elif kind == "tempfail" and now >= expiry:
+            kind = "expired"
+            recipient.status = "failed"
+            recipient.last_error = f"{EXPIRED} (last error: {result.text})"
+            recipient.next_attempt_at = None
+        elif kind == "tempfail":
+            recipient.status = "deferred"
+            recipient.last_error = result.text
+            delay = dt.timedelta(seconds=retry_delay(policy, recipient.attempts))
+            # Never plan past the expiry: the last attempt happens when the lifetime ends.
+            recipient.next_attempt_at = min(now + delay, expiry)
+        else:
+            recipient.status = "failed"
+            recipient.last_error = result.text
+            recipient.next_attempt_at = None
+        applied.append((result, kind))
+
+    queue_state = settle_message_state(session, message, now)
+    failed: list[FailedRecipient] = []
+    for result, kind in applied:
+        text = result.text
+        if kind == "expired":
+            text = f"{EXPIRED} (last error: {result.text})"
+        event_kind = "rejection" if kind == "expired" else kind
+        record_event(
+            session, EVENT_OF_KIND[event_kind], message_id=message_id, sender=message.sender,
+            recipient=result.address, message=text, timestamp=now,
+            delivery_ip=result.remote_ip, delivery_host=result.remote_host,
+            smtp_code=result.smtp_code,
+            enhanced_code="4.4.7" if kind == "expired" else result.enhanced_code,
+            action=ACTION_OF_KIND[event_kind], queue_state=queue_state,
+        )
+        if event_kind == "rejection":
+            failed.append(FailedRecipient(
+                address=result.address,
+                status=dsn_status(result.enhanced_code, result.smtp_code, kind == "expired"),
+                diagnostic=text, remote_host=result.remote_host, smtp_code=result.smtp_code,
+                attempted_at=now))
+
+    recorded = Recorded(queue_state=queue_state, message_deleted=False)
+    if failed and message.sender and policy.send_bounces:
+        recorded.bounce_id = _queue_bounce(session, message, failed, policy)  # commits all
+    else:
+        session.commit()
+    return recorded
+
+
+def _record_for_deleted(session: so.Session, message_id: str,
+                        results: Sequence[RecipientResult], now: dt.datetime,
+                        sender: str | None) -> Recorded:
+    """The message was deleted while we delivered: record only what the remote accepted."""
+    for result in results:
+        if result.kind != "delivered":
+            continue
+        record_event(
+            session, "delivery", message_id=message_id, sender=sender, recipient=result.address,
+            message=f"{result.text} (message deleted from the queue during delivery)",
+            timestamp=now, delivery_ip=result.remote_ip, delivery_host=result.remote_host,
+            smtp_code=result.smtp_code, enhanced_code=result.enhanced_code,
+            action="delivered", queue_state=None,
+        )
+    session.commit()
+    return Recorded(queue_state=None, message_deleted=True)
+
+
+def _queue_bounce(session: so.Session, message: Message, failed: Sequence[FailedRecipient],
+                  policy: OutcomePolicy) -> str:
+    raw = session.scalar(sa.select(MessageContent.raw)
+                         .where(MessageContent.message_id == message.id)) or b""
+    dsn = build_dsn(original_raw=raw, original_sender=message.sender, message_id=message.id,
+                    arrival=message.created_at, failed=failed,
+                    reporting_mta=policy.reporting_mta)
+    bounce = accept_message(
+        session, sender="", recipients=[message.sender], raw=dsn, origin="bounce",
+        reception_note=f"Delivery status notification for {message.id} "
+                       f"({len(failed)} failed recipient(s))",
+    )
+    return bounce.id

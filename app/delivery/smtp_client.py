@@ -1,0 +1,337 @@
+"""SMTP out: one transaction per (message, destination), connections pooled for reuse.
+
+Per recipient the result comes from its RCPT reply, and for the recipients RCPT accepted, from
+the reply to the end of DATA. Connection failures, timeouts and lost connections are temporary
+failures for every recipient of the transaction. The SMTP code, enhanced status code
+(RFC 3463), remote host and IP are kept for the events.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+import ssl
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from .routing import Hop, Route
+
+ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+_LINE_END = re.compile(rb"\r?\n")
+
+
+@dataclass
+class RecipientResult:
+    """The outcome of one recipient in one attempt."""
+
+    recipient_id: int
+    address: str
+    kind: str  # delivered | tempfail | rejection
+    text: str
+    smtp_code: int | None = None
+    enhanced_code: str | None = None
+    remote_host: str | None = None
+    remote_ip: str | None = None
+
+
+def kind_of(code: int) -> str:
+    if 200 <= code < 300:
+        return "delivered"
+    return "rejection" if code >= 500 else "tempfail"
+
+
+def reply_text(code: int, response: bytes | str) -> str:
+    text = response.decode("utf-8", "replace") if isinstance(response, bytes) else response
+    return f"{code} {' '.join(text.split())}".strip()
+
+
+def enhanced_of(response: bytes | str, code: int | None) -> str | None:
+    text = response.decode("utf-8", "replace") if isinstance(response, bytes) else response
+    match = ENHANCED.match(text.strip())
+    if match and code and match.group(1)[0] == str(code)[0]:
+        return match.group(1)
+    return None
+
+
+class Connection:
+    """An open SMTP session with the server it reached."""
+
+    def __init__(self, smtp: smtplib.SMTP, hop: Hop, tls: bool) -> None:
+        self.smtp = smtp
+        self.hop = hop
+        self.tls = tls
+        self.ip = _peer_ip(smtp) or hop.address
+        self.idle_since = time.monotonic()
+        self.transactions = 0
+
+    def close(self) -> None:
+        try:
+            self.smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            pass
+        finally:
+            self.smtp.close()
+
+
+def _peer_ip(smtp: smtplib.SMTP) -> str | None:
+    try:
+        return str(smtp.sock.getpeername()[0]) if smtp.sock else None
+    except OSError:
+        return None
+
+
+class ConnectionPool:
+    """Idle connections per destination, and at most ``limit`` open at once per destination."""
+
+    def __init__(self, limit: int, idle_seconds: float = 30.0) -> None:
+        self.limit = max(1, limit)
+        self.idle_seconds = idle_seconds
+        self._cond = threading.Condition()
+        self._idle: dict[str, list[Connection]] = defaultdict(list)
+        self._open: dict[str, int] = defaultdict(int)
+
+    def acquire(self, destination: str) -> Connection | None:
+        """An idle connection, or ``None`` with a slot reserved to open one (waits at the limit)."""
+        with self._cond:
+            while True:
+                if self._idle[destination]:
+                    return self._idle[destination].pop()
+                if self._open[destination] < self.limit:
+                    self._open[destination] += 1
+                    return None
+                self._cond.wait()
+
+    def release(self, destination: str, conn: Connection | None) -> None:
+        """Give back a reusable connection, or ``None`` to free the slot (it was closed)."""
+        with self._cond:
+            if conn is None:
+                self._open[destination] -= 1
+            else:
+                conn.idle_since = time.monotonic()
+                self._idle[destination].append(conn)
+            self._cond.notify_all()
+
+    def close_idle(self, older_than: float | None = None) -> int:
+        """Close idle connections (all, or those idle longer than ``older_than`` seconds)."""
+        limit = self.idle_seconds if older_than is None else older_than
+        now = time.monotonic()
+        closing: list[Connection] = []
+        with self._cond:
+            for destination, conns in self._idle.items():
+                keep = [c for c in conns if now - c.idle_since < limit]
+                gone = [c for c in conns if now - c.idle_since >= limit]
+                self._idle[destination] = keep
+                self._open[destination] -= len(gone)
+                closing.extend(gone)
+            if closing:
+                self._cond.notify_all()
+        for conn in closing:
+            conn.close()
+        return len(closing)
+
+
+class ConnectFailed(Exception):
+    pass
+
+
+class StaleConnection(Exception):
+    """The connection was gone before the transaction began (nothing was sent)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class SmtpClient:
+    """Delivers one message's recipients to one destination."""
+
+    def __init__(self, pool: ConnectionPool, *, local_hostname: str, timeout: float) -> None:
+        self.pool = pool
+        self.local_hostname = local_hostname
+        self.timeout = timeout
+
+    def deliver(self, route: Route, sender: str, recipients: list[tuple[int, str]],
+                raw: bytes) -> list[RecipientResult]:
+        data = _LINE_END.sub(b"\r\n", raw)
+        conn = self.pool.acquire(route.destination)
+        keep: Connection | None = None
+        try:
+            for attempt in range(2):
+                reused = conn is not None
+                if conn is None:
+                    try:
+                        conn = self._connect(route)
+                    except ConnectFailed as exc:
+                        return self._all(recipients, "tempfail", str(exc), None, None)
+                try:
+                    results = self._transaction(conn, sender, recipients, data)
+                except StaleConnection as exc:
+                    conn.smtp.close()
+                    failed, conn = conn, None
+                    if reused and attempt == 0:
+                        continue  # the server closed an idle connection: once more, fresh
+                    return self._all(recipients, "tempfail",
+                                     f"Connection to {_where(failed)} lost: {_short(exc.cause)}",
+                                     None, None, failed)
+                except smtplib.SMTPServerDisconnected as exc:
+                    conn.smtp.close()
+                    failed, conn = conn, None
+                    return self._all(recipients, "tempfail",
+                                     f"Connection to {_where(failed)} lost: {_short(exc)}",
+                                     None, None, failed)
+                except (smtplib.SMTPException, OSError) as exc:
+                    conn.smtp.close()
+                    failed, conn = conn, None
+                    return self._all(recipients, "tempfail",
+                                     f"SMTP error with {_where(failed)}: {_short(exc)}",
+                                     None, None, failed)
+                conn.transactions += 1
+                if conn.smtp.sock is not None and not any(r.smtp_code == 421 for r in results):
+                    keep = conn
+                else:
+                    conn.close()
+                return results
+            return []  # pragma: no cover - the loop always returns
+        finally:
+            self.pool.release(route.destination, keep)
+
+    # ----------------------------------------------------------------- connecting
+
+    def _connect(self, route: Route) -> Connection:
+        problems = []
+        for hop in route.hops:
+            try:
+                return self._open(route, hop)
+            except (smtplib.SMTPException, OSError) as exc:
+                problems.append(f"{hop.hostname}[{hop.address}]:{hop.port}: {_short(exc)}")
+        raise ConnectFailed("Could not connect to any server for "
+                            f"{route.destination}: {'; '.join(problems) or 'no server'}")
+
+    def _open(self, route: Route, hop: Hop, allow_starttls: bool = True) -> Connection:
+        smtp: smtplib.SMTP
+        if route.tls == "tls":
+            smtp = smtplib.SMTP_SSL(hop.address, hop.port, local_hostname=self.local_hostname,
+                                    timeout=self.timeout, context=_verified_context())
+        else:
+            smtp = smtplib.SMTP(hop.address, hop.port, local_hostname=self.local_hostname,
+                                timeout=self.timeout)
+        tls = route.tls == "tls"
+        try:
+            smtp.ehlo_or_helo_if_needed()
+            if route.tls == "starttls":
+                if not smtp.has_extn("starttls"):
+                    raise smtplib.SMTPNotSupportedError(
+                        "STARTTLS required (ELEMTA_RELAY_TLS=starttls) but not offered")
+                smtp.starttls(context=_verified_context())
+                smtp.ehlo()
+                tls = True
+            elif route.tls == "opportunistic" and allow_starttls and smtp.has_extn("starttls"):
+                try:
+                    # Opportunistic TLS (RFC 7435): encrypt when offered, without verification.
+                    smtp.starttls(context=_opportunistic_context())
+                    smtp.ehlo()
+                    tls = True
+                except (smtplib.SMTPException, ssl.SSLError, OSError):
+                    smtp.close()
+                    return self._open(route, hop, allow_starttls=False)
+            if route.username:
+                smtp.login(route.username, route.password)
+        except BaseException:
+            smtp.close()
+            raise
+        return Connection(smtp, hop, tls)
+
+    # ----------------------------------------------------------------- the transaction
+
+    def _transaction(self, conn: Connection, sender: str, recipients: list[tuple[int, str]],
+                     data: bytes) -> list[RecipientResult]:
+        smtp = conn.smtp
+        options = []
+        if smtp.has_extn("size"):
+            options.append(f"SIZE={len(data)}")
+        if smtp.has_extn("8bitmime") and any(b > 127 for b in data):
+            options.append("BODY=8BITMIME")
+        if smtp.has_extn("smtputf8") and not _ascii(sender, *(a for _, a in recipients)):
+            options.append("SMTPUTF8")
+        try:
+            code, response = smtp.mail(sender, options)
+        except smtplib.SMTPServerDisconnected as exc:
+            raise StaleConnection(exc) from exc
+        if code >= 400:
+            self._reset(smtp, code)
+            return self._all(recipients, kind_of(code), reply_text(code, response), code,
+                             enhanced_of(response, code), conn)
+        results: dict[int, RecipientResult] = {}
+        accepted: list[tuple[int, str]] = []
+        for recipient_id, address in recipients:
+            code, response = smtp.rcpt(address)
+            if 200 <= code < 300:
+                accepted.append((recipient_id, address))
+            else:
+                results[recipient_id] = self._result(recipient_id, address, code, response, conn)
+        if not accepted:
+            self._reset(smtp, max((r.smtp_code or 0) for r in results.values()))
+        else:
+            try:
+                code, response = smtp.data(data)
+            except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
+                code, response = exc.smtp_code, exc.smtp_error
+                self._reset(smtp, code)
+            for recipient_id, address in accepted:
+                results[recipient_id] = self._result(recipient_id, address, code, response, conn)
+        return [results[recipient_id] for recipient_id, _ in recipients]
+
+    @staticmethod
+    def _reset(smtp: smtplib.SMTP, code: int) -> None:
+        if code == 421:  # the server is closing the channel
+            smtp.close()
+            return
+        try:
+            smtp.rset()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
+
+    @staticmethod
+    def _result(recipient_id: int, address: str, code: int, response: Any,
+                conn: Connection) -> RecipientResult:
+        return RecipientResult(recipient_id, address, kind_of(code), reply_text(code, response),
+                               code, enhanced_of(response, code), conn.hop.hostname, conn.ip)
+
+    @staticmethod
+    def _all(recipients: list[tuple[int, str]], kind: str, text: str, code: int | None,
+             enhanced: str | None, conn: Connection | None = None) -> list[RecipientResult]:
+        host = conn.hop.hostname if conn else None
+        ip = conn.ip if conn else None
+        return [RecipientResult(rid, address, kind, text, code, enhanced, host, ip)
+                for rid, address in recipients]
+
+
+def _where(conn: Connection) -> str:
+    return f"{conn.hop.hostname}[{conn.ip}]:{conn.hop.port}"
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return reply_text(exc.smtp_code, exc.smtp_error)
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+def _ascii(*texts: str) -> bool:
+    return all(text.isascii() for text in texts)
+
+
+def _verified_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+def _opportunistic_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
