@@ -106,7 +106,11 @@ _RESERVED = [
 
 
 class StdoutJsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """JSON lines to the *current* ``sys.stdout`` (test runners swap it between tests)."""
+    """JSON lines to the *current* ``sys.stdout`` (test runners swap it between tests).
+
+    CLI commands log to stderr instead: their stdout is data (``flask apikey create`` prints
+    the key alone, ``--json`` output must parse), and ``KEY=$(flask apikey create ...)`` works.
+    """
 
     def __init__(self, role: str | None = None) -> None:
         super().__init__()
@@ -115,7 +119,7 @@ class StdoutJsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     @property  # type: ignore[override]
     def stream(self) -> Any:
-        return sys.stdout
+        return sys.stderr if getattr(self.formatter, "role", None) == "cli" else sys.stdout
 
     @stream.setter
     def stream(self, _value: Any) -> None:

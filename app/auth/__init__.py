@@ -23,9 +23,10 @@ def current_actor() -> str:
 def init_app(app: Flask, api: Api) -> None:
     from ..ratelimit import init_ratelimit
     from .cli import apikey_cli
-    from .guard import init_auth
+    from .guard import forget_caller, init_auth
     from .routes import blp
 
+    app.before_request(forget_caller)
     init_ratelimit(app)
     init_auth(app)
     api.register_blueprint(blp)

@@ -19,7 +19,7 @@ import re
 
 from flask import Flask, current_app, g, request
 
-from ..errors import ApiError
+from ..errors import ApiError, is_database_unavailable
 from ..extensions import db
 from .keys import verify_key
 
@@ -63,14 +63,27 @@ def presented_key() -> str | None:
 
 
 def authenticate() -> Principal | None:
-    """Verify the presented key once per request (cached on ``g``); None when none is valid."""
+    """Verify the presented key once per request (cached on ``g``); None when none is valid.
+
+    When the database cannot be reached the key cannot be verified: the caller is then treated
+    as anonymous, and ``check_request`` answers 503 only if the request needs a key (an open
+    read such as /metrics keeps working through a database outage).
+    """
     if "auth_principal" in g:
         return g.auth_principal
     principal = None
     plain = presented_key()
     g.auth_key_presented = plain is not None
+    g.auth_unverified = None
     if plain is not None and current_app.config["AUTH_MODE"] != "off":
-        key = verify_key(db.session, plain)
+        try:
+            key = verify_key(db.session, plain)
+        except Exception as exc:
+            if not is_database_unavailable(exc):
+                raise
+            db.session.rollback()
+            g.auth_unverified = exc
+            key = None
         if key is not None:
             principal = Principal(key.id, key.name, key.role, key.key_hash)
             g.actor = key.name
@@ -108,10 +121,14 @@ def check_request() -> None:
     if request.path in OPEN_PATHS:
         return
     principal = authenticate()
+    needed = required_role()
+    if g.auth_unverified is not None:
+        if needed is None:
+            return
+        raise g.auth_unverified  # the error handler answers 503 SERVICE_UNAVAILABLE
     if g.auth_key_presented and principal is None:
         raise ApiError(401, "UNAUTHORIZED", "Invalid, revoked or expired API key",
                        headers=UNAUTHORIZED_HEADERS)
-    needed = required_role()
     if needed is None:
         return
     if principal is None:
@@ -122,8 +139,18 @@ def check_request() -> None:
         raise ApiError(403, "FORBIDDEN", "This action needs an admin key")
 
 
+def forget_caller() -> None:
+    """before_request, first of ours: nothing of a previous request's caller may survive.
+
+    ``g`` belongs to the app context, which a request shares with an enclosing one (tests,
+    scripts): without this, one request's key (and actor name) would leak into the next.
+    """
+    for name in ("auth_principal", "auth_key_presented", "auth_unverified", "actor"):
+        g.pop(name, None)
+
+
 def init_auth(app: Flask) -> None:
-    """Register the check; warn loudly when it is switched off."""
+    """Register the check (after ``forget_caller`` and the limiter); warn when it is off."""
     app.before_request(check_request)
     if app.config["AUTH_MODE"] == "off":
         log.warning("ELEMTA_AUTH_MODE=off: the API accepts every request without a key; "
