@@ -1,0 +1,85 @@
+"""Who may hand us mail, and which envelope addresses we take (SPEC 11).
+
+Elemta has no local mailboxes: every accepted recipient is relayed. So the relay policy is the
+whole acceptance policy: a client may send when its address is in ``ELEMTA_RELAY_NETWORKS`` or
+when it authenticated with an API key; nobody else may send to anyone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# RFC 5321 4.5.3.1: local part 64, whole path 256 octets; the column holds 320.
+MAX_LOCAL_PART = 64
+MAX_ADDRESS = 254
+
+
+def client_ip(address: object) -> IPAddress | None:
+    """The IP of a peer as asyncio reports it (``(host, port[, flow, scope])``), unmapped."""
+    host = address[0] if isinstance(address, (tuple, list)) and address else address
+    if not isinstance(host, str):
+        return None
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # a dual-stack socket shows IPv4 clients as ::ffff:a.b.c.d
+    return ip
+
+
+def in_networks(ip: IPAddress | None, networks: Sequence[IPNetwork]) -> bool:
+    return ip is not None and any(ip.version == net.version and ip in net for net in networks)
+
+
+@dataclass(frozen=True)
+class RelayPolicy:
+    networks: tuple[IPNetwork, ...]
+
+    def trusted(self, ip: IPAddress | None) -> bool:
+        """A client of the relay networks: may send without authenticating."""
+        return in_networks(ip, self.networks)
+
+    def may_relay(self, ip: IPAddress | None, authenticated: bool) -> bool:
+        return authenticated or self.trusted(ip)
+
+    @staticmethod
+    def auth_allowed(ip: IPAddress | None, over_tls: bool) -> bool:
+        """AUTH sends the key in clear text: only over TLS, or where no wire can be sniffed."""
+        return over_tls or (ip is not None and ip.is_loopback)
+
+
+def address_problem(address: str, *, is_sender: bool, smtputf8: bool) -> str | None:
+    """Why an envelope address is unusable (an SMTP reply), or None when it is fine.
+
+    aiosmtpd parses the path; this checks what delivery needs: a mailbox with a domain,
+    lengths the database and remote servers take, valid UTF-8, non-ASCII only under SMTPUTF8.
+    """
+    if is_sender and address == "":
+        return None  # the null sender <> of bounces
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes arrive as surrogates
+        return "553 5.1.7 Address is not valid UTF-8" if is_sender \
+            else "553 5.1.3 Address is not valid UTF-8"
+    if not address.isascii() and not smtputf8:
+        return "553 5.6.7 Non-ASCII address requires SMTPUTF8"
+    local, at, domain = address.rpartition("@")
+    bad = "501 5.1.7 Bad sender address syntax" if is_sender \
+        else "501 5.1.3 Bad recipient address syntax"
+    if not at or not local or not domain or len(address) > MAX_ADDRESS \
+            or len(local.encode("utf-8")) > MAX_LOCAL_PART:
+        return bad
+    # Spaces are legal only inside a quoted local part; control characters nowhere.
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in address) \
+            or any(ch.isspace() for ch in domain) or domain.startswith(".") \
+            or domain.endswith(".") or ".." in domain:
+        return bad
+    if domain.startswith("[") != domain.endswith("]"):
+        return bad
+    return None

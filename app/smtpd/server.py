@@ -1,0 +1,224 @@
+"""The listener's lifecycle: settings from the config, the asyncio server, graceful stop.
+
+``serve`` runs it in the foreground (``flask smtpd``: SIGTERM/SIGINT stop it); ``ListenerThread``
+runs it on a background thread (tests and the benchmark).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from flask import Flask
+
+from .handler import QueueHandler
+from .policy import IPNetwork
+from .protocol import ElemtaSMTP
+from .storage import Storage
+
+log = logging.getLogger("elemta.smtpd")
+
+# Threads doing database work (acceptance, AUTH, refusal events) for all sessions.
+DB_THREADS = 8
+# At shutdown, how long transactions under way may take to finish.
+SHUTDOWN_GRACE_SECONDS = 30.0
+# aiosmtpd logs every command at INFO on "mail.log": far too chatty for the log table.
+AIOSMTPD_LOG_LEVEL = logging.ERROR
+
+
+class ListenerConfigError(ValueError):
+    """A listener setting that cannot be used (bad address, unreadable certificate, ...)."""
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` (all interfaces) -> (host, port)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ListenerConfigError(f"ELEMTA_SMTP_LISTEN must be host:port, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    host: str
+    port: int
+    hostname: str
+    max_message_bytes: int
+    max_recipients: int
+    max_sessions: int
+    timeout: int
+    relay_networks: Sequence[IPNetwork]
+    tls_cert: str = ""
+    tls_key: str = ""
+    proxy_protocol: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> ListenerSettings:
+        host, port = parse_listen(str(config["SMTP_LISTEN"]))
+        settings = cls(
+            host=host,
+            port=port,
+            hostname=str(config.get("SMTP_HOSTNAME") or socket.getfqdn()),
+            max_message_bytes=int(config["MAX_MESSAGE_BYTES"]),
+            max_recipients=max(1, int(config["MAX_RECIPIENTS"])),
+            max_sessions=max(1, int(config["SMTP_MAX_SESSIONS"])),
+            timeout=max(1, int(config["SMTP_TIMEOUT"])),
+            relay_networks=tuple(config["RELAY_NETWORKS"]),
+            tls_cert=str(config.get("TLS_CERT") or ""),
+            tls_key=str(config.get("TLS_KEY") or ""),
+            proxy_protocol=bool(config.get("SMTP_PROXY_PROTOCOL", False)),
+        )
+        return replace(settings, **overrides)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.tls_cert and not self.tls_key:
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ListenerConfigError("STARTTLS needs both ELEMTA_TLS_CERT and ELEMTA_TLS_KEY")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ListenerConfigError(f"Cannot load the TLS certificate or key: {exc}") from None
+        return context
+
+
+class Listener:
+    """One asyncio SMTP server and its sessions; start and stop inside a running loop."""
+
+    def __init__(self, app: Flask, settings: ListenerSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self.sessions: set[ElemtaSMTP] = set()
+        self.closing = False
+        self.storage: Storage | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._tls = settings.tls_context()  # fail at start, not at the first STARTTLS
+
+    async def start(self) -> None:
+        logging.getLogger("mail.log").setLevel(AIOSMTPD_LOG_LEVEL)
+        loop = asyncio.get_running_loop()
+        self.storage = Storage(self.app, DB_THREADS)
+        handler = QueueHandler(self.settings, self.storage)
+        size_limit = self.settings.max_message_bytes or None
+
+        def new_session() -> ElemtaSMTP:
+            return ElemtaSMTP(
+                handler,
+                listener=self,
+                loop=loop,
+                hostname=self.settings.hostname,
+                ident="Elemta ESMTP",
+                data_size_limit=size_limit,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                tls_context=self._tls,
+                timeout=self.settings.timeout,
+                auth_require_tls=False,  # the handler allows AUTH over TLS or from loopback
+                proxy_protocol_timeout=30 if self.settings.proxy_protocol else None,
+            )
+
+        try:
+            self._server = await loop.create_server(new_session, self.settings.host,
+                                                    self.settings.port, reuse_address=True)
+        except OSError as exc:
+            self.storage.close()
+            raise ListenerConfigError(
+                f"Cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}"
+            ) from None
+        log.info("SMTP listener on %s:%d (max %d sessions, %s)", self.settings.host,
+                 self.settings.port, self.settings.max_sessions,
+                 "STARTTLS" if self._tls else "no TLS")
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop accepting, let messages under way finish (up to ``grace``), close the rest."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + grace
+        while any(s.in_data for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.goodbye()
+        while self.sessions and time.monotonic() < deadline + 1:
+            await asyncio.sleep(0.01)  # connection_lost callbacks
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self.storage is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.storage.close)
+        log.info("SMTP listener stopped")
+
+
+def serve(app: Flask, settings: ListenerSettings) -> None:
+    """Run in the foreground until SIGTERM or SIGINT."""
+
+    async def main() -> None:
+        listener = Listener(app, settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await listener.start()
+        await stop.wait()
+        log.info("SMTP listener stopping")
+        await listener.stop()
+
+    asyncio.run(main())
+
+
+class ListenerThread:
+    """The listener on a background thread: ``with ListenerThread(app, settings): ...``."""
+
+    def __init__(self, app: Flask, settings: ListenerSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self.listener: Listener | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="smtpd", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.listener = Listener(self.app, self.settings)
+        await self.listener.start()
+        self._ready.set()
+        await self._stop.wait()
+        await self.listener.stop(grace=5.0)
+
+    def start(self) -> ListenerThread:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join()
+
+    def __enter__(self) -> ListenerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,84 @@
+"""What the listener adds to a message it accepts: a ``Received:`` trace header (RFC 5321
+4.4) at the top, and a ``Message-ID`` (RFC 5322 3.6.4) when the client sent none.
+
+The rest of the message is kept byte for byte, with the client's own line endings.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from dataclasses import dataclass
+
+_MESSAGE_ID_HEADER = re.compile(rb"^message-id[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The facts of one SMTP transaction that go into its Received header."""
+
+    helo: str
+    client_ip: str
+    hostname: str
+    esmtp: bool
+    tls: bool
+    authenticated: bool
+    smtputf8: bool
+    recipients: tuple[str, ...]
+
+
+def protocol_name(trace: Trace) -> str:
+    """The ``with`` keyword of RFC 3848 / RFC 6531 (ESMTP, ESMTPSA, UTF8SMTPS, ...)."""
+    if not trace.esmtp:
+        return "SMTP"
+    base = "UTF8SMTP" if trace.smtputf8 else "ESMTP"
+    return base + ("S" if trace.tls else "") + ("A" if trace.authenticated else "")
+
+
+def _clean(text: str, limit: int = 255) -> str:
+    """The client's words (HELO name) made safe for a header: printable ASCII, bounded."""
+    return _UNPRINTABLE.sub("?", text)[:limit] or "unknown"
+
+
+def received_header(trace: Trace, newline: bytes) -> bytes:
+    literal = f"IPv6:{trace.client_ip}" if ":" in trace.client_ip else trace.client_ip
+    lines = [f"Received: from {_clean(trace.helo)} ([{literal}])",
+             f"\tby {_clean(trace.hostname)} (Elemta) with {protocol_name(trace)}"]
+    if len(trace.recipients) == 1 and trace.recipients[0].isascii():
+        # Only for a single recipient: naming every recipient would disclose Bcc lists.
+        lines.append(f"\tfor <{_clean(trace.recipients[0], 320)}>")
+    lines[-1] += ";"
+    lines.append("\t" + email.utils.formatdate(usegmt=True))
+    return newline.join(line.encode("ascii") for line in lines) + newline
+
+
+def _newline_of(raw: bytes) -> bytes:
+    first = raw.find(b"\n")
+    return b"\r\n" if first > 0 and raw[first - 1:first] == b"\r" else (b"\n" if first >= 0 else b"\r\n")
+
+
+def header_end(raw: bytes) -> int:
+    """Offset of the blank line that ends the header section (len(raw) if there is none)."""
+    if raw.startswith((b"\r\n", b"\n")):
+        return 0
+    ends = [i + 1 for i in (raw.find(b"\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    return min(ends) if ends else len(raw)
+
+
+def has_message_id(raw: bytes) -> bool:
+    return _MESSAGE_ID_HEADER.search(raw, 0, header_end(raw)) is not None
+
+
+def stamp(raw: bytes, trace: Trace) -> bytes:
+    """The message as it is queued: Received on top, Message-ID added when missing."""
+    newline = _newline_of(raw)
+    received = received_header(trace, newline)
+    if has_message_id(raw):
+        return received + raw
+    end = header_end(raw)
+    message_id = email.utils.make_msgid(domain=_clean(trace.hostname)).encode()
+    head = raw[:end]
+    if head and not head.endswith(b"\n"):  # headers only, no final newline
+        head += newline
+    return received + head + b"Message-ID: " + message_id + newline + raw[end:]

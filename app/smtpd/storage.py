@@ -1,0 +1,102 @@
+"""The listener's database work, done in worker threads so the event loop never waits on it.
+
+Every call gets its own application context, hence its own SQLAlchemy session, and either
+commits completely or rolls back: a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import sqlalchemy.orm as so
+from flask import Flask
+
+from ..events import record_event
+from ..extensions import db
+from ..queue.service import accept_message
+from .stamping import Trace, stamp
+
+log = logging.getLogger("elemta.smtpd")
+
+T = TypeVar("T")
+_REPLY = re.compile(r"^(\d{3})[ -](?:(\d\.\d{1,3}\.\d{1,3}) )?(.*)$", re.DOTALL)
+
+
+class Storage:
+    """Runs database functions ``func(session, ...)`` on a small thread pool."""
+
+    def __init__(self, app: Flask, threads: int) -> None:
+        self.app = app
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="smtpd-db")
+
+    async def run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, lambda: self._call(func, args, kwargs))
+
+    def _call(self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        with self.app.app_context():
+            try:
+                return func(db.session, *args, **kwargs)
+            except BaseException:
+                db.session.rollback()
+                raise
+            finally:
+                db.session.remove()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def queue_message(session: so.Session, *, sender: str, recipients: Sequence[str], raw: bytes,
+                  trace: Trace) -> str:
+    """Stamp the message and queue it (one transaction, committed); returns its queue id."""
+    stamped = stamp(raw, trace)
+    message = accept_message(
+        session,
+        sender=sender,
+        recipients=list(recipients),
+        raw=stamped,
+        origin="smtp",
+        reception_note=f"Message accepted over SMTP from {trace.client_ip} ({len(stamped)} bytes)",
+        event_fields={"delivery_ip": trace.client_ip[:64], "delivery_host": _safe(trace.helo, 255)},
+    )
+    return message.id
+
+
+def split_reply(reply: str) -> tuple[int | None, str | None, str]:
+    """``"554 5.7.1 Relay access denied"`` -> ``(554, "5.7.1", "Relay access denied")``."""
+    match = _REPLY.match(reply)
+    if not match:
+        return None, None, reply
+    return int(match.group(1)), match.group(2), match.group(3)
+
+
+def _safe(text: str | None, limit: int) -> str | None:
+    """Client-supplied text as storable UTF-8 (undecodable bytes arrive as surrogates)."""
+    if text is None:
+        return None
+    return text.encode("utf-8", errors="replace").decode("utf-8")[:limit]
+
+
+def record_refusal(session: so.Session, *, stage: str, reply: str, client_ip: str, helo: str,
+                   sender: str | None, recipient: str | None) -> None:
+    """A ``rejection`` event for a refused command; not a delivery outcome (no rollup)."""
+    code, enhanced, text = split_reply(reply)
+    record_event(
+        session,
+        "rejection",
+        sender=_safe(sender, 320),
+        recipient=_safe(recipient, 320),
+        message=_safe(f"SMTP {stage} refused from {client_ip}: {text}", 2000),
+        smtp_code=code,
+        enhanced_code=enhanced,
+        delivery_ip=client_ip[:64],
+        delivery_host=_safe(helo, 255) or None,
+        counts_as_outcome=False,
+    )
+    session.commit()

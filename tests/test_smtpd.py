@@ -1,0 +1,188 @@
+"""The SMTP listener accepts mail into the queue (SPEC 11), with smtplib as the client."""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+import sqlalchemy as sa
+
+from app.extensions import db
+from app.models import DeliveryRollup
+from app.queue import service
+from app.smtpd.stamping import has_message_id
+from tests.smtpd_helpers import crlf, email_message, queued_id, raw_of, running_listener, stored
+
+
+@pytest.fixture
+def port(app):
+    with running_listener(app) as listening_port:
+        yield listening_port
+
+
+def test_ehlo_advertises_the_extensions(port, app):
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        code, _ = client.ehlo("client.example")
+        assert code == 250
+        for extension in ("pipelining", "8bitmime", "smtputf8", "size"):
+            assert client.has_extn(extension), extension
+        assert client.esmtp_features["size"] == str(app.config["MAX_MESSAGE_BYTES"])
+        assert not client.has_extn("starttls")  # no certificate configured
+
+
+def test_plain_message_is_queued_before_the_250_with_its_id(port, app):
+    msg = email_message(subject="Plain")
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        client.mail("alice@example.com")
+        client.rcpt("bob@example.net")
+        code, reply = client.data(crlf(msg))
+    assert code == 250
+    assert reply.startswith(b"2.0.0 Ok: queued as msg-")
+    message_id = queued_id(reply)
+
+    # The reply came after the commit: the message is there as soon as the client has it.
+    with app.app_context():
+        message = service.get_message(db.session, message_id)
+        assert message.sender == "alice@example.com"
+        assert message.origin == "smtp"
+        assert message.queue_state == "pending"
+        assert message.subject == "Plain"
+        assert [r.address for r in message.recipients] == ["bob@example.net"]
+        events = service.message_timeline(db.session, message_id)
+        assert [e.event_type for e in events] == ["reception"]
+        assert events[0].delivery_ip == "127.0.0.1"
+        assert events[0].delivery_host == "client.example"
+        db.session.remove()
+    raw = raw_of(app, message_id)
+    assert raw.startswith(b"Received: from client.example ([127.0.0.1])\r\n\tby mx.test.example "
+                          b"(Elemta) with ESMTP\r\n\tfor <bob@example.net>;")
+    # The client's Message-ID is kept, not replaced, and the rest is byte for byte.
+    assert raw.count(b"Message-ID:") == 1 and b"<client-id@example.com>" in raw
+    assert raw.endswith(crlf(msg))
+
+
+def test_message_id_is_added_when_missing(port, app):
+    msg = email_message(message_id=None)
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        assert client.sendmail("alice@example.com", ["bob@example.net"], crlf(msg)) == {}
+    messages = stored(app)["messages"]
+    assert len(messages) == 1
+    raw = raw_of(app, messages[0].id)
+    assert has_message_id(raw)
+    assert b"Message-ID: <" in raw and b"@mx.test.example>" in raw
+
+
+def test_multiple_recipients_make_one_message(port, app):
+    to = ["bob@example.net", "carol@example.org", "dave@example.org", "Bob@example.net"]
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        assert client.sendmail("alice@example.com", to, crlf(email_message())) == {}
+    data = stored(app)
+    assert len(data["messages"]) == 1
+    # One delivery per mailbox: the same address in another case is not delivered twice.
+    assert data["recipients"] == ["bob@example.net", "carol@example.org", "dave@example.org"]
+    assert [e.event_type for e in data["events"]] == ["reception"]
+    raw = raw_of(app, data["messages"][0].id)
+    assert b"\tfor <" not in raw  # several recipients: not named in the trace header
+
+
+def test_pipelined_commands_are_answered_in_order(port, app):
+    body = crlf(email_message())
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        assert client.does_esmtp and client.has_extn("pipelining")
+        # One write for the whole envelope, as a pipelining client does (RFC 2920).
+        client.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\n"
+                    b"RCPT TO:<bob>\r\nRCPT TO:<carol@example.org>\r\nDATA\r\n")
+        replies = [client.getreply() for _ in range(5)]
+        assert [code for code, _ in replies] == [250, 250, 501, 250, 354]
+        # The message, its end and the next transaction's envelope in one write again.
+        client.send(body + b".\r\nMAIL FROM:<<>>\r\n".replace(b"<<>>", b"<>")
+                    + b"RCPT TO:<erin@example.com>\r\nDATA\r\n")
+        first, mail2, rcpt2, data2 = (client.getreply() for _ in range(4))
+        assert first[0] == 250 and mail2[0] == 250 and rcpt2[0] == 250 and data2[0] == 354
+        client.send(body + b".\r\nQUIT\r\n")
+        second = client.getreply()
+        assert second[0] == 250
+        assert client.getreply()[0] == 221
+        client.close()
+    data = stored(app)
+    by_id = {m.id: m for m in data["messages"]}
+    assert set(by_id) == {queued_id(first[1]), queued_id(second[1])}
+    assert by_id[queued_id(second[1])].sender == ""  # the null sender of a bounce
+    assert sorted(data["recipients"]) == ["bob@example.net", "carol@example.org",
+                                          "erin@example.com"]
+
+
+def test_8bit_message_is_stored_byte_for_byte(port, app):
+    raw = ("From: alice@example.com\r\nTo: bob@example.net\r\nSubject: Grüße\r\n"
+           "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+           "Content-Transfer-Encoding: 8bit\r\nMessage-ID: <8bit@example.com>\r\n\r\n"
+           "Grüße, naïve café — ✓\r\n").encode("utf-8") + b"latin-1 \xe9t\xe9\r\n"
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        assert client.has_extn("8bitmime")
+        client.mail("alice@example.com", ["BODY=8BITMIME"])
+        client.rcpt("bob@example.net")
+        code, reply = client.data(raw)
+    assert code == 250
+    stored_raw = raw_of(app, queued_id(reply))
+    assert stored_raw.endswith(raw)
+
+
+def test_smtputf8_addresses_are_accepted(port, app):
+    sender, recipient = "pelé@exämple.com", "用户@例子.测试"
+    raw = (f"From: {sender}\r\nTo: {recipient}\r\nSubject: ünïcode\r\n"
+           "Message-ID: <u8@example.com>\r\n\r\nhi\r\n").encode("utf-8")
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        assert client.has_extn("smtputf8")
+        assert client.sendmail(sender, [recipient], raw,
+                               mail_options=["SMTPUTF8", "BODY=8BITMIME"]) == {}
+    data = stored(app)
+    assert data["messages"][0].sender == sender
+    assert data["recipients"] == [recipient]
+    assert raw_of(app, data["messages"][0].id).endswith(raw)
+    assert b"with UTF8SMTP" in raw_of(app, data["messages"][0].id)
+
+
+def test_non_ascii_address_without_smtputf8_is_refused(port, app):
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        client.mail("alice@example.com")
+        client.send("RCPT TO:<用户@例子.测试>\r\n".encode())  # a client ignoring SMTPUTF8
+        code, reply = client.getreply()
+    assert code == 553 and reply.startswith(b"5.6.7")
+    data = stored(app)
+    assert data["messages"] == []
+    assert [e.event_type for e in data["events"]] == ["rejection"]
+
+
+def test_malformed_addresses_are_refused_with_a_rejection_event(port, app):
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        assert client.docmd("MAIL FROM:<alice>")[0] == 501
+        assert client.docmd("MAIL FROM:<<<nonsense")[0] in (501, 553)
+        assert client.mail("alice@example.com")[0] == 250
+        assert client.docmd("RCPT TO:<bob>")[0] == 501
+        assert client.docmd("RCPT TO:<bob@exa mple.net>")[0] in (501, 553)
+        assert client.docmd("RCPT TO:<bob@example..net>")[0] in (501, 553)
+        # Out of order is a client bug, not a refusal of mail: no event.
+        assert client.docmd("MAIL FROM:<again@example.com>")[0] == 503
+    events = stored(app)["events"]
+    assert [e.event_type for e in events] == ["rejection"] * 5
+    assert {e.smtp_code for e in events} <= {501, 553}
+    assert events[2].recipient == "bob"
+    assert events[2].enhanced_code == "5.1.3"
+    assert all(e.delivery_ip == "127.0.0.1" for e in events)
+    with app.app_context():  # refusals are not delivery outcomes: the rollup is untouched
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(DeliveryRollup)) == 0
+        db.session.remove()
+
+
+def test_one_session_carries_several_messages(port, app):
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        for n in range(3):
+            assert client.sendmail("alice@example.com", [f"r{n}@example.net"],
+                                   crlf(email_message(subject=f"n{n}"))) == {}
+    assert sorted(m.subject for m in stored(app)["messages"]) == ["n0", "n1", "n2"]
