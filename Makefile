@@ -24,6 +24,10 @@ run: migrate
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# gunicorn behind a real nginx, worker, listener, PostgreSQL: SMTP in -> sink out (scripts/e2e.py).
+e2e: setup
+	$(BIN)/python scripts/e2e.py
+
 bench: migrate
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

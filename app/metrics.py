@@ -40,6 +40,9 @@ from .queue.counters import queue_counts
 from .timeutil import UTC, parse_iso, utcnow
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+if os.environ.get(MULTIPROC_ENV):
+    # A delivery worker may start before the API that usually creates the shared directory.
+    os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
 
 HTTP_REQUEST_DURATION = Histogram(
     "elemta_http_request_duration_seconds",
