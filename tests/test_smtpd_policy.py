@@ -1,0 +1,216 @@
+"""Who may send through the listener: relay networks, AUTH with API keys, STARTTLS (SPEC 11)."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+
+import pytest
+
+from app.auth.keys import create_key, revoke_key
+from app.extensions import db
+from app.smtpd.policy import RelayPolicy, address_problem, client_ip
+from tests.conftest import empty_database
+from tests.smtpd_helpers import (ProxiedSMTP, crlf, email_message, make_certificate, queued_id,
+                                 raw_of, running_listener, stored)
+
+# Loopback is not a relay network here: local clients must authenticate (they still may use
+# AUTH without TLS, being on loopback).
+UNTRUSTED_LOOPBACK = {"relay_networks": "192.0.2.0/24"}
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    return make_certificate(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def fresh_app(make_app):
+    """An app with extra config on this test's (emptied) database."""
+
+    def factory(**config):
+        app = make_app(**config)
+        empty_database(app)
+        return app
+
+    return factory
+
+
+def api_key(app, name="mailer", role="admin"):
+    with app.app_context():
+        _, plain = create_key(db.session, name, role)
+        db.session.remove()
+    return plain
+
+
+def send(client):
+    client.mail("alice@example.com")
+    code, reply = client.rcpt("bob@example.net")
+    if code != 250:
+        return code, reply
+    return client.data(crlf(email_message()))
+
+
+def test_relay_refused_for_an_untrusted_client(fresh_app):
+    app = fresh_app(**UNTRUSTED_LOOPBACK)
+    with running_listener(app) as port, smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("stranger.example")
+        assert client.mail("alice@example.com")[0] == 250
+        code, reply = client.rcpt("bob@example.net")
+        assert code == 554
+        assert reply == b"5.7.1 <bob@example.net>: Relay access denied"
+        assert client.docmd("DATA")[0] == 503  # nothing accepted, nothing to send
+    data = stored(app)
+    assert data["messages"] == []
+    (event,) = data["events"]
+    assert event.event_type == "rejection"
+    assert (event.sender, event.recipient) == ("alice@example.com", "bob@example.net")
+    assert (event.smtp_code, event.enhanced_code) == (554, "5.7.1")
+    assert event.message_id is None
+    assert event.delivery_ip == "127.0.0.1" and event.delivery_host == "stranger.example"
+
+
+@pytest.fixture
+def untrusted_app(fresh_app):
+    return fresh_app(**UNTRUSTED_LOOPBACK)
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_auth_with_a_valid_api_key_allows_relaying(untrusted_app, mechanism):
+    key = api_key(untrusted_app)
+    with running_listener(untrusted_app) as port, smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("laptop.example")
+        assert {"PLAIN", "LOGIN"} <= set(client.esmtp_features["auth"].split())
+        client.user, client.password = "any-user-name", key
+        code, reply = client.auth(mechanism, getattr(client, f"auth_{mechanism.lower()}"))
+        assert (code, reply) == (235, b"2.7.0 Authentication successful")
+        code, reply = send(client)
+    assert code == 250
+    raw = raw_of(untrusted_app, queued_id(reply))
+    assert b"with ESMTPA" in raw.split(b"\r\n\r\n")[0]
+    with untrusted_app.app_context():
+        from app.auth.keys import find_key
+        assert find_key(db.session, "mailer").last_used_at is not None
+        db.session.remove()
+
+
+@pytest.mark.parametrize("password", ["elemta_not-a-real-key", "revoked", "hunter2"])
+def test_auth_with_an_invalid_key_is_refused_and_relay_stays_closed(untrusted_app, password):
+    if password == "revoked":
+        password = api_key(untrusted_app, "old")
+        with untrusted_app.app_context():
+            revoke_key(db.session, "old")
+            db.session.remove()
+    with running_listener(untrusted_app) as port, smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("laptop.example")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.login("mailer", password)
+        assert refused.value.smtp_code == 535
+        code, _ = send(client)
+        assert code == 554
+    data = stored(untrusted_app)
+    assert data["messages"] == []
+    assert [e.event_type for e in data["events"]] == ["rejection"]
+
+
+def test_auth_is_neither_offered_nor_accepted_in_clear_from_a_remote_client(fresh_app):
+    """A client arriving through a PROXY-protocol proxy from a public address."""
+    app = fresh_app(relay_networks="192.0.2.0/24", smtp_proxy_protocol=True)
+    key = api_key(app)
+    with running_listener(app) as port, ProxiedSMTP("127.0.0.1", port) as client:
+        client.ehlo("remote.example")
+        assert not client.has_extn("auth")
+        code, reply = client.docmd("AUTH", "PLAIN " + smtplib.encode_base64(
+            f"\0mailer\0{key}".encode(), eol=""))
+        assert code == 538
+        code, _ = send(client)
+        assert code == 554  # still unauthenticated
+    (event,) = stored(app)["events"]
+    assert event.delivery_ip == ProxiedSMTP.source_ip
+
+
+def test_relay_networks_let_a_remote_client_send(fresh_app):
+    app = fresh_app(relay_networks="203.0.113.0/24", smtp_proxy_protocol=True)
+    with running_listener(app) as port, ProxiedSMTP("127.0.0.1", port) as client:
+        client.ehlo("office.example")
+        code, reply = send(client)
+    assert code == 250
+    raw = raw_of(app, queued_id(reply))
+    assert raw.startswith(b"Received: from office.example ([203.0.113.7])")
+
+
+def test_starttls_with_a_generated_certificate(fresh_app, certificate):
+    cert, key_file = certificate
+    app = fresh_app(tls_cert=cert, tls_key=key_file, **UNTRUSTED_LOOPBACK)
+    key = api_key(app)
+    context = ssl.create_default_context(cafile=cert)  # verifies the server's certificate
+    with running_listener(app) as port, smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("laptop.example")
+        assert client.has_extn("starttls")
+        assert client.starttls(context=context)[0] == 220
+        client.ehlo("laptop.example")
+        assert not client.has_extn("starttls")  # once is enough
+        assert client.sock.version() is not None  # the socket now speaks TLS
+        client.login("mailer", key)
+        code, reply = send(client)
+    assert code == 250
+    assert b"with ESMTPSA" in raw_of(app, queued_id(reply))
+
+
+def test_starttls_lets_a_remote_client_authenticate(fresh_app, certificate):
+    cert, key_file = certificate
+    app = fresh_app(tls_cert=cert, tls_key=key_file, relay_networks="192.0.2.0/24",
+                   smtp_proxy_protocol=True)
+    key = api_key(app)
+    with running_listener(app) as port, ProxiedSMTP("127.0.0.1", port) as client:
+        client.ehlo("remote.example")
+        assert not client.has_extn("auth")
+        client.starttls(context=ssl.create_default_context(cafile=cert))
+        client.ehlo("remote.example")
+        assert client.has_extn("auth")
+        client.login("mailer", key)
+        code, _ = send(client)
+    assert code == 250
+
+
+def test_listener_refuses_to_start_with_half_a_tls_configuration(fresh_app, certificate):
+    from app.smtpd.server import ListenerConfigError
+    app = fresh_app(tls_cert=certificate[0])
+    with pytest.raises(ListenerConfigError, match="both"), running_listener(app):
+        pass
+
+
+# ---------------------------------------------------------------- policy rules, no network
+
+
+def test_relay_policy_rules():
+    policy = RelayPolicy(tuple(__import__("ipaddress").ip_network(n)
+                               for n in ("127.0.0.0/8", "::1/128", "10.1.0.0/16")))
+    assert policy.trusted(client_ip(("127.0.0.1", 1234)))
+    assert policy.trusted(client_ip(("::ffff:10.1.2.3", 25, 0, 0)))  # dual-stack socket
+    assert not policy.trusted(client_ip(("10.2.0.1", 25)))
+    assert policy.may_relay(client_ip(("10.2.0.1", 25)), authenticated=True)
+    assert not policy.may_relay(None, authenticated=False)
+    assert policy.auth_allowed(client_ip(("::1", 25, 0, 0)), over_tls=False)
+    assert not policy.auth_allowed(client_ip(("198.51.100.1", 25)), over_tls=False)
+    assert policy.auth_allowed(client_ip(("198.51.100.1", 25)), over_tls=True)
+
+
+@pytest.mark.parametrize("address,is_sender,smtputf8,ok", [
+    ("", True, False, True),
+    ("", False, False, False),
+    ("bob@example.net", False, False, True),
+    ('"bob smith"@example.net', False, False, True),
+    ("bob", False, False, False),
+    ("bob@", False, False, False),
+    ("bob@exa mple.net", False, False, False),
+    ("bob@example.net.", False, False, False),
+    ("x" * 65 + "@example.net", False, False, False),
+    ("bob@" + "d" * 260, False, False, False),
+    ("用户@例子.测试", False, False, False),
+    ("用户@例子.测试", False, True, True),
+    ("bad\udce9@example.net", False, True, False),
+    ("bob@[192.0.2.1]", False, False, True),
+])
+def test_address_rules(address, is_sender, smtputf8, ok):
+    assert (address_problem(address, is_sender=is_sender, smtputf8=smtputf8) is None) is ok
