@@ -1,0 +1,244 @@
+"""Real SMTP peers on loopback and an injected DNS resolver for the delivery tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.exception
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+import sqlalchemy as sa
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+from flask import Flask
+
+from app.delivery.worker import Worker
+from app.extensions import db
+from app.models import DeliveryEvent, DeliveryRollup, Message, Recipient
+from tests.smtpd_helpers import free_port
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    session_id: int
+
+
+@dataclass
+class Behaviour:
+    """How a peer answers. Replies are full SMTP reply lines (code and text)."""
+
+    mail_reply: str | None = None
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_reply: str = "250 2.0.0 Ok: queued"
+    drop_at: str | None = None  # "mail" | "rcpt" | "data": close without answering
+    stall_at: str | None = None  # same points: wait (longer than the client's timeout)
+    stall_seconds: float = 3.0
+    before_data_reply: Callable[[], None] | None = None  # runs before DATA is answered
+
+
+class _Handler:
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    async def _maybe(self, point: str, server: Any) -> bool:
+        b = self.peer.behaviour
+        if b.stall_at == point:
+            try:
+                await asyncio.wait_for(self.peer.release_stall.wait(), b.stall_seconds)
+            except asyncio.TimeoutError:
+                pass
+        if b.drop_at == point:
+            server.transport.abort()
+            return True
+        return False
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        if await self._maybe("mail", server):
+            return "421 dropped"
+        if self.peer.behaviour.mail_reply:
+            return self.peer.behaviour.mail_reply
+        envelope.mail_from = address  # "<>" for the null sender, as aiosmtpd keeps it
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        if await self._maybe("rcpt", server):
+            return "421 dropped"
+        reply = self.peer.behaviour.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if await self._maybe("data", server):
+            return "421 dropped"
+        hook = self.peer.behaviour.before_data_reply
+        if hook:
+            await asyncio.get_running_loop().run_in_executor(None, hook)
+        reply = self.peer.behaviour.data_reply
+        if reply.startswith("2"):
+            with self.peer.lock:
+                sender = "" if envelope.mail_from == "<>" else envelope.mail_from
+                self.peer.received.append(Received(sender, list(envelope.rcpt_tos),
+                                                   envelope.original_content or b"",
+                                                   id(session)))
+        return reply
+
+
+class _CountingSMTP(SMTP):
+    """Counts connections: all of them and the most open at once."""
+
+    def __init__(self, *args: Any, peer: Peer, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.peer = peer
+
+    def connection_made(self, transport: Any) -> None:
+        with self.peer.lock:
+            self.peer.connections += 1
+            self.peer.open_now += 1
+            self.peer.max_open = max(self.peer.max_open, self.peer.open_now)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        with self.peer.lock:
+            self.peer.open_now -= 1
+        super().connection_lost(error)
+
+
+class _Controller(Controller):
+    def __init__(self, peer: Peer, **kwargs: Any) -> None:
+        self.peer = peer
+        super().__init__(_Handler(peer), **kwargs)
+
+    def factory(self) -> SMTP:
+        return _CountingSMTP(self.handler, peer=self.peer, **self.SMTP_kwargs)
+
+
+class Peer:
+    """An aiosmtpd server on 127.0.0.1:<free port> that records what it accepted."""
+
+    def __init__(self, behaviour: Behaviour | None = None, **smtp_kwargs: Any) -> None:
+        self.behaviour = behaviour or Behaviour()
+        self.port = free_port()
+        self.received: list[Received] = []
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.open_now = 0
+        self.max_open = 0
+        self._controller = _Controller(self, hostname="127.0.0.1", port=self.port,
+                                       **smtp_kwargs)
+        self.release_stall: asyncio.Event
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Peer:
+        self._controller.start()
+        loop = self._controller.loop
+        self.release_stall = asyncio.run_coroutine_threadsafe(_make_event(), loop).result()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = self._controller.loop
+        loop.call_soon_threadsafe(self.release_stall.set)
+        self._controller.stop()
+
+    def recipients_received(self) -> list[str]:
+        with self.lock:
+            return [r for m in self.received for r in m.rcpt_tos]
+
+
+async def _make_event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+class FakeResolver:
+    """Answers from a table {(name, type): [rdata text] | exception}; other names: NXDOMAIN.
+
+    The root zone resolves (as on any working resolver) unless ``broken``.
+    """
+
+    def __init__(self, records: dict[tuple[str, str], Any] | None = None,
+                 broken: bool = False) -> None:
+        self.records = {(n.rstrip(".").lower(), t): v for (n, t), v in (records or {}).items()}
+        if not broken:
+            self.records.setdefault(("", "NS"), ["a.root-servers.net."])
+        self.queries: list[tuple[str, str]] = []
+
+    def resolve(self, qname: str, rdtype: str, **_kwargs: Any) -> list[Any]:
+        name = str(qname).rstrip(".").lower()
+        self.queries.append((name, rdtype))
+        value = self.records.get((name, rdtype))
+        if isinstance(value, Exception):
+            raise value
+        if value is None:
+            if any(n == name for n, _ in self.records):
+                raise dns.resolver.NoAnswer()
+            raise dns.resolver.NXDOMAIN()
+        kind = dns.rdatatype.from_text(rdtype)
+        return [dns.rdata.from_text(dns.rdataclass.IN, kind, text) for text in value]
+
+
+def mx_to(peer_host: str = "127.0.0.1", domain: str = "example.net",
+          mx: str = "mx.example.net") -> dict[tuple[str, str], Any]:
+    return {(domain, "MX"): [f"10 {mx}."], (mx, "A"): [peer_host]}
+
+
+def run_worker(app: Flask, resolver: Any = None) -> Worker:
+    """``flask worker --once`` in this process, with an injected resolver."""
+    worker = Worker(app, resolver=resolver)
+    worker.run(once=True)
+    return worker
+
+
+def events(app: Flask, message_id: str | None = None, event_type: str | None = None) -> list[DeliveryEvent]:
+    with app.app_context():
+        query = sa.select(DeliveryEvent).order_by(DeliveryEvent.id)
+        if message_id:
+            query = query.where(DeliveryEvent.message_id == message_id)
+        if event_type:
+            query = query.where(DeliveryEvent.event_type == event_type)
+        rows = list(db.session.scalars(query))
+        db.session.expunge_all()
+        db.session.remove()
+        return rows
+
+
+def rollup(app: Flask) -> dict[str, int]:
+    with app.app_context():
+        rows = db.session.execute(sa.select(DeliveryRollup.outcome,
+                                            sa.func.sum(DeliveryRollup.count))
+                                  .group_by(DeliveryRollup.outcome)).all()
+        db.session.remove()
+        return {outcome: int(n) for outcome, n in rows}
+
+
+def message_row(app: Flask, message_id: str) -> Message | None:
+    with app.app_context():
+        message = db.session.scalar(sa.select(Message).where(Message.id == message_id))
+        if message is not None:
+            _ = list(message.recipients)
+            db.session.expunge_all()
+        db.session.remove()
+        return message
+
+
+def recipients_of(app: Flask, message_id: str) -> dict[str, Recipient]:
+    with app.app_context():
+        rows = list(db.session.scalars(sa.select(Recipient).where(Recipient.message_id == message_id)))
+        db.session.expunge_all()
+        db.session.remove()
+        return {r.address: r for r in rows}
