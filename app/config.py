@@ -47,9 +47,9 @@ DEFAULTS: dict[str, Any] = {
     "RELAY_NETWORKS": "127.0.0.0/8,::1",
     "TLS_CERT": "",
     "TLS_KEY": "",
-    "SMTP_MAX_SESSIONS": 100,  # concurrent SMTP sessions; more get 421
-    "SMTP_TIMEOUT": 300,  # seconds an SMTP client may stay idle (RFC 5321 4.5.3.2.7)
-    "SMTP_PROXY_PROTOCOL": False,  # expect a PROXY header (listener behind HAProxy)
+    "SMTPD_MAX_SESSIONS": 100,  # listener: concurrent SMTP sessions; more get 421
+    "SMTPD_IDLE_TIMEOUT": 300,  # listener: seconds a client may stay idle (RFC 5321 4.5.3.2.7)
+    "SMTPD_PROXY_PROTOCOL": False,  # listener: expect a PROXY header (behind HAProxy)
 }
 
 AUTH_MODES = ("admin", "all", "off")
@@ -90,7 +90,7 @@ def _normalise(app: Flask) -> None:
     for key in _INT_KEYS:
         cfg[key] = _as_int(key, cfg[key])
     cfg["SEND_BOUNCES"] = _as_bool("SEND_BOUNCES", cfg["SEND_BOUNCES"])
-    cfg["SMTP_PROXY_PROTOCOL"] = _as_bool("SMTP_PROXY_PROTOCOL", cfg["SMTP_PROXY_PROTOCOL"])
+    cfg["SMTPD_PROXY_PROTOCOL"] = _as_bool("SMTPD_PROXY_PROTOCOL", cfg["SMTPD_PROXY_PROTOCOL"])
 
     mode = str(cfg["AUTH_MODE"]).lower()
     if mode not in AUTH_MODES:

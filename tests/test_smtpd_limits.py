@@ -81,7 +81,7 @@ def test_line_and_command_length_limits(fresh_app):
 
 
 def test_sessions_beyond_the_cap_get_421(fresh_app):
-    app = fresh_app(smtp_max_sessions=1)
+    app = fresh_app(smtpd_max_sessions=1)
     with running_listener(app) as port, smtplib.SMTP("127.0.0.1", port) as first:
         assert first.noop()[0] == 250
         with pytest.raises(smtplib.SMTPConnectError) as refused:
@@ -91,7 +91,7 @@ def test_sessions_beyond_the_cap_get_421(fresh_app):
 
 
 def test_idle_client_is_disconnected(fresh_app):
-    app = fresh_app(smtp_timeout=1)
+    app = fresh_app(smtpd_idle_timeout=1)
     with running_listener(app) as port, socket.create_connection(("127.0.0.1", port)) as sock:
         sock.settimeout(30)  # a safety net only: the server closes after one idle second
         greeting = sock.recv(1024)

@@ -115,7 +115,7 @@ def test_auth_with_an_invalid_key_is_refused_and_relay_stays_closed(untrusted_ap
 
 def test_auth_is_neither_offered_nor_accepted_in_clear_from_a_remote_client(fresh_app):
     """A client arriving through a PROXY-protocol proxy from a public address."""
-    app = fresh_app(relay_networks="192.0.2.0/24", smtp_proxy_protocol=True)
+    app = fresh_app(relay_networks="192.0.2.0/24", smtpd_proxy_protocol=True)
     key = api_key(app)
     with running_listener(app) as port, ProxiedSMTP("127.0.0.1", port) as client:
         client.ehlo("remote.example")
@@ -130,7 +130,7 @@ def test_auth_is_neither_offered_nor_accepted_in_clear_from_a_remote_client(fres
 
 
 def test_relay_networks_let_a_remote_client_send(fresh_app):
-    app = fresh_app(relay_networks="203.0.113.0/24", smtp_proxy_protocol=True)
+    app = fresh_app(relay_networks="203.0.113.0/24", smtpd_proxy_protocol=True)
     with running_listener(app) as port, ProxiedSMTP("127.0.0.1", port) as client:
         client.ehlo("office.example")
         code, reply = send(client)
@@ -160,7 +160,7 @@ def test_starttls_with_a_generated_certificate(fresh_app, certificate):
 def test_starttls_lets_a_remote_client_authenticate(fresh_app, certificate):
     cert, key_file = certificate
     app = fresh_app(tls_cert=cert, tls_key=key_file, relay_networks="192.0.2.0/24",
-                   smtp_proxy_protocol=True)
+                   smtpd_proxy_protocol=True)
     key = api_key(app)
     with running_listener(app) as port, ProxiedSMTP("127.0.0.1", port) as client:
         client.ehlo("remote.example")

@@ -50,7 +50,7 @@ class QueueHandler:
 
     async def handle_PROXY(self, server: ElemtaSMTP, session: Session, envelope: Envelope,
                            proxy_data: Any) -> bool:
-        # Only called when ELEMTA_SMTP_PROXY_PROTOCOL is on: the port is behind a proxy.
+        # Only called when ELEMTA_SMTPD_PROXY_PROTOCOL is on: the port is behind a proxy.
         return bool(proxy_data.valid)
 
     async def handle_EHLO(self, server: ElemtaSMTP, session: Session, envelope: Envelope,

@@ -3,7 +3,7 @@
 - Every refusal of MAIL, RCPT or DATA is recorded as a ``rejection`` event *before* the reply
   is sent (so whoever saw the reply also finds the event).
 - A session that collects ``HARD_ERROR_LIMIT`` error replies is disconnected (as Postfix does).
-- Sessions beyond ``ELEMTA_SMTP_MAX_SESSIONS`` are answered 421 and closed.
+- Sessions beyond ``ELEMTA_SMTPD_MAX_SESSIONS`` are answered 421 and closed.
 - The idle timeout also restarts on incoming DATA bytes: a large message on a slow link is not
   cut off because its upload takes longer than one idle period.
 """

@@ -70,12 +70,12 @@ class ListenerSettings:
             hostname=str(config.get("SMTP_HOSTNAME") or socket.getfqdn()),
             max_message_bytes=int(config["MAX_MESSAGE_BYTES"]),
             max_recipients=max(1, int(config["MAX_RECIPIENTS"])),
-            max_sessions=max(1, int(config["SMTP_MAX_SESSIONS"])),
-            timeout=max(1, int(config["SMTP_TIMEOUT"])),
+            max_sessions=max(1, int(config["SMTPD_MAX_SESSIONS"])),
+            timeout=max(1, int(config["SMTPD_IDLE_TIMEOUT"])),
             relay_networks=tuple(config["RELAY_NETWORKS"]),
             tls_cert=str(config.get("TLS_CERT") or ""),
             tls_key=str(config.get("TLS_KEY") or ""),
-            proxy_protocol=bool(config.get("SMTP_PROXY_PROTOCOL", False)),
+            proxy_protocol=bool(config["SMTPD_PROXY_PROTOCOL"]),
         )
         return replace(settings, **overrides)
 
