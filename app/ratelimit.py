@@ -22,6 +22,7 @@ The Limiter lives in ``app.extensions["elemta_limiter"]``, never in a module glo
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 
@@ -97,12 +98,13 @@ def init_ratelimit(app: Flask) -> Limiter:
         if current is None:
             return response
         try:
-            reset_at = int(current.reset_at)
+            reset_time, remaining = current.window  # one storage round trip
             response.headers["X-RateLimit-Limit"] = str(current.limit.amount)
-            response.headers["X-RateLimit-Remaining"] = str(max(0, current.remaining))
-            response.headers["X-RateLimit-Reset"] = str(reset_at)
+            response.headers["X-RateLimit-Remaining"] = str(max(0, remaining))
+            # Epoch seconds at which the window ends; Retry-After: whole seconds until then.
+            response.headers["X-RateLimit-Reset"] = str(math.ceil(reset_time))
             if response.status_code == 429:
-                response.headers["Retry-After"] = str(max(1, reset_at - int(time.time())))
+                response.headers["Retry-After"] = str(max(1, math.ceil(reset_time - time.time())))
         except Exception:  # the storage went away between the check and here
             log.warning("rate limit headers unavailable: storage error", exc_info=True)
         return response
