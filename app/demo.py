@@ -47,6 +47,8 @@ EVENT_EFFECT = {
 }
 STATE_WEIGHTS = {"pending": 20, "deferred": 50, "held": 10, "failed": 20}
 CHUNK = 5000
+# From this many messages on, PostgreSQL generates them in the server (demo_bulk).
+BULK_THRESHOLD = 20_000
 
 
 def _raw_message(rng: random.Random, sender: str, rcpts: list[str], subject: str,
@@ -71,8 +73,13 @@ def _chunks(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
 def seed_messages(session: so.Session, count: int, *, seed: int | None = None,
                   now: dt.datetime | None = None, spread_hours: int = 72) -> dict[str, int]:
     """Insert ``count`` queued messages across every state, with recipients and events."""
-    rng = random.Random(seed)
     now = now or utcnow()
+    if count >= BULK_THRESHOLD and session.get_bind().dialect.name == "postgresql":
+        from .demo_bulk import seed_messages_postgresql
+
+        return seed_messages_postgresql(session, count, seed=seed, now=now,
+                                        spread_hours=spread_hours)
+    rng = random.Random(seed)
     states = list(STATE_WEIGHTS)
     weights = list(STATE_WEIGHTS.values())
     made = dict.fromkeys(states, 0)

@@ -241,3 +241,40 @@ def test_demo_seed_history_is_consistent(runner, session) -> None:
     assert utcnow() - oldest > dt.timedelta(days=360)
     body = runner.invoke(args=["stats", "delivery", "--time-scale", "month", "--json"])
     assert sum(json.loads(body.output)["data"][i]["delivered"] for i in range(12)) > 1000
+
+
+def test_bulk_queue_seed_on_postgresql(session) -> None:
+    """The server-side generator used for a million queued messages, at a small size."""
+    if session.get_bind().dialect.name != "postgresql":
+        pytest.skip("the bulk generator is PostgreSQL-only (SQLite uses the Python path)")
+    from email import message_from_bytes
+
+    from app.demo_bulk import seed_messages_postgresql
+    from app.models import Message, MessageContent, Recipient
+    from app.queue.service import MESSAGE_ID, queue_stats
+
+    made = seed_messages_postgresql(session, 400, seed=3, now=utcnow())
+    assert sum(made.values()) == 400 and all(made.values())
+    stats = queue_stats(session)
+    assert {k: stats[k] for k in made} == made
+    orphans = session.scalar(sa.select(sa.func.count()).select_from(Message).where(
+        ~sa.exists().where(Recipient.message_id == Message.id)))
+    assert orphans == 0
+    assert session.scalar(sa.select(sa.func.count()).select_from(MessageContent)) == 400
+    for message in session.scalars(sa.select(Message).limit(20)):
+        assert MESSAGE_ID.match(message.id)
+        raw = session.scalar(sa.select(MessageContent.raw).where(MessageContent.message_id == message.id))
+        assert message_from_bytes(raw)["Subject"] == message.subject
+        statuses = {r.status for r in message.recipients}
+        if message.queue_state == "failed":
+            assert statuses == {"failed"} and message.next_attempt_at is None
+        elif message.queue_state == "deferred":
+            assert statuses == {"deferred"} and message.next_attempt_at > utcnow()
+        elif message.queue_state == "pending":
+            assert statuses == {"pending"} and message.attempts == 0
+    receptions = session.scalar(sa.select(sa.func.count()).select_from(DeliveryEvent)
+                                .where(DeliveryEvent.event_type == "reception"))
+    assert receptions == 400
+    assert session.scalar(sa.select(sa.func.count()).select_from(DeliveryEvent)
+                          .where(DeliveryEvent.action.is_(None))) == 0
+    assert rollup_rows(session) == recount(session)
