@@ -1,4 +1,5 @@
-"""JSON logs on stdout for every Elemta process (API, worker, listener, CLI).
+"""JSON logs for every Elemta process: on stdout for the services (API, worker, listener), on
+stderr for other CLI commands (their stdout is data).
 
 One line per record: ``timestamp``, ``level``, ``logger``, ``message``, ``role``, ``pid`` and,
 inside an HTTP request, ``request_id`` (the response's ``X-Request-ID``). gunicorn's own logs go
