@@ -30,6 +30,8 @@ class Received:
     rcpt_tos: list[str]
     content: bytes
     session_id: int
+    tls: bool = False
+    login: bytes | None = None
 
 
 @dataclass
@@ -93,7 +95,8 @@ class _Handler:
                 sender = "" if envelope.mail_from == "<>" else envelope.mail_from
                 self.peer.received.append(Received(sender, list(envelope.rcpt_tos),
                                                    envelope.original_content or b"",
-                                                   id(session)))
+                                                   id(session), bool(session.ssl),
+                                                   session.auth_data))
         return reply
 
 
@@ -129,21 +132,22 @@ class _Controller(Controller):
 class Peer:
     """An aiosmtpd server on 127.0.0.1:<free port> that records what it accepted."""
 
-    def __init__(self, behaviour: Behaviour | None = None, **smtp_kwargs: Any) -> None:
+    def __init__(self, behaviour: Behaviour | None = None, *, host: str = "127.0.0.1",
+                 port: int | None = None, **smtp_kwargs: Any) -> None:
         self.behaviour = behaviour or Behaviour()
-        self.port = free_port()
+        self.host = host
+        self.port = port or free_port()
         self.received: list[Received] = []
         self.lock = threading.Lock()
         self.connections = 0
         self.open_now = 0
         self.max_open = 0
-        self._controller = _Controller(self, hostname="127.0.0.1", port=self.port,
-                                       **smtp_kwargs)
+        self._controller = _Controller(self, hostname=host, port=self.port, **smtp_kwargs)
         self.release_stall: asyncio.Event
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def __enter__(self) -> Peer:
         self._controller.start()

@@ -239,7 +239,7 @@ class SmtpClient:
                     smtp.close()
                     return self._open(route, hop, allow_starttls=False)
             if route.username:
-                smtp.login(route.username, route.password)
+                _login(smtp, route.username, route.password)
         except BaseException:
             smtp.close()
             raise
@@ -308,6 +308,22 @@ class SmtpClient:
         ip = conn.ip if conn else None
         return [RecipientResult(rid, address, kind, text, code, enhanced, host, ip)
                 for rid, address in recipients]
+
+
+def _login(smtp: smtplib.SMTP, username: str, password: str) -> None:
+    """AUTH with the first mechanism offered of PLAIN, LOGIN, CRAM-MD5; raises on refusal.
+
+    One mechanism only: a wrong password must not be tried again with every other one.
+    """
+    offered = smtp.esmtp_features.get("auth", "").upper().split()
+    smtp.user, smtp.password = username, password
+    for mechanism, respond in (("PLAIN", smtp.auth_plain), ("LOGIN", smtp.auth_login),
+                               ("CRAM-MD5", smtp.auth_cram_md5)):
+        if mechanism in offered:
+            smtp.auth(mechanism, respond)
+            return
+    raise smtplib.SMTPNotSupportedError("the relay offers no AUTH mechanism Elemta supports "
+                                        "(PLAIN, LOGIN, CRAM-MD5)")
 
 
 def _where(conn: Connection) -> str:
