@@ -15,34 +15,59 @@ Two kinds of figures:
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import platform
 import time
 from collections.abc import Iterator
 
-import sqlalchemy as sa
-from flask import Flask, Response, current_app, g, request
-from prometheus_client import (
+log = logging.getLogger("elemta.metrics")
+
+
+def _check_multiprocess_dir() -> None:
+    """Make sure the multiprocess directory is usable *before* prometheus_client is imported.
+
+    prometheus_client picks its value storage at import time from the environment; a directory
+    that cannot be written would make every process crash at its first metric. A delivery worker
+    may also start before the API that usually creates it. An unusable directory falls back to
+    per-process metrics, loudly.
+    """
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        usable = os.access(path, os.W_OK | os.X_OK)
+    except OSError:
+        usable = False
+    if not usable:
+        log.warning("PROMETHEUS_MULTIPROC_DIR=%s is not writable: metrics of this process are "
+                    "its own only", path)
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+_check_multiprocess_dir()
+
+import sqlalchemy as sa  # noqa: E402
+from flask import Flask, Response, current_app, g, request  # noqa: E402
+from prometheus_client import (  # noqa: E402
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric  # noqa: E402
+from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
+from prometheus_client.registry import Collector  # noqa: E402
 
-from .errors import is_database_unavailable
-from .extensions import db
-from .models import OUTCOMES, QUEUE_STATES, DeliveryRollup, Message, WorkerHeartbeat
-from .queue.counters import queue_counts
-from .timeutil import UTC, parse_iso, utcnow
+from .errors import is_database_unavailable  # noqa: E402
+from .extensions import db  # noqa: E402
+from .models import OUTCOMES, QUEUE_STATES, DeliveryRollup, Message, WorkerHeartbeat  # noqa: E402
+from .queue.counters import queue_counts  # noqa: E402
+from .timeutil import UTC, parse_iso, utcnow  # noqa: E402
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-if os.environ.get(MULTIPROC_ENV):
-    # A delivery worker may start before the API that usually creates the shared directory.
-    os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
 
 HTTP_REQUEST_DURATION = Histogram(
     "elemta_http_request_duration_seconds",
