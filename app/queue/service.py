@@ -23,6 +23,7 @@ import sqlalchemy.orm as so
 from ..errors import Conflict, NotFound, ValidationFailed
 from ..events import record_event, record_system_events
 from ..models import DeliveryEvent, Message, MessageContent, Recipient
+from ..sqltypes import UTCDateTime
 from ..timeutil import parse_iso, utcnow
 from . import counters
 from .content import subject_of
@@ -214,11 +215,12 @@ def list_messages(
     query = sa.select(Message).where(*conds)
     if cursor:
         created, last_id = decode_cursor(cursor)
+        # A row-value comparison is an index range on (queue_state, created_at, id): a deep
+        # page costs what the first does. The equivalent OR form is only a filter and makes
+        # PostgreSQL walk every earlier entry of the queue (40 ms at 30k deep, seconds at 1M).
         query = query.where(
-            sa.or_(
-                Message.created_at > created,
-                sa.and_(Message.created_at == created, Message.id > last_id),
-            )
+            sa.tuple_(Message.created_at, Message.id) > sa.tuple_(
+                sa.literal(created, UTCDateTime()), sa.literal(last_id, Message.id.type))
         )
     query = (
         query.order_by(Message.created_at, Message.id)
