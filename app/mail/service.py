@@ -39,9 +39,10 @@ def build_test_message(sender: Mailbox, recipients: Sequence[Mailbox], subject: 
     msg["Date"] = email.utils.formatdate(usegmt=True)
     msg["Message-ID"] = email.utils.make_msgid(domain=hostname)
     msg["X-Mailer"] = "Elemta send-test"
-    # set_content adds MIME-Version and Content-Type with the charset, and picks a transfer
-    # encoding that keeps lines within limits (7bit, quoted-printable or base64).
-    msg.set_content(body, charset="utf-8")
+    # set_content adds MIME-Version and Content-Type with the charset. Non-ASCII text goes
+    # quoted-printable: the message stays 7-bit clean for servers without 8BITMIME.
+    cte = None if body.isascii() else "quoted-printable"
+    msg.set_content(body, charset="utf-8", cte=cte)
     return msg.as_bytes()
 
 
