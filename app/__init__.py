@@ -58,6 +58,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     api.register_blueprint(health_blp)
     init_metrics(app)
 
+    from .stream.routes import blp as stream_blp
+
+    api.register_blueprint(stream_blp)
     from .cli import register_cli
 
     register_cli(app)
