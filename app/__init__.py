@@ -51,6 +51,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from .stats.routes import blp as stats_blp
 
     api.register_blueprint(stats_blp)
+    from .logs.routes import blp as logs_blp
+
+    api.register_blueprint(logs_blp)
 
     from .health.routes import blp as health_blp
     from .metrics import init_metrics
@@ -64,4 +67,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from .cli import register_cli
 
     register_cli(app)
+    from .logs.handler import install_database_logging
+
+    install_database_logging(app)  # after configure_logging: both handlers sit on the root
     return app

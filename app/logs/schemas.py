@@ -1,10 +1,14 @@
-"""Shapes of log records and message events (SPEC 4)."""
+"""Shapes of log records and message events (SPEC 4), in and out."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import marshmallow as ma
 
-from ..schemas import Timestamp
+from ..models import EVENT_TYPES
+from ..schemas import Limit, Timestamp
+from .levels import ACCEPTED, levelno_of
 
 
 class MessageEventSchema(ma.Schema):
@@ -22,3 +26,71 @@ class MessageEventSchema(ma.Schema):
     spam_score = ma.fields.Float(allow_none=True)
     threats = ma.fields.List(ma.fields.Raw(), required=True)
     message = ma.fields.String(allow_none=True)
+
+    @ma.post_dump
+    def _threats_never_null(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
+        # Rows written set-based (demo data, bulk actions) may carry NULL: the contract says [].
+        if data.get("threats") is None:
+            data["threats"] = []
+        return data
+
+
+class SystemLogSchema(ma.Schema):
+    """One system log record (SPEC 4.1 item); ``level`` is debug|info|warn|error|fatal."""
+
+    id = ma.fields.Integer(required=True)
+    timestamp = Timestamp(required=True)
+    level = ma.fields.String(required=True)
+    logger = ma.fields.String(required=True)
+    message = ma.fields.String(required=True)
+    process = ma.fields.String(required=True, metadata={"description": "role:pid, e.g. api:1234"})
+
+
+class MinimumLevel(ma.fields.String):
+    """A level name or alias, any letter case, loaded as its level number."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return levelno_of(text)
+        except ValueError:
+            raise ma.ValidationError(f"Must be one of: {', '.join(ACCEPTED)}.") from None
+
+
+class SystemLogQuerySchema(ma.Schema):
+    level = MinimumLevel(metadata={"description": "Minimum severity: debug, info, warn (warning), "
+                                                  "error, fatal (critical). Default: all.",
+                                   "enum": list(ACCEPTED)})
+    limit = Limit()
+
+
+class SystemLogListSchema(ma.Schema):
+    logs = ma.fields.List(ma.fields.Nested(SystemLogSchema), required=True)
+    count = ma.fields.Integer(required=True, metadata={"description": "Number of items in logs"})
+
+
+class EventType(ma.fields.String):
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs).strip().lower()
+        if text not in EVENT_TYPES:
+            raise ma.ValidationError(f"Must be one of: {', '.join(EVENT_TYPES)}.")
+        return text
+
+
+class MessageEventQuerySchema(ma.Schema):
+    event_type = EventType(metadata={"enum": list(EVENT_TYPES)})
+    message_id = ma.fields.String(validate=ma.validate.Length(min=1, max=64),
+                                  metadata={"description": "Exact message id"})
+    recipient = ma.fields.String(validate=ma.validate.Length(min=1, max=320),
+                                 metadata={"description": "Exact recipient address"})
+    limit = Limit()
+    cursor = ma.fields.String(validate=ma.validate.Length(max=512),
+                              metadata={"description": "Opaque cursor (next_cursor or the Link header)"})
+
+
+class MessageEventListSchema(ma.Schema):
+    logs = ma.fields.List(ma.fields.Nested(MessageEventSchema), required=True)
+    count = ma.fields.Integer(required=True, metadata={"description": "Number of items in logs"})
+    next_cursor = ma.fields.String(allow_none=True, required=True,
+                                   metadata={"description": "Cursor of the next (older) page; "
+                                                            "null on the last page"})

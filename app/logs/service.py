@@ -1,0 +1,116 @@
+"""Reading system logs and message events; pruning old system logs (SPEC 4).
+
+Both listings are newest first by id (the order rows were stored in) and read at most one
+index range per branch, so the newest page costs the same at ten rows or ten million:
+
+- system logs: ``ORDER BY id DESC LIMIT n``; with a minimum level, one branch per stored level
+  at or above it, each walking ``ix_system_logs_levelno_id`` backwards, merged by id.
+- message events: ``WHERE <filter> [AND id < cursor] ORDER BY id DESC LIMIT n + 1`` over
+  ``ix_delivery_events_type_id`` / ``_message_id`` / ``_recipient`` (all end in ``id``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from ..errors import ValidationFailed
+from ..models import DeliveryEvent, SystemLog
+from ..timeutil import utcnow
+from .levels import CANONICAL_LEVELNOS
+
+CURSOR_VERSION = "e1"
+
+
+def list_system_logs(session: so.Session, *, min_levelno: int | None = None,
+                     limit: int = 100) -> list[SystemLog]:
+    """The newest ``limit`` log records at ``min_levelno`` or above, newest first."""
+    query = sa.select(SystemLog).order_by(SystemLog.id.desc()).limit(limit)
+    levels = [n for n in CANONICAL_LEVELNOS if min_levelno is None or n >= min_levelno]
+    if len(levels) < len(CANONICAL_LEVELNOS):
+        # One index range per level (levelno = L ORDER BY id DESC LIMIT n) instead of a range
+        # scan over levelno that would have to sort: rare levels stay fast in a big table.
+        branches = [
+            sa.select(
+                sa.select(SystemLog.id).where(SystemLog.levelno == number)
+                .order_by(SystemLog.id.desc()).limit(limit).subquery().c.id
+            )
+            for number in levels
+        ]
+        newest_ids = sa.union_all(*branches).subquery()
+        query = query.where(SystemLog.id.in_(sa.select(newest_ids.c.id)))
+    return list(session.scalars(query))
+
+
+def prune_system_logs(executor: sa.Connection | so.Session, retention_seconds: int,
+                      now: dt.datetime | None = None) -> int:
+    """Delete log records older than the retention (0 keeps everything); the caller commits."""
+    if retention_seconds <= 0:
+        return 0
+    cutoff = (now or utcnow()) - dt.timedelta(seconds=retention_seconds)
+    result = executor.execute(sa.delete(SystemLog).where(SystemLog.timestamp < cutoff))
+    return int(result.rowcount or 0)
+
+
+# --------------------------------------------------------------------------- message events
+
+
+@dataclass
+class EventPage:
+    items: list[DeliveryEvent]
+    next_cursor: str | None
+
+
+def encode_event_cursor(event_id: int) -> str:
+    """Opaque to clients: the id of the last event of a page."""
+    payload = json.dumps([CURSOR_VERSION, event_id]).encode()
+    return base64.urlsafe_b64encode(payload).decode().rstrip("=")
+
+
+def decode_event_cursor(cursor: str) -> int:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        version, event_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if version != CURSOR_VERSION or type(event_id) is not int or event_id < 1:
+            raise ValueError("not an event cursor")
+        return event_id
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise ValidationFailed("Invalid cursor", {"cursor": ["Not a cursor from this API."]}) from None
+
+
+def list_message_events(
+    session: so.Session,
+    *,
+    event_type: str | None = None,
+    message_id: str | None = None,
+    recipient: str | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> EventPage:
+    """One page of message events, newest first, by keyset on id.
+
+    Events added while a client pages get higher ids, so they never shift later pages: no
+    gap, no repeat. ``recipient`` and ``message_id`` are exact matches (index lookups).
+    """
+    conditions: list[Any] = []
+    if event_type:
+        conditions.append(DeliveryEvent.event_type == event_type)
+    if message_id:
+        conditions.append(DeliveryEvent.message_id == message_id)
+    if recipient:
+        conditions.append(DeliveryEvent.recipient == recipient)
+    if cursor:
+        conditions.append(DeliveryEvent.id < decode_event_cursor(cursor))
+    rows = list(session.scalars(
+        sa.select(DeliveryEvent).where(*conditions)
+        .order_by(DeliveryEvent.id.desc()).limit(limit + 1)
+    ))
+    next_cursor = encode_event_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return EventPage(items=rows[:limit], next_cursor=next_cursor)
