@@ -103,8 +103,12 @@ blp.route("/<string:queue_type>/release")(
 class QueueMessage(MethodView):
     @blp.arguments(DetailQuerySchema, location="query", as_kwargs=True)
     @blp.response(200, MessageDetailSchema)
-    @blp.alt_response(200, description="The raw message (format=raw)", content_type="message/rfc822",
-                      success=True)
+    # One status, two representations: the raw message is a second content type of the 200
+    # (an alt_response with the same status would replace the JSON one in the document).
+    @blp.doc(responses={"200": {"description": "The message; with format=raw the raw message",
+                                "content": {
+            "application/json": {"schema": MessageDetailSchema},
+            "message/rfc822": {"schema": {"type": "string"}}}}})
     def get(self, message_id: str, format: str) -> Any:
         """A message with recipients, headers, content and events; format=raw for the message itself"""
         if format == "raw":
