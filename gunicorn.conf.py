@@ -12,6 +12,7 @@ processes that no longer exist are removed at start, so a restart starts from ze
 import glob
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -60,11 +61,17 @@ def _prepare_metrics_dir() -> None:
     if os.environ.get(_OWNER) == str(os.getpid()):
         return  # this master re-reads its configuration (SIGHUP): keep the live files
     path = os.environ.get(_MULTIPROC)
+    if path:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            print(f"gunicorn.conf.py: {_MULTIPROC}={path} unusable ({exc}); "
+                  "using a temporary directory", file=sys.stderr)
+            path = None
     if not path:
         os.environ[_MULTIPROC] = tempfile.mkdtemp(prefix="elemta-metrics-")
         os.environ[_OWNER] = str(os.getpid())
         return
-    os.makedirs(path, exist_ok=True)
     for name in glob.glob(os.path.join(path, "*.db")):
         pid = os.path.basename(name)[:-3].rpartition("_")[2]
         if not pid.isdigit() or not _pid_alive(int(pid)):
