@@ -10,6 +10,8 @@ import pytest
 import sqlalchemy as sa
 
 from app.extensions import db
+from app.smtpd.acceptor import Job, accept_batch
+from app.smtpd.stamping import Trace
 from tests.conftest import empty_database
 from tests.smtpd_helpers import crlf, email_message, queued_id, running_listener, stored
 
@@ -204,3 +206,30 @@ def test_queued_reply_carries_the_id_of_the_stored_message(fresh_app):
         client.rcpt("bob@example.net")
         _, reply = client.data(crlf(email_message()))
     assert [m.id for m in stored(app)["messages"]] == [queued_id(reply)]
+
+
+def test_a_failing_message_does_not_cost_the_others_of_its_batch(app, failing_recipient_insert):
+    """Group commit: the batch fails as a whole, then each message is retried alone."""
+    trace = Trace("client.example", "127.0.0.1", "mx.test.example", True, False, False, False,
+                  ("x@example.net",))
+    raw = crlf(email_message())
+    jobs = [Job("alice@example.com", ("good1@example.net",), raw, trace),
+            Job("alice@example.com", ("dbfail@example.net",), raw, trace),
+            Job("alice@example.com", ("good2@example.net",), raw, trace)]
+    first, failed, last = accept_batch(app, jobs)
+    assert isinstance(failed, Exception)
+    data = stored(app)
+    assert sorted(m.id for m in data["messages"]) == sorted([first, last])
+    assert data["recipients"] == ["good1@example.net", "good2@example.net"]
+    assert len(data["contents"]) == 2
+    assert [e.event_type for e in data["events"]] == ["reception", "reception"]
+
+
+def test_a_batch_is_one_transaction(app):
+    trace = Trace("client.example", "127.0.0.1", "mx.test.example", True, False, False, False,
+                  ("x@example.net",))
+    jobs = [Job("alice@example.com", (f"r{n}@example.net",), crlf(email_message()), trace)
+            for n in range(5)]
+    ids = accept_batch(app, jobs)
+    assert all(isinstance(i, str) and i.startswith("msg-") for i in ids)
+    assert sorted(m.id for m in stored(app)["messages"]) == sorted(ids)

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
 from ..auth.keys import verify_key
+from .acceptor import Acceptor, Job
 from .policy import RelayPolicy, address_problem
 from .stamping import Trace
-from .storage import Storage, queue_message
+from .storage import Storage
 
 if TYPE_CHECKING:
     from .protocol import ElemtaSMTP
@@ -41,9 +42,10 @@ def _api_key_is_valid(session: Any, password: str) -> str | None:
 class QueueHandler:
     """Takes mail from SMTP clients into the queue (SPEC 11)."""
 
-    def __init__(self, settings: ListenerSettings, storage: Storage) -> None:
+    def __init__(self, settings: ListenerSettings, storage: Storage, acceptor: Acceptor) -> None:
         self.settings = settings
         self.storage = storage
+        self.acceptor = acceptor
         self.policy = RelayPolicy(tuple(settings.relay_networks))
 
     # ------------------------------------------------------------------ session
@@ -163,9 +165,8 @@ class QueueHandler:
             recipients=tuple(envelope.rcpt_tos),
         )
         try:
-            queue_id = await self.storage.run(queue_message, sender=sender,
-                                              recipients=envelope.rcpt_tos,
-                                              raw=envelope.original_content, trace=trace)
+            queue_id = await self.acceptor.submit(Job(sender, tuple(envelope.rcpt_tos),
+                                                      envelope.original_content, trace))
         except Exception:
             log.exception("Message from %s (%s, %d recipients) not queued", trace.client_ip,
                           sender or "<>", len(envelope.rcpt_tos))

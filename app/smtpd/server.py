@@ -19,6 +19,7 @@ from typing import Any
 
 from flask import Flask
 
+from .acceptor import Acceptor
 from .handler import QueueHandler
 from .policy import IPNetwork
 from .protocol import ElemtaSMTP
@@ -101,6 +102,7 @@ class Listener:
         self.sessions: set[ElemtaSMTP] = set()
         self.closing = False
         self.storage: Storage | None = None
+        self.acceptor: Acceptor | None = None
         self._server: asyncio.AbstractServer | None = None
         self._tls = settings.tls_context()  # fail at start, not at the first STARTTLS
 
@@ -108,7 +110,9 @@ class Listener:
         logging.getLogger("mail.log").setLevel(AIOSMTPD_LOG_LEVEL)
         loop = asyncio.get_running_loop()
         self.storage = Storage(self.app, DB_THREADS)
-        handler = QueueHandler(self.settings, self.storage)
+        self.acceptor = Acceptor(self.app, self.storage)
+        self.acceptor.start()
+        handler = QueueHandler(self.settings, self.storage, self.acceptor)
         size_limit = self.settings.max_message_bytes or None
 
         def new_session() -> ElemtaSMTP:
@@ -131,6 +135,7 @@ class Listener:
             self._server = await loop.create_server(new_session, self.settings.host,
                                                     self.settings.port, reuse_address=True)
         except OSError as exc:
+            await self.acceptor.stop()
             self.storage.close()
             raise ListenerConfigError(
                 f"Cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}"
@@ -153,6 +158,8 @@ class Listener:
             await asyncio.sleep(0.01)  # connection_lost callbacks
         if self._server is not None:
             await self._server.wait_closed()
+        if self.acceptor is not None:
+            await self.acceptor.stop()
         if self.storage is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.storage.close)
         log.info("SMTP listener stopped")

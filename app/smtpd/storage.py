@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 import sqlalchemy.orm as so
 from flask import Flask
 
@@ -37,6 +38,11 @@ class Storage:
     async def run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, lambda: self._call(func, args, kwargs))
+
+    async def run_plain(self, func: Callable[..., T], *args: Any) -> T:
+        """``func(*args)`` on the pool, without a context: it manages its own."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, func, *args)
 
     def _call(self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         with self.app.app_context():
@@ -65,7 +71,8 @@ def queue_message(session: so.Session, *, sender: str, recipients: Sequence[str]
         reception_note=f"Message accepted over SMTP from {trace.client_ip} ({len(stamped)} bytes)",
         event_fields={"delivery_ip": trace.client_ip[:64], "delivery_host": _safe(trace.helo, 255)},
     )
-    return message.id
+    # The id from the identity map: reading message.id after the commit would reload the row.
+    return str(sa.inspect(message).identity[0])
 
 
 def split_reply(reply: str) -> tuple[int | None, str | None, str]:

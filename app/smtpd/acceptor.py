@@ -1,0 +1,133 @@
+"""Queueing accepted messages with group commit.
+
+Messages whose DATA completes while the database is busy with earlier ones are queued
+together, in one transaction: one commit (one fsync on PostgreSQL) for the lot. Each client
+still gets its 250 only after the commit that made its message durable. If that transaction
+fails, its messages are retried one by one, so one bad message never costs the others; a
+message that fails alone is answered 451.
+
+A batch is never held back to wait for more: it is whatever arrived while the previous one
+was being written, so a lone message is committed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy.orm as so
+from flask import Flask
+
+from ..extensions import db
+from .stamping import Trace
+from .storage import Storage, queue_message
+
+log = logging.getLogger("elemta.smtpd")
+
+MAX_BATCH = 64
+# Concurrent batches: one keeps SQLite's single writer busy; PostgreSQL overlaps two.
+WRITERS = {"sqlite": 1}
+DEFAULT_WRITERS = 2
+
+
+@dataclass(frozen=True)
+class Job:
+    sender: str
+    recipients: tuple[str, ...]
+    raw: bytes
+    trace: Trace
+
+    def queue(self, session: so.Session) -> str:
+        return queue_message(session, sender=self.sender, recipients=self.recipients,
+                             raw=self.raw, trace=self.trace)
+
+
+def accept_batch(app: Flask, jobs: Sequence[Job]) -> list[str | Exception]:
+    """Queue every job in one transaction; on failure, each in its own. Runs in a thread.
+
+    Returns, per job, its queue id or the exception that kept it out of the queue.
+    """
+    if len(jobs) > 1:
+        try:
+            return list(_in_one_transaction(app, jobs))
+        except Exception:
+            log.warning("A batch of %d messages failed; queueing them one by one", len(jobs),
+                        exc_info=True)
+    results: list[str | Exception] = []
+    for job in jobs:
+        try:
+            results.append(_in_one_transaction(app, [job])[0])
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _in_one_transaction(app: Flask, jobs: Sequence[Job]) -> list[str]:
+    with app.app_context(), db.engine.connect() as connection:
+        transaction = connection.begin()
+        # "rollback_only": the service's session.commit() per message only flushes into our
+        # transaction; the single real commit is ours, below.
+        session = so.Session(bind=connection, join_transaction_mode="rollback_only")
+        try:
+            ids = [job.queue(session) for job in jobs]
+            transaction.commit()
+            return ids
+        except BaseException:
+            if transaction.is_active:
+                transaction.rollback()
+            raise
+        finally:
+            session.close()
+
+
+class Acceptor:
+    """Collects jobs from the sessions and writes them in batches on the storage threads."""
+
+    def __init__(self, app: Flask, storage: Storage) -> None:
+        self.app = app
+        self.storage = storage
+        self._queue: asyncio.Queue[tuple[Job, asyncio.Future[str]]] = asyncio.Queue()
+        self._writers: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        with self.app.app_context():
+            dialect = db.engine.dialect.name
+        count = WRITERS.get(dialect, DEFAULT_WRITERS)
+        self._writers = [asyncio.create_task(self._write_batches(), name=f"smtpd-writer-{n}")
+                         for n in range(count)]
+
+    async def stop(self) -> None:
+        for task in self._writers:
+            task.cancel()
+        await asyncio.gather(*self._writers, return_exceptions=True)
+        while not self._queue.empty():  # nobody waits for these any more
+            _job, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(RuntimeError("listener stopped"))
+
+    async def submit(self, job: Job) -> str:
+        """The queue id once the message is committed; raises when it could not be queued."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        await self._queue.put((job, future))
+        return await future
+
+    async def _write_batches(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results: list[Any] = await self.storage.run_plain(
+                    accept_batch, self.app, [job for job, _ in batch])
+            except Exception as exc:  # e.g. the thread pool is shutting down
+                results = [exc] * len(batch)
+            for (_job, future), result in zip(batch, results):
+                if future.done():  # the session went away meanwhile
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
