@@ -78,8 +78,8 @@ def test_rare_level_in_a_crowd(session):
         add_logs(session, ["info"] * 30)
         errors += add_logs(session, ["error", "fatal"])
     newest = list_system_logs(session, min_levelno=40, limit=3)
-    assert [row.id for row in newest] == sorted(errors, reverse=True)[:3]
-    assert [row.id for row in list_system_logs(session, min_levelno=50, limit=100)] == \
+    assert [row["id"] for row in newest] == sorted(errors, reverse=True)[:3]
+    assert [row["id"] for row in list_system_logs(session, min_levelno=50, limit=100)] == \
         sorted(errors, reverse=True)[::2]
 
 

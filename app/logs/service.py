@@ -28,11 +28,24 @@ from .levels import CANONICAL_LEVELNOS
 
 CURSOR_VERSION = "e1"
 
+# The columns of a SPEC 4.2 item. Listings read plain rows (no ORM identity map): a page of
+# a thousand events is serialised, never modified.
+EVENT_ITEM_COLUMNS = (
+    DeliveryEvent.id, DeliveryEvent.timestamp, DeliveryEvent.event_type,
+    DeliveryEvent.message_id, DeliveryEvent.sender, DeliveryEvent.recipient,
+    DeliveryEvent.delivery_ip, DeliveryEvent.delivery_host, DeliveryEvent.smtp_code,
+    DeliveryEvent.spam_score, DeliveryEvent.threats, DeliveryEvent.message,
+)
+LOG_ITEM_COLUMNS = (
+    SystemLog.id, SystemLog.timestamp, SystemLog.level, SystemLog.logger, SystemLog.message,
+    SystemLog.process,
+)
+
 
 def list_system_logs(session: so.Session, *, min_levelno: int | None = None,
-                     limit: int = 100) -> list[SystemLog]:
+                     limit: int = 100) -> list[sa.RowMapping]:
     """The newest ``limit`` log records at ``min_levelno`` or above, newest first."""
-    query = sa.select(SystemLog).order_by(SystemLog.id.desc()).limit(limit)
+    query = sa.select(*LOG_ITEM_COLUMNS).order_by(SystemLog.id.desc()).limit(limit)
     levels = [n for n in CANONICAL_LEVELNOS if min_levelno is None or n >= min_levelno]
     if len(levels) < len(CANONICAL_LEVELNOS):
         # One index range per level (levelno = L ORDER BY id DESC LIMIT n) instead of a range
@@ -46,7 +59,7 @@ def list_system_logs(session: so.Session, *, min_levelno: int | None = None,
         ]
         newest_ids = sa.union_all(*branches).subquery()
         query = query.where(SystemLog.id.in_(sa.select(newest_ids.c.id)))
-    return list(session.scalars(query))
+    return list(session.execute(query).mappings())
 
 
 def prune_system_logs(executor: sa.Connection | so.Session, retention_seconds: int,
@@ -64,7 +77,7 @@ def prune_system_logs(executor: sa.Connection | so.Session, retention_seconds: i
 
 @dataclass
 class EventPage:
-    items: list[DeliveryEvent]
+    items: list[sa.RowMapping]
     next_cursor: str | None
 
 
@@ -108,9 +121,9 @@ def list_message_events(
         conditions.append(DeliveryEvent.recipient == recipient)
     if cursor:
         conditions.append(DeliveryEvent.id < decode_event_cursor(cursor))
-    rows = list(session.scalars(
-        sa.select(DeliveryEvent).where(*conditions)
+    rows = session.execute(
+        sa.select(*EVENT_ITEM_COLUMNS).where(*conditions)
         .order_by(DeliveryEvent.id.desc()).limit(limit + 1)
-    ))
-    next_cursor = encode_event_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    ).mappings().all()
+    next_cursor = encode_event_cursor(rows[limit - 1]["id"]) if len(rows) > limit else None
     return EventPage(items=rows[:limit], next_cursor=next_cursor)
