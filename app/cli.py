@@ -237,3 +237,6 @@ def register_cli(app: Flask) -> None:
     from .smtpd.cli import smtpd_cmd
 
     app.cli.add_command(smtpd_cmd)
+    from .logs.cli import logs_cli
+
+    app.cli.add_command(logs_cli)

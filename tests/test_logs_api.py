@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 import sqlalchemy as sa
@@ -106,3 +107,34 @@ def test_prune_removes_only_what_is_older_than_the_retention(session):
     session.commit()
     assert session.scalars(sa.select(SystemLog.id)).all() == kept
     assert prune_system_logs(session, 0, now=now + dt.timedelta(days=365)) == 0  # 0 keeps all
+
+
+def test_cli_show_and_prune(runner, session):
+    add_logs(session, ["info"], when=utcnow() - dt.timedelta(days=30))
+    ids = add_logs(session, ["info", "error"])
+    result = runner.invoke(args=["logs", "show", "--level", "warning", "--json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.output[result.output.index("{"):])
+    assert [item["id"] for item in body["logs"]] == [ids[1]] and body["count"] == 1
+    result = runner.invoke(args=["logs", "show", "--level", "bogus"])
+    assert result.exit_code == 2
+    result = runner.invoke(args=["logs", "prune"])
+    assert result.exit_code == 0 and "1 record(s) pruned" in result.output
+    session.expire_all()
+    assert session.scalars(sa.select(SystemLog.id).order_by(SystemLog.id)).all() == ids
+
+
+def test_cli_events_pages_like_the_api(runner, session):
+    from app.events import record_event
+
+    events = [record_event(session, "system", message_id=f"msg-{i}", message="held")
+              for i in range(3)]
+    session.commit()
+    ids = [event.id for event in events]
+    result = runner.invoke(args=["logs", "events", "--limit", "2", "--json"])
+    body = json.loads(result.output)
+    assert [item["id"] for item in body["logs"]] == ids[:0:-1]
+    result = runner.invoke(args=["logs", "events", "--cursor", body["next_cursor"], "--json"])
+    assert [item["id"] for item in json.loads(result.output)["logs"]] == ids[:1]
+    result = runner.invoke(args=["logs", "events", "--cursor", "garbage"])
+    assert result.exit_code == 1 and "Invalid cursor" in result.output
