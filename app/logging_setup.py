@@ -27,8 +27,9 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
           "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL,
           "critical": logging.CRITICAL}
 # gunicorn access-log atoms worth a field of their own.
-_ACCESS_FIELDS = {"h": "remote_addr", "m": "method", "U": "path", "q": "query", "s": "status",
-                  "B": "bytes", "a": "user_agent", "{x-request-id}o": "request_id"}
+_ACCESS_FIELDS = {"h": "remote_addr", "{x-forwarded-for}i": "forwarded_for", "m": "method",
+                  "U": "path", "q": "query", "s": "status", "B": "bytes", "a": "user_agent",
+                  "{x-request-id}o": "request_id"}
 
 
 def detect_role(argv: list[str] | None = None) -> str:
