@@ -171,7 +171,7 @@ class QueueHandler:
             log.exception("Message from %s (%s, %d recipients) not queued", trace.client_ip,
                           sender or "<>", len(envelope.rcpt_tos))
             return REPLY_NOT_QUEUED
-        log.info("Queued %s from %s: %s -> %d recipient(s), %d bytes", queue_id,
+        log.info("Queued %s from %s: %s -> %d recipient(s), %d bytes received", queue_id,
                  trace.client_ip, sender or "<>", len(envelope.rcpt_tos),
                  len(envelope.original_content))
         return REPLY_QUEUED.format(queue_id=queue_id)
