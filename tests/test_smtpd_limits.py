@@ -13,7 +13,9 @@ from app.extensions import db
 from app.smtpd.acceptor import Job, accept_batch
 from app.smtpd.stamping import Trace
 from tests.conftest import empty_database
-from tests.smtpd_helpers import crlf, email_message, queued_id, running_listener, stored
+from app.smtpd.server import ListenerSettings, ListenerThread
+from tests.smtpd_helpers import (crlf, email_message, free_port, queued_id, running_listener,
+                                 stored)
 
 
 @pytest.fixture
@@ -233,3 +235,18 @@ def test_a_batch_is_one_transaction(app):
     ids = accept_batch(app, jobs)
     assert all(isinstance(i, str) and i.startswith("msg-") for i in ids)
     assert sorted(m.id for m in stored(app)["messages"]) == sorted(ids)
+
+
+def test_stop_says_goodbye_to_connected_clients(fresh_app):
+    app = fresh_app()
+    settings = ListenerSettings.from_config(app.config, host="127.0.0.1", port=free_port())
+    listener = ListenerThread(app, settings).start()
+    try:
+        client = smtplib.SMTP("127.0.0.1", settings.port)
+        client.ehlo("client.example")
+    finally:
+        listener.stop()
+    assert client.getreply() == (421, b"4.3.2 Service shutting down")
+    client.close()
+    with pytest.raises(OSError):  # and nothing listens any more
+        socket.create_connection(("127.0.0.1", settings.port), timeout=5).close()

@@ -10,6 +10,8 @@ import pytest
 from app.auth.keys import create_key, revoke_key
 from app.extensions import db
 from app.smtpd.policy import RelayPolicy, address_problem, client_ip
+from app.smtpd.server import ListenerConfigError, parse_listen
+from app.smtpd.stamping import Trace, has_message_id, stamp
 from tests.conftest import empty_database
 from tests.smtpd_helpers import (ProxiedSMTP, crlf, email_message, make_certificate, queued_id,
                                  raw_of, running_listener, stored)
@@ -174,7 +176,6 @@ def test_starttls_lets_a_remote_client_authenticate(fresh_app, certificate):
 
 
 def test_listener_refuses_to_start_with_half_a_tls_configuration(fresh_app, certificate):
-    from app.smtpd.server import ListenerConfigError
     app = fresh_app(tls_cert=certificate[0])
     with pytest.raises(ListenerConfigError, match="both"), running_listener(app):
         pass
@@ -214,3 +215,38 @@ def test_relay_policy_rules():
 ])
 def test_address_rules(address, is_sender, smtputf8, ok):
     assert (address_problem(address, is_sender=is_sender, smtputf8=smtputf8) is None) is ok
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("127.0.0.1:2525", ("127.0.0.1", 2525)),
+    ("[::1]:2525", ("::1", 2525)),
+    (":25", ("0.0.0.0", 25)),
+])
+def test_listen_addresses(text, expected):
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2525", "host:", "host:99999", "host:port"])
+def test_bad_listen_addresses(text):
+    with pytest.raises(ListenerConfigError):
+        parse_listen(text)
+
+
+TRACE = Trace("client.example", "2001:db8::5", "mx.example", True, True, True, False,
+              ("bob@example.net", "carol@example.net"))
+
+
+@pytest.mark.parametrize("raw,has_id", [
+    (b"Subject: a\r\nMessage-Id: <x@y>\r\n\r\nbody\r\n", True),
+    (b"Subject: a\r\nMESSAGE-ID:\r\n <x@y>\r\n\r\nbody\r\n", True),
+    (b"Subject: a\r\n\r\nMessage-ID: <only-in-the-body@y>\r\n", False),
+    (b"\r\nno headers at all\r\n", False),
+])
+def test_message_id_detection_and_stamping(raw, has_id):
+    assert has_message_id(raw) is has_id
+    stamped = stamp(raw, TRACE)
+    assert stamped.startswith(b"Received: from client.example ([IPv6:2001:db8::5])\r\n"
+                              b"\tby mx.example (Elemta) with ESMTPSA;\r\n\t")
+    assert stamped.endswith(raw.split(b"\r\n\r\n", 1)[1] if raw.count(b"\r\n\r\n") else raw)
+    assert has_message_id(stamped)
+    assert stamped.count(b"@mx.example>") == (0 if has_id else 1)
