@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import uuid
 
@@ -62,6 +63,48 @@ def add_cors_headers(response: Response) -> None:
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
 
 
+def contains_nul(value: object) -> bool:
+    """True when a NUL character hides anywhere in ``value`` (str, or lists/dicts of them).
+
+    No field of this API has a use for NUL, and the databases mishandle it: SQLite ends a
+    bound string at the NUL (``sender=%00`` became a LIKE pattern matching every message),
+    PostgreSQL refuses it. It is refused at the door, in the URL here and in JSON bodies by the
+    request parser.
+    """
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(contains_nul(k) or contains_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(contains_nul(item) for item in value)
+    return False
+
+
+NUL_REFUSED = "NUL characters are not allowed in requests"
+
+
+def buffer_chunked_body(environ: dict, limit: int) -> None:
+    """Read a body sent without Content-Length (chunked) up to ``limit`` bytes, or refuse it.
+
+    werkzeug stops reading such a body at the limit without an error, so the view would see
+    a silently truncated body. Reading one byte more tells; what fits is handed on with its
+    length, like any other body.
+    """
+    stream = environ["wsgi.input"]
+    received = bytearray()
+    while len(received) <= limit:
+        chunk = stream.read(limit + 1 - len(received))
+        if not chunk:
+            break
+        received += chunk
+    if len(received) > limit:
+        raise RequestEntityTooLarge()
+    environ["wsgi.input"] = io.BytesIO(bytes(received))
+    environ["CONTENT_LENGTH"] = str(len(received))
+    environ.pop("wsgi.input_terminated", None)
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
+
+
 def current_request_id() -> str | None:
     return g.get("request_id")
 
@@ -76,6 +119,10 @@ def register_request_hooks(app: Flask) -> None:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
         if limit and request.content_length and request.content_length > limit:
             raise RequestEntityTooLarge()
+        if limit and request.content_length is None and request.environ.get("wsgi.input_terminated"):
+            buffer_chunked_body(request.environ, limit)
+        if "\x00" in request.path or contains_nul(list(request.args.items(multi=True))):
+            raise ApiError(400, "VALIDATION_ERROR", NUL_REFUSED)
 
     # Registered after the request id hook and before the rate limiter and the auth check
     # (create_app's order): a preflight carries no credentials and costs nothing.
