@@ -13,6 +13,7 @@ from .errors import register_error_handlers
 from .extensions import Api, db, migrate, sock
 from .http import register_request_hooks
 from .logging_setup import configure_logging
+from .logs.handler import install_database_logging
 from .openapi import openapi_settings, register_docs_assets
 
 __version__ = "0.1.0"
@@ -26,6 +27,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     load_config(app, config)
     configure_logging(app)
+    # Before anything else logs (the auth-mode warning...): every record of the process counts.
+    install_database_logging(app)
     app.config.update(openapi_settings(__version__))
     app.json.sort_keys = False  # keep the contract's field order (error, code, details)
 
@@ -67,7 +70,4 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from .cli import register_cli
 
     register_cli(app)
-    from .logs.handler import install_database_logging
-
-    install_database_logging(app)  # after configure_logging: both handlers sit on the root
     return app
