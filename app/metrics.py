@@ -204,7 +204,9 @@ def render_metrics(app: Flask) -> bytes:
 
 
 def _start_timer() -> None:
-    g.metrics_started = time.perf_counter()
+    # A WebSocket "request" lasts as long as the stream: not a request duration.
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        g.metrics_started = time.perf_counter()
 
 
 def _observe_request(response: Response) -> Response:

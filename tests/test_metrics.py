@@ -205,3 +205,14 @@ def test_two_gunicorn_workers_add_up(database_url: str, tmp_path: Path) -> None:
     assert {line["request_id"] for line in access if line["path"] == "/livez"} >= request_ids
     assert all(line["role"] == "api" for line in lines)
     assert any(line["logger"] == "gunicorn.error" for line in lines)
+
+
+def test_websocket_streams_are_not_request_durations(client) -> None:
+    def count() -> float:
+        return REGISTRY.get_sample_value("elemta_http_request_duration_seconds_count",
+                                         {"endpoint": "/livez", "method": "GET", "status": "200"}) or 0
+
+    before = count()
+    client.get("/livez", headers={"Upgrade": "websocket"})
+    client.get("/livez")
+    assert count() == before + 1
