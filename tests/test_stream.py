@@ -141,7 +141,7 @@ def test_cli_action_in_another_process_reaches_client(server, stream_app, databa
 
 
 def test_message_accepted_by_another_process_reaches_client(server, database_url):
-    logs_ws = server.connect("/api/logs/ws?event_type=reception")
+    logs_ws = server.connect("/api/logs/ws?type=message_event&event_type=reception")
     queue_ws = server.connect("/api/queue/ws")
     receive(queue_ws)
     out = run_in_other_process(database_url, (
