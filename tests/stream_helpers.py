@@ -171,9 +171,9 @@ def run_in_other_process(database_url: str, code: str, *args: str,
     return result.stdout
 
 
-def flask_cli(database_url: str, *args: str) -> str:
+def flask_cli(database_url: str, *args: str, env: dict[str, str] | None = None) -> str:
     environment = dict(os.environ, ELEMTA_DATABASE_URL=database_url, FLASK_APP="wsgi.py",
-                       PYTHONPATH=ROOT)
+                       PYTHONPATH=ROOT, **(env or {}))
     flask = os.path.join(os.path.dirname(sys.executable), "flask")
     result = subprocess.run([flask, *args], cwd=ROOT, env=environment, capture_output=True,
                             text=True, timeout=120)

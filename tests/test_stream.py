@@ -25,6 +25,7 @@ from app.models import DeliveryEvent, SystemLog
 from app.stream.hub import shutdown_streams
 from app.timeutil import utcnow
 from tests.conftest import TEST_ADMIN_KEY, empty_database
+from tests.delivery_helpers import Peer
 from tests.helpers import queue_message
 from tests.stream_helpers import (
     LiveServer,
@@ -162,6 +163,22 @@ def test_message_accepted_by_another_process_reaches_client(server, database_url
     assert frame["data"]["event_type"] == "reception"
     frames = receive_until(queue_ws, is_type("queue_event", message_id=message_id))
     assert frames[-1]["data"]["action"] == "queued"
+
+
+def test_delivery_by_a_worker_process_reaches_client(server, stream_app, database_url):
+    message_id = queued(stream_app)
+    queue_ws = server.connect("/api/queue/ws")
+    logs_ws = server.connect("/api/logs/ws?type=message_event&event_type=delivery")
+    assert receive(queue_ws)["data"]["pending"] == 1
+    with Peer() as peer:  # a real SMTP server on loopback, reached through the relay setting
+        environment = {"ELEMTA_RELAY_HOST": peer.address, "ELEMTA_LOG_TO_DATABASE": "false"}
+        flask_cli(database_url, "worker", "--once", env=environment)
+        assert peer.recipients_received() == ["bob@example.net"]
+    frames = receive_until(queue_ws, is_type("queue_stats", total=0))
+    assert {"message_id": message_id, "action": "delivered", "queue": None} in [
+        f["data"] for f in frames if f["type"] == "queue_event"]
+    delivery = receive(logs_ws)["data"]
+    assert delivery["message_id"] == message_id and delivery["recipient"] == "bob@example.net"
 
 
 def test_log_record_from_another_process_reaches_client(server, database_url):
