@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -26,6 +27,8 @@ ROLE_ENV = "ELEMTA_PROCESS_ROLE"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
           "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL,
           "critical": logging.CRITICAL}
+# WebSocket clients may send their API key as ?api_key=: it must never reach a log line.
+_SECRET_QUERY = re.compile(r"(?i)((?:^|&)api_key=)[^&]*")
 # gunicorn access-log atoms worth a field of their own.
 _ACCESS_FIELDS = {"h": "remote_addr", "{x-forwarded-for}i": "forwarded_for", "m": "method",
                   "U": "path", "q": "query", "s": "status", "B": "bytes", "a": "user_agent",
@@ -86,6 +89,8 @@ class JsonFormatter(_JsonFormatter):
         for atom, field in _ACCESS_FIELDS.items():
             value = atoms[atom]
             log_data[field] = None if value == "-" else value
+        if log_data.get("query"):
+            log_data["query"] = _SECRET_QUERY.sub(r"\1[redacted]", log_data["query"])
         for field in ("status", "bytes"):
             try:
                 log_data[field] = int(log_data[field])

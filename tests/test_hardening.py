@@ -335,3 +335,19 @@ def test_503_when_the_database_is_unreachable(make_app):
         assert "127.0.0.1" not in response.get_data(as_text=True)
     # The probe that does not need the database still answers.
     assert client.get("/livez").status_code == 200
+
+
+def test_api_key_in_a_websocket_query_never_reaches_the_access_log():
+    import json
+    import logging
+
+    from app.logging_setup import _ACCESS_FIELDS, JsonFormatter
+
+    atoms = dict.fromkeys(_ACCESS_FIELDS, "-")
+    atoms.update({"h": "127.0.0.1", "m": "GET", "U": "/api/queue/ws", "s": "101", "B": "0",
+                  "D": "1500", "q": "since_event=3&api_key=elemta_secretsecretsecret&x=1"})
+    record = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, "%(h)s", (), None)
+    record.args = atoms
+    line = json.loads(JsonFormatter(role="api").format(record))
+    assert "elemta_secret" not in json.dumps(line)
+    assert line["query"] == "since_event=3&api_key=[redacted]&x=1"
