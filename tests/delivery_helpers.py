@@ -246,3 +246,31 @@ def recipients_of(app: Flask, message_id: str) -> dict[str, Recipient]:
         db.session.expunge_all()
         db.session.remove()
         return {r.address: r for r in rows}
+
+
+def bulk_queue(app: Flask, count: int, prefix: str = "m") -> list[str]:
+    """Queue ``count`` one-recipient messages (r<n>@example.net) shaped as ``accept_message``
+    makes them, in a few statements: for tests about many messages, where one transaction per
+    message would be most of the test's time."""
+    from app.models import MessageContent
+    from app.queue.service import new_message_id
+    from app.timeutil import utcnow
+    from tests.helpers import raw_message
+
+    now = utcnow()
+    ids = [new_message_id() for _ in range(count)]
+    with app.app_context():
+        db.session.execute(sa.insert(Message), [
+            {"id": i, "sender": "alice@example.com", "subject": f"{prefix}{n}", "size": 200,
+             "priority": 0, "queue_state": "pending", "attempts": 0, "origin": "api",
+             "created_at": now, "updated_at": now, "next_attempt_at": now}
+            for n, i in enumerate(ids)])
+        db.session.execute(sa.insert(MessageContent), [
+            {"message_id": i, "raw": raw_message(subject=f"{prefix}{n}")} for n, i in enumerate(ids)])
+        db.session.execute(sa.insert(Recipient), [
+            {"message_id": i, "address": f"r{n}@example.net", "domain": "example.net",
+             "status": "pending", "attempts": 0, "next_attempt_at": now}
+            for n, i in enumerate(ids)])
+        db.session.commit()
+        db.session.remove()
+    return ids

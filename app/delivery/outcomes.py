@@ -17,13 +17,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from ..events import record_event
+from ..events import bump_rollup, outcome_increments, record_event
 from ..models import Message, MessageContent
 from ..queue.service import accept_message, settle_message_state
 from ..timeutil import utcnow
@@ -65,25 +66,111 @@ class Recorded:
     bounce_id: str | None = None
 
 
+@dataclass
+class Attempt:
+    """The results of one SMTP attempt (one job) waiting to be recorded."""
+
+    message_id: str
+    sender: str
+    results: Sequence[RecipientResult]
+
+
 def record_outcome(session: so.Session, worker_id: str, message_id: str,
                    results: Sequence[RecipientResult], policy: OutcomePolicy,
                    now: dt.datetime | None = None, sender: str | None = None) -> Recorded:
     """Apply the results of one attempt; commits. ``sender`` names the envelope sender in
     the events should the message have been deleted meanwhile."""
     now = now or utcnow()
-    locked = session.execute(
-        sa.update(Message).where(Message.id == message_id).values(updated_at=now)
-        .returning(Message.sender).execution_options(synchronize_session=False)
-    ).first()
-    if locked is None:
+    if not _lock(session, [message_id], now):
         return _record_for_deleted(session, message_id, results, now, sender)
+    [message] = _load(session, [message_id])
+    queue_state, failed, increments = _apply(session, worker_id, message, results, policy, now)
+    bump_rollup(session, increments)
+    recorded = Recorded(queue_state=queue_state, message_deleted=False)
+    if failed and message.sender and policy.send_bounces:
+        recorded.bounce_id = _queue_bounce(session, message, failed, policy)  # commits all
+    else:
+        session.commit()
+    return recorded
 
-    message = session.scalar(
-        sa.select(Message).where(Message.id == message_id)
+
+def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Attempt],
+                    policy: OutcomePolicy, now: dt.datetime | None = None) -> None:
+    """Record many attempts in one transaction (one commit, one rollup bump); commits.
+
+    The worker's hot path: with several messages per transaction the database does a few
+    statements per batch instead of a dozen per message. Attempts that may need a bounce are
+    recorded one by one (``record_outcome``) so each bounce commits with its own outcome.
+    If the batch fails (a deadlock with an operator's bulk action, say), every attempt is
+    recorded on its own instead.
+    """
+    now = now or utcnow()
+    singles: list[Attempt] = []
+    try:
+        ids = sorted({a.message_id for a in attempts})
+        present = _lock(session, ids, now)
+        messages = {m.id: m for m in _load(session, sorted(present))} if present else {}
+        increments: Counter[tuple[dt.datetime, str]] = Counter()
+        for attempt in attempts:
+            message = messages.get(attempt.message_id)
+            if message is None:
+                _record_for_deleted(session, attempt.message_id, attempt.results, now,
+                                    attempt.sender, commit=False)
+                increments.update(outcome_increments(
+                    ("delivery", now) for r in attempt.results if r.kind == "delivered"))
+                continue
+            if _may_bounce(message, attempt.results, policy, now):
+                singles.append(attempt)
+                continue
+            _, _, counted = _apply(session, worker_id, message, attempt.results, policy, now)
+            increments.update(counted)
+        bump_rollup(session, increments)
+        session.commit()
+    except Exception:
+        session.rollback()
+        log.warning("recording %d outcomes together failed; recording them one by one",
+                    len(attempts), exc_info=True)
+        singles = list(attempts)
+    for attempt in singles:
+        record_outcome(session, worker_id, attempt.message_id, attempt.results, policy,
+                       now=now, sender=attempt.sender)
+
+
+def _lock(session: so.Session, ids: Sequence[str], now: dt.datetime) -> set[str]:
+    """Lock the message rows first (an UPDATE: on SQLite it takes the write lock at once, so
+    the transaction cannot fail later on a lock upgrade); returns the ids still queued."""
+    rows = session.execute(
+        sa.update(Message).where(Message.id.in_(list(ids))).values(updated_at=now)
+        .returning(Message.id).execution_options(synchronize_session=False)
+    ).scalars().all()
+    return set(rows)
+
+
+def _load(session: so.Session, ids: Sequence[str]) -> list[Message]:
+    return list(session.scalars(
+        sa.select(Message).where(Message.id.in_(list(ids)))
         .options(so.selectinload(Message.recipients))
         .execution_options(populate_existing=True)
-    )
-    assert message is not None
+    ))
+
+
+def _may_bounce(message: Message, results: Sequence[RecipientResult], policy: OutcomePolicy,
+                now: dt.datetime) -> bool:
+    if not (message.sender and policy.send_bounces):
+        return False
+    expired = now >= message.created_at + dt.timedelta(seconds=policy.max_queue_lifetime)
+    return any(r.kind == "rejection" or (r.kind == "tempfail" and expired) for r in results)
+
+
+def _apply(session: so.Session, worker_id: str, message: Message,
+           results: Sequence[RecipientResult], policy: OutcomePolicy, now: dt.datetime,
+           ) -> tuple[str | None, list[FailedRecipient], Counter[tuple[dt.datetime, str]]]:
+    """Recipient states, the message's queue state and the events of one attempt; no commit.
+
+    Returns the queue state, the recipients that failed for good (for a bounce) and the
+    rollup increments (the caller bumps the rollup once for everything it records).
+    """
+    message_id = message.id
     by_id = {r.id: r for r in message.recipients}
     expiry = message.created_at + dt.timedelta(seconds=policy.max_queue_lifetime)
     applied: list[tuple[RecipientResult, str]] = []  # (result, final kind)
@@ -127,37 +214,34 @@ def record_outcome(session: so.Session, worker_id: str, message_id: str,
 
     queue_state = settle_message_state(session, message, now)
     failed: list[FailedRecipient] = []
+    increments: Counter[tuple[dt.datetime, str]] = Counter()
     for result, kind in applied:
         text = result.text
         if kind == "expired":
             text = f"{EXPIRED} (last error: {result.text})"
         event_kind = "rejection" if kind == "expired" else kind
+        event_type = EVENT_OF_KIND[event_kind]
         record_event(
-            session, EVENT_OF_KIND[event_kind], message_id=message_id, sender=message.sender,
-            recipient=result.address, message=text, timestamp=now,
+            session, event_type, message_id=message_id, sender=message.sender,
+            recipient=result.address, message=text, timestamp=now, counts_as_outcome=False,
             delivery_ip=result.remote_ip, delivery_host=result.remote_host,
             smtp_code=result.smtp_code,
             enhanced_code="4.4.7" if kind == "expired" else result.enhanced_code,
             action=ACTION_OF_KIND[event_kind], queue_state=queue_state,
         )
+        increments.update(outcome_increments([(event_type, now)]))
         if event_kind == "rejection":
             failed.append(FailedRecipient(
                 address=result.address,
                 status=dsn_status(result.enhanced_code, result.smtp_code, kind == "expired"),
                 diagnostic=text, remote_host=result.remote_host, smtp_code=result.smtp_code,
                 attempted_at=now))
-
-    recorded = Recorded(queue_state=queue_state, message_deleted=False)
-    if failed and message.sender and policy.send_bounces:
-        recorded.bounce_id = _queue_bounce(session, message, failed, policy)  # commits all
-    else:
-        session.commit()
-    return recorded
+    return queue_state, failed, increments
 
 
 def _record_for_deleted(session: so.Session, message_id: str,
                         results: Sequence[RecipientResult], now: dt.datetime,
-                        sender: str | None) -> Recorded:
+                        sender: str | None, commit: bool = True) -> Recorded:
     """The message was deleted while we delivered: record only what the remote accepted."""
     for result in results:
         if result.kind != "delivered":
@@ -167,9 +251,10 @@ def _record_for_deleted(session: so.Session, message_id: str,
             message=f"{result.text} (message deleted from the queue during delivery)",
             timestamp=now, delivery_ip=result.remote_ip, delivery_host=result.remote_host,
             smtp_code=result.smtp_code, enhanced_code=result.enhanced_code,
-            action="delivered", queue_state=None,
+            action="delivered", queue_state=None, counts_as_outcome=commit,
         )
-    session.commit()
+    if commit:
+        session.commit()
     return Recorded(queue_state=None, message_deleted=True)
 
 

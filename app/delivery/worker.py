@@ -1,7 +1,8 @@
 """The delivery loop: claim due work, deliver it on a thread pool, keep house.
 
 A *job* is one message's claimed recipients that share a destination (one SMTP transaction).
-The main thread claims (keeping about twice the pool size in flight), submits jobs, beats the
+Delivery threads run jobs and pass their results to one recorder thread, which records them in
+batches (one transaction for many outcomes). The main thread claims in batches (refilling when fewer jobs than threads remain), submits jobs, beats the
 heartbeat, folds the queue counters and purges expired failed mail. ``stop()`` (SIGTERM) ends
 claiming; jobs not yet started give their claims back at once; jobs under way get up to
 ``SHUTDOWN_GRACE`` seconds to finish.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
+import queue
 import secrets
 import socket
 import threading
@@ -29,7 +31,7 @@ from ..queue import counters
 from ..timeutil import utcnow
 from . import maintenance
 from .claim import ClaimedRecipient, claim_due, release_claims
-from .outcomes import OutcomePolicy, record_outcome
+from .outcomes import Attempt, OutcomePolicy, record_outcomes
 from .routing import Resolver, Router, RoutingError
 from .smtp_client import ConnectionPool, RecipientResult, SmtpClient
 
@@ -39,6 +41,9 @@ HEARTBEAT_EVERY = 5.0  # the contract asks for at least every 15 s
 FOLD_EVERY = 5.0
 PURGE_EVERY = 300.0
 IDLE_POLL = 1.0
+CLAIM_BATCH_MIN = 32  # messages per claim
+PREFETCH_MAX_BYTES = 256 * 1024  # larger messages are read by the job itself
+RECORD_BATCH = 64  # outcomes per recording transaction
 SHUTDOWN_GRACE = 30.0
 LEASE_MARGIN = 0.8  # a job that waited past 80% of its lease gives the claim back instead
 
@@ -50,6 +55,8 @@ class Job:
     domain: str
     recipients: list[ClaimedRecipient]
     claimed_at: float
+    sender: str = ""
+    raw: bytes | None = None  # prefetched with the claim when small; else loaded by the job
 
 
 def new_worker_id() -> str:
@@ -74,7 +81,10 @@ class Worker:
                                     max_queue_lifetime=int(cfg["MAX_QUEUE_LIFETIME"]),
                                     send_bounces=bool(cfg["SEND_BOUNCES"]),
                                     reporting_mta=hostname)
+        self.batch_size = max(CLAIM_BATCH_MIN, 4 * self.concurrency)
+        self.recorded_attempts = 0
         self._stop = threading.Event()
+        self._recorder: queue.Queue[Attempt | None] = queue.Queue()
 
     def stop(self) -> None:
         """Ask the loop to end (signal handlers call this)."""
@@ -90,6 +100,8 @@ class Worker:
                  f"relay {self.router.relay[0]}:{self.router.relay[1]}" if self.router.relay
                  else "MX routing")
         executor = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="elemta-delivery")
+        recorder = threading.Thread(target=self._record_loop, name="elemta-recorder")
+        recorder.start()
         inflight: dict[cf.Future[None], Job] = {}
         next_beat = next_fold = 0.0
         next_purge = time.monotonic() + 10
@@ -106,11 +118,18 @@ class Worker:
                     self._housekeeping(maintenance.purge_failed, self.failed_retention)
                     next_purge = now + PURGE_EVERY
 
-                room = 2 * self.concurrency - len(inflight)
-                jobs = self._claim(room) if room > 0 else []
+                # Claim in batches (one claim statement per batch, not per message), and
+                # claim again once fewer jobs than threads are left.
+                # (Read before claiming: outcomes recorded meanwhile may have queued a bounce.)
+                recording = self._recorder.unfinished_tasks
+                jobs = self._claim(self.batch_size) if len(inflight) < self.concurrency else []
                 for job in jobs:
                     inflight[executor.submit(self._run_job, job)] = job
                 if not inflight:
+                    if recording:
+                        # Outcomes still being recorded may free work (a bounce, say).
+                        self._stop.wait(0.02)
+                        continue
                     if once and not jobs:
                         break
                     self.pool.close_idle()
@@ -121,11 +140,13 @@ class Worker:
                 for future in done:
                     inflight.pop(future)
         finally:
-            self._shutdown(executor, inflight)
-        log.info("delivery worker %s stopped", self.worker_id)
+            self._shutdown(executor, inflight, recorder)
+        log.info("delivery worker %s stopped after %d delivery attempt(s)", self.worker_id,
+                 self.recorded_attempts)
         return 0
 
-    def _shutdown(self, executor: cf.ThreadPoolExecutor, inflight: dict[cf.Future[None], Job]) -> None:
+    def _shutdown(self, executor: cf.ThreadPoolExecutor, inflight: dict[cf.Future[None], Job],
+                  recorder: threading.Thread) -> None:
         unstarted = [job for future, job in inflight.items() if future.cancel()]
         executor.shutdown(wait=False, cancel_futures=True)
         if unstarted:
@@ -138,6 +159,8 @@ class Worker:
             log.warning("%d delivery(ies) still running after %.0f s; their leases will "
                         "expire and another worker will take them over", len(late),
                         SHUTDOWN_GRACE)
+        self._recorder.put(None)  # record what is left, then end
+        recorder.join(SHUTDOWN_GRACE)
         self.pool.close_idle(0)
         self._housekeeping(maintenance.remove_heartbeat, self.worker_id)
 
@@ -165,39 +188,111 @@ class Worker:
                 return []
             finally:
                 db.session.remove()
+            if not claimed:
+                return []
+            try:
+                contents = self._prefetch({c.message_id for c in claimed})
+            except Exception:
+                db.session.rollback()
+                log.exception("reading claimed messages failed")
+                contents = {}
+            finally:
+                db.session.remove()
         now = time.monotonic()
         groups: dict[tuple[str, str], list[ClaimedRecipient]] = defaultdict(list)
         for recipient in claimed:
             groups[(recipient.message_id, self.router.destination_of(recipient.domain))].append(
                 recipient)
-        return [Job(message_id, destination, recipients[0].domain, recipients, now)
-                for (message_id, destination), recipients in groups.items()]
+        jobs = []
+        for (message_id, destination), recipients in groups.items():
+            sender, raw = contents.get(message_id, ("", None))
+            jobs.append(Job(message_id, destination, recipients[0].domain, recipients, now,
+                            sender, raw))
+        return jobs
+
+    @staticmethod
+    def _prefetch(message_ids: set[str]) -> dict[str, tuple[str, bytes | None]]:
+        """Senders, and the content of the small messages, of a claim in one query."""
+        rows = db.session.execute(
+            sa.select(Message.id, Message.sender,
+                      sa.case((Message.size <= PREFETCH_MAX_BYTES, MessageContent.raw),
+                              else_=None))
+            .join(MessageContent, MessageContent.message_id == Message.id)
+            .where(Message.id.in_(list(message_ids)))
+        ).all()
+        db.session.commit()
+        return {row[0]: (row[1], row[2]) for row in rows}
 
     # ----------------------------------------------------------------- one job
 
     def _run_job(self, job: Job) -> None:
+        """Deliver one job over SMTP and hand its results to the recorder."""
+        try:
+            if time.monotonic() - job.claimed_at > self.lease_seconds * LEASE_MARGIN:
+                self._housekeeping(release_claims, self.worker_id, [r.id for r in job.recipients])
+                return
+            if job.raw is None and not self._load_content(job):
+                return  # deleted since the claim; its recipients went with it
+            results = self._attempt(job, job.sender, job.raw or b"")
+            job.raw = None
+            self._recorder.put(Attempt(job.message_id, job.sender, results))
+        except Exception:
+            # The lease stays: the recipients are retried when it expires, not in a hot loop.
+            log.exception("delivery of %s to %s failed unexpectedly", job.message_id,
+                          job.destination)
+
+    def _load_content(self, job: Job) -> bool:
         with self.app.app_context():
-            session = db.session
             try:
-                if time.monotonic() - job.claimed_at > self.lease_seconds * LEASE_MARGIN:
-                    release_claims(session, self.worker_id, [r.id for r in job.recipients])
-                    return
-                row = session.execute(
+                row = db.session.execute(
                     sa.select(Message.sender, MessageContent.raw)
                     .join(MessageContent, MessageContent.message_id == Message.id)
                     .where(Message.id == job.message_id)
                 ).first()
-                session.commit()
-                if row is None:  # deleted since the claim; its recipients went with it
-                    return
-                results = self._attempt(job, row.sender, row.raw)
-                record_outcome(session, self.worker_id, job.message_id, results, self.policy,
-                               sender=row.sender)
+                db.session.commit()
+            finally:
+                db.session.remove()
+        if row is None:
+            return False
+        job.sender, job.raw = row.sender, row.raw
+        return True
+
+    # ----------------------------------------------------------------- recording
+
+    def _record_loop(self) -> None:
+        """The recorder thread: outcomes in batches, one transaction each, until told to end."""
+        while True:
+            first = self._recorder.get()
+            if first is None:
+                self._recorder.task_done()
+                return
+            batch = [first]
+            end = False
+            while len(batch) < RECORD_BATCH:
+                try:
+                    item = self._recorder.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    end = True
+                    self._recorder.task_done()
+                    break
+                batch.append(item)
+            self._record(batch)
+            for _ in batch:
+                self._recorder.task_done()
+            if end:
+                return
+
+    def _record(self, batch: list[Attempt]) -> None:
+        with self.app.app_context():
+            try:
+                record_outcomes(db.session, self.worker_id, batch, self.policy)
+                self.recorded_attempts += len(batch)  # only this thread writes it
             except Exception:
-                session.rollback()
-                # The lease stays: the recipients are retried when it expires, not in a hot loop.
-                log.exception("delivery of %s to %s failed unexpectedly", job.message_id,
-                              job.destination)
+                db.session.rollback()
+                # The leases stay: the recipients come back when they expire.
+                log.exception("recording %d delivery outcomes failed", len(batch))
             finally:
                 db.session.remove()
 

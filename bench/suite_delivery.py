@@ -1,0 +1,156 @@
+"""End-to-end delivery throughput (SPEC 13: >= 300 messages/s): worker -> local SMTP sink.
+
+For each backend (SQLite file, PostgreSQL) the suite queues N messages (one recipient each,
+~1 KB, through the queue service's data model in bulk: queueing is not what is measured), starts
+a counting aiosmtpd sink in its own process, and times ``Worker.run(once=True)`` - claim, SMTP
+transaction over pooled connections (``ELEMTA_RELAY_HOST`` = the sink), outcome recording with
+its event and rollup bump, the message leaving the queue - until the queue is empty. The
+figure is messages delivered per second of wall time; the sink's own count confirms every
+message arrived.
+
+PostgreSQL: ``--database-url`` / ``ELEMTA_BENCH_DATABASE_URL``, else a fresh database on
+``ELEMTA_BENCH_PG_SERVER`` (default 127.0.0.1:5432, user postgres), dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+from bench.common import Result
+
+SIZES = {"small": 2000, "full": 10000}
+TARGET = 300.0
+DEFAULT_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def log(text: str) -> None:
+    print(f"[delivery] {text}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _admin_dsn(url: str) -> str:
+    return sa.make_url(url).set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False)
+
+
+@contextmanager
+def postgres_database(given: str | None) -> Iterator[str]:
+    if given:
+        yield given
+        return
+    server = os.environ.get("ELEMTA_BENCH_PG_SERVER", DEFAULT_SERVER)
+    name = f"elemta_bench_delivery_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(_admin_dsn(server), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(_admin_dsn(server), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def sink() -> Iterator[tuple[int, dict[str, int]]]:
+    """A counting sink process; yields its port and, after exit, its counts."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "bench.sink", str(port)],
+                               stdout=subprocess.PIPE, text=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert process.stdout is not None
+    process.stdout.readline()  # "ready"
+    counts: dict[str, int] = {}
+    try:
+        yield port, counts
+    finally:
+        process.terminate()
+        out, _ = process.communicate(timeout=30)
+        messages, recipients = out.split()[-2:]
+        counts.update(messages=int(messages), recipients=int(recipients))
+
+
+def queue_messages(app: Any, count: int) -> None:
+    """Bulk-insert queued messages shaped exactly as ``accept_message`` makes them."""
+    from app.extensions import db
+    from app.models import Message, MessageContent, Recipient
+    from app.queue.service import new_message_id
+    from app.timeutil import utcnow
+    from tests.helpers import raw_message
+
+    raw = raw_message(subject="Benchmark") + b"x" * 700 + b"\r\n"
+    now = utcnow()
+    with app.app_context():
+        for start in range(0, count, 1000):
+            ids = [new_message_id() for _ in range(min(1000, count - start))]
+            db.session.execute(sa.insert(Message), [
+                {"id": i, "sender": "bench@example.com", "subject": "Benchmark", "size": len(raw),
+                 "priority": 0, "queue_state": "pending", "attempts": 0, "origin": "api",
+                 "created_at": now, "updated_at": now, "next_attempt_at": now} for i in ids])
+            db.session.execute(sa.insert(MessageContent),
+                               [{"message_id": i, "raw": raw} for i in ids])
+            db.session.execute(sa.insert(Recipient), [
+                {"message_id": i, "address": f"rcpt{n}@example.net", "domain": "example.net",
+                 "status": "pending", "attempts": 0, "next_attempt_at": now}
+                for n, i in enumerate(ids)])
+            db.session.commit()
+        db.session.remove()
+
+
+def measure(url: str, count: int, label: str) -> Result:
+    from flask_migrate import upgrade
+
+    from app import create_app
+    from app.delivery.worker import Worker
+    from app.extensions import db
+    from app.models import Message
+
+    with sink() as (port, counts):
+        app = create_app({"DATABASE_URL": url, "RELAY_HOST": f"127.0.0.1:{port}",
+                          "LOG_LEVEL": "warning"})
+        with app.app_context():
+            upgrade()
+        queue_messages(app, count)
+        log(f"{label}: {count} messages queued; delivering")
+        worker = Worker(app)
+        start = time.perf_counter()
+        worker.run(once=True)
+        elapsed = time.perf_counter() - start
+        with app.app_context():
+            left = db.session.scalar(sa.select(sa.func.count()).select_from(Message))
+            db.session.remove()
+            db.engine.dispose()
+    rate = count / elapsed
+    log(f"{label}: {rate:.0f} messages/s ({elapsed:.2f} s), sink got {counts}, left {left}")
+    return Result(name=f"end-to-end delivery, {label}", value=round(rate, 1), unit="messages/s",
+                  target=TARGET, higher_is_better=True,
+                  notes=f"{count} messages, concurrency {app.config['WORKER_CONCURRENCY']}, "
+                        f"one relay connection pool",
+                  extra={"seconds": round(elapsed, 2), "sink_messages": counts.get("messages"),
+                         "left_in_queue": left})
+
+
+def run(options: Any) -> list[Result]:
+    count = SIZES[getattr(options, "scale", "small")]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        results.append(measure(f"sqlite:///{tmp}/bench.db", count, "SQLite"))
+    given = getattr(options, "database_url", None) or os.environ.get("ELEMTA_BENCH_DATABASE_URL")
+    with postgres_database(given) as url:
+        results.append(measure(url, count, "PostgreSQL"))
+    return results
