@@ -79,7 +79,8 @@ def add_event(app: Flask, event_type: str, message: str, **fields) -> int:
 
 def is_type(frame_type: str, **data):
     def predicate(frame: dict) -> bool:
-        return frame["type"] == frame_type and all(frame["data"].get(k) == v for k, v in data.items())
+        return frame["type"] == frame_type and all(frame["data"].get(k) == v
+                                                   for k, v in data.items())
     return predicate
 
 
@@ -358,7 +359,7 @@ def test_late_commit_of_an_earlier_id_is_delivered_once(server, stream_app):
     assert no_frame(last)
 
 
-# --------------------------------------------------------------------------- many clients, bad clients
+# --------------------------------------------------------------------------- many and bad clients
 
 
 @pytest.mark.slow

@@ -22,9 +22,16 @@ from flask import Flask
 from simple_websocket import ConnectionClosed
 
 from app.extensions import db
-from tests.conftest import TEST_ADMIN_KEY, empty_database
+from tests.conftest import TEST_ADMIN_KEY
 from tests.helpers import queue_message
-from tests.stream_helpers import ROOT, StreamClient, close_quietly, flask_cli, receive, receive_until
+from tests.stream_helpers import (
+    ROOT,
+    StreamClient,
+    close_quietly,
+    flask_cli,
+    receive,
+    receive_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +69,8 @@ def _http(port: int, method: str, path: str) -> tuple[int, bytes]:
 
 
 @pytest.fixture
-def gunicorn(app: Flask, database_url: str, tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen]]:
+def gunicorn(app: Flask, database_url: str,
+             tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen]]:
     port = _free_port()
     config = tmp_path / "gunicorn_test.conf.py"
     config.write_text(CONFIG.format(path=os.path.join(ROOT, "gunicorn.conf.py")))

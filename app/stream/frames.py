@@ -10,7 +10,7 @@ once per row (by the hub) and shared by every socket; only the cursor differs pe
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +148,8 @@ def event_page(
         conds.append(_EVENTS.c.event_type == event_type)
     if queue_changes_only:
         conds.append(_EVENTS.c.action.is_not(None))
-    rows = list(session.execute(sa.select(_EVENTS).where(*conds).order_by(_EVENTS.c.id).limit(limit)))
+    query = sa.select(_EVENTS).where(*conds).order_by(_EVENTS.c.id).limit(limit)
+    rows = list(session.execute(query))
     following = rows[-1].id if len(rows) == limit else None
     return [event_row(r) for r in rows], following
 
@@ -173,7 +174,3 @@ def log_page(
 def queue_stats(session: so.Session) -> dict[str, int]:
     """The queue counts (SPEC 2.2 shape); read-only, unlike the API's read which may fold."""
     return counters.queue_counts(session)
-
-
-def ids_of(rows: Sequence[EventRow] | Sequence[LogRow]) -> list[int]:
-    return [r.id for r in rows]

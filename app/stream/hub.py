@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
 import sqlalchemy.orm as so
 from flask import Flask
 
@@ -40,7 +41,7 @@ log = logging.getLogger("elemta.stream")
 DEFAULT_POLL_INTERVAL = 0.5
 DEFAULT_HOLE_TIMEOUT = 60.0
 DEFAULT_QUEUE_SIZE = 2000
-MAX_HOLES = 50_000
+MAX_HOLES = 10_000
 ERROR_LOG_EVERY = 60.0
 
 _hubs: weakref.WeakSet[Hub] = weakref.WeakSet()
@@ -100,6 +101,10 @@ class _Table:
             if self.position.covers(row_id):
                 continue
             top = self.position.top()
+            if row_id - top - 1 > MAX_HOLES:
+                # Far more missing ids than transactions can be in flight: a sequence jump.
+                self.position.raise_floor(row_id - MAX_HOLES - 1)
+                top = self.position.top()
             for missing in range(top + 1, row_id):
                 self.holes[missing] = now
             self.holes.pop(row_id, None)
@@ -133,6 +138,7 @@ class Hub:
         self._logs = _Table(0)
         self._last_stats: str | None = None
         self._last_error_log = 0.0
+        self._engine: sa.Engine | None = None
         _hubs.add(self)
 
     # ------------------------------------------------------------------ subscribers
@@ -194,11 +200,12 @@ class Hub:
 
     def session(self) -> so.Session:
         """A short-lived session of its own (never Flask-SQLAlchemy's request-scoped one)."""
-        with self._app.app_context():
-            from ..extensions import db
+        if self._engine is None:
+            with self._app.app_context():
+                from ..extensions import db
 
-            engine = db.engine
-        return so.Session(engine, expire_on_commit=False)
+                self._engine = db.engine
+        return so.Session(self._engine, expire_on_commit=False)
 
     def _run(self, stop: threading.Event) -> None:
         while not stop.wait(self.poll_interval):

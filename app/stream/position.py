@@ -69,7 +69,8 @@ class Position:
     @classmethod
     def decode(cls, text: str) -> Position:
         parts = text.split(".")
-        if len(parts) > MAX_CURSOR_EXTRAS + 1 or not all(p.isdigit() and len(p) <= 19 for p in parts):
+        well_formed = all(p.isdigit() and len(p) <= 19 for p in parts)
+        if len(parts) > MAX_CURSOR_EXTRAS + 1 or not well_formed:
             raise CursorError(text)
         floor, *extras = (int(p) for p in parts)
         if any(i <= floor for i in extras):

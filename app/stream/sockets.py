@@ -241,7 +241,9 @@ class _Stream:
 
     def _event_frame(self, row: frames.EventRow) -> str | None:
         if self.spec.kind == "queue":
-            return frames.frame("queue_event", self._cursor(), row.queue_json) if row.queue_json else None
+            if row.queue_json is None:
+                return None
+            return frames.frame("queue_event", self._cursor(), row.queue_json)
         return frames.frame("message_event", self._cursor(), row.item_json)
 
     def _log_frame(self, row: frames.LogRow) -> str:
