@@ -206,3 +206,20 @@ def test_two_apps_with_memory_storage_do_not_share(make_app):
     assert anonymous(one).get("/api/queue/stats").status_code == 200
     assert anonymous(two).get("/api/queue/stats").status_code == 200
     assert limiter_of(one) is not limiter_of(two)
+
+
+def test_memory_storage_starts_no_thread_per_request_and_sweeps(make_app):
+    from app.ratelimit import SweepingMemoryStorage
+
+    app = make_app()
+    storage = limiter_of(app).storage
+    assert isinstance(storage, SweepingMemoryStorage)
+    client = anonymous(app)
+    for _ in range(20):
+        assert client.get("/api/queue/stats").status_code == 200
+    assert not storage.timer.is_alive()
+    storage.incr("client-that-left", expiry=-1)  # a counter whose window is over
+    storage.next_sweep = 0  # the sweep is due
+    storage.incr("another", expiry=60)
+    assert "client-that-left" not in storage.storage
+    assert storage.get("another") == 1
