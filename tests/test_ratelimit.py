@@ -223,3 +223,11 @@ def test_memory_storage_starts_no_thread_per_request_and_sweeps(make_app):
     storage.incr("another", expiry=60)
     assert "client-that-left" not in storage.storage
     assert storage.get("another") == 1
+
+
+def test_rate_limiting_can_be_switched_off(make_app):
+    client = anonymous(make_app(ratelimit_enabled=False, ratelimit_default="1 per minute"))
+    for _ in range(3):
+        response = client.get("/api/queue/stats")
+        assert response.status_code == 200
+        assert "X-RateLimit-Limit" not in response.headers
