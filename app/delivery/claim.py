@@ -23,6 +23,7 @@ from ..timeutil import utcnow
 
 CLAIMABLE_QUEUE_STATES = ("pending", "deferred")
 OPEN_RECIPIENT_STATES = ("pending", "deferred")
+CLAIM_TRIES = 5
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,28 @@ def claim_due(session: so.Session, worker_id: str, *, max_messages: int, lease_s
     together, so they can share SMTP transactions).
     """
     now = now or utcnow()
+    for _ in range(CLAIM_TRIES):
+        claimed = _claim_once(session, worker_id, max_messages, lease_seconds, now)
+        # On PostgreSQL an empty claim can be a lost race, not an empty queue: this
+        # statement's snapshot predates another worker's claim, whose messages it then
+        # locked after that worker committed, and whose recipients the lease re-check then
+        # (rightly) refused. A fresh statement tells which it was.
+        if claimed or not has_claimable(session, now):
+            return claimed
+    return []
+
+
+def has_claimable(session: so.Session, now: dt.datetime) -> bool:
+    """Whether any recipient is due and unleased in a claimable message; commits."""
+    found = session.scalar(sa.select(sa.exists().where(
+        Recipient.message_id == Message.id, Message.queue_state.in_(CLAIMABLE_QUEUE_STATES),
+        Message.next_attempt_at <= now, *_due(now))))
+    session.commit()
+    return bool(found)
+
+
+def _claim_once(session: so.Session, worker_id: str, max_messages: int, lease_seconds: int,
+                now: dt.datetime) -> list[ClaimedRecipient]:
     picked = (
         sa.select(Message.id)
         .where(
