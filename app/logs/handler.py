@@ -239,7 +239,7 @@ class DatabaseLogHandler(logging.Handler):
         self._start_thread()
 
     def forget_parent_after_fork(self) -> None:
-        """In a forked child: the parent's thread does not exist here, its connection is not ours."""
+        """In a forked child: the parent's thread is not here, its connection is not ours."""
         self._start_lock = threading.Lock()
         self._new_queue()
         self._engine.dispose(close=False)
@@ -359,7 +359,8 @@ def configured_levelno(app: Flask) -> int:
     try:
         return levelno_of(str(app.config.get("LOG_LEVEL", "info")))
     except ValueError:
-        raise ConfigError("ELEMTA_LOG_LEVEL must be one of debug, info, warn, error, fatal") from None
+        raise ConfigError(
+            "ELEMTA_LOG_LEVEL must be one of debug, info, warn, error, fatal") from None
 
 
 def install_database_logging(app: Flask) -> DatabaseLogHandler | None:

@@ -85,7 +85,8 @@ class MessageEventQuerySchema(ma.Schema):
                                  metadata={"description": "Exact recipient address"})
     limit = Limit()
     cursor = ma.fields.String(validate=ma.validate.Length(max=512),
-                              metadata={"description": "Opaque cursor (next_cursor or the Link header)"})
+                              metadata={"description": "Opaque cursor (next_cursor or the "
+                                                       "Link header)"})
 
 
 class MessageEventListSchema(ma.Schema):

@@ -95,7 +95,8 @@ def decode_event_cursor(cursor: str) -> int:
             raise ValueError("not an event cursor")
         return event_id
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise ValidationFailed("Invalid cursor", {"cursor": ["Not a cursor from this API."]}) from None
+        raise ValidationFailed("Invalid cursor",
+                               {"cursor": ["Not a cursor from this API."]}) from None
 
 
 def list_message_events(
