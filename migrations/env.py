@@ -11,8 +11,10 @@ config = context.config
 
 # Interpret the config file for Python logging.
 # This line sets up loggers basically.
-# Keep the loggers of the running process (tests, the CLI) alive.
-fileConfig(config.config_file_name, disable_existing_loggers=False)
+# The application configures logging itself (JSON lines, the database handler); alembic's
+# own logging config would close those handlers, so it only applies to a bare process.
+if not logging.getLogger().handlers:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 logger = logging.getLogger('alembic.env')
 
 
