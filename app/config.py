@@ -116,9 +116,10 @@ def _normalise(app: Flask) -> None:
         cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("pool_pre_ping", True)
         cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("pool_size", 10)
         cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("max_overflow", 20)
-        # A database host that drops packets must make /readyz answer 503, not hang; a
-        # connect_timeout in the URL's query still wins (libpq reads both, the URL last).
-        cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("connect_args", {"connect_timeout": 5})
+        # A database host that drops packets must make /readyz answer 503, not hang. A
+        # connect_timeout given in the URL is left to the URL (connect_args would override it).
+        if "connect_timeout=" not in cfg["SQLALCHEMY_DATABASE_URI"]:
+            cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("connect_args", {"connect_timeout": 5})
     # Flask's own request-size limit produces the 413 of the contract.
     cfg["MAX_CONTENT_LENGTH"] = cfg["MAX_REQUEST_BYTES"]
     cfg["SQLALCHEMY_TRACK_MODIFICATIONS"] = False
