@@ -1,7 +1,8 @@
 """Queueing accepted messages with group commit.
 
 Messages whose DATA completes while the database is busy with earlier ones are queued
-together, in one transaction: one commit (one fsync on PostgreSQL) for the lot. Each client
+together, in one transaction: one flush (multi-row INSERTs) and one commit (one fsync on
+PostgreSQL) for the lot, through the same ``accept_message`` service as every other message. Each client
 still gets its 250 only after the commit that made its message durable. If that transaction
 fails, its messages are retried one by one, so one bad message never costs the others; a
 message that fails alone is answered 451.
@@ -65,14 +66,22 @@ def accept_batch(app: Flask, jobs: Sequence[Job]) -> list[str | Exception]:
     return results
 
 
+class BatchSession(so.Session):
+    """A session whose ``commit()`` waits for the batch: the service's per-message commit
+    becomes a no-op, and the whole batch is flushed once (multi-row INSERTs) and committed
+    once by ``_in_one_transaction``."""
+
+    def commit(self) -> None:
+        pass
+
+
 def _in_one_transaction(app: Flask, jobs: Sequence[Job]) -> list[str]:
     with app.app_context(), db.engine.connect() as connection:
         transaction = connection.begin()
-        # "rollback_only": the service's session.commit() per message only flushes into our
-        # transaction; the single real commit is ours, below.
-        session = so.Session(bind=connection, join_transaction_mode="rollback_only")
+        session = BatchSession(bind=connection, join_transaction_mode="rollback_only")
         try:
             ids = [job.queue(session) for job in jobs]
+            session.flush()
             transaction.commit()
             return ids
         except BaseException:

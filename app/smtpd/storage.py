@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
 import sqlalchemy.orm as so
 from flask import Flask
 
@@ -71,8 +70,7 @@ def queue_message(session: so.Session, *, sender: str, recipients: Sequence[str]
         reception_note=f"Message accepted over SMTP from {trace.client_ip} ({len(stamped)} bytes)",
         event_fields={"delivery_ip": trace.client_ip[:64], "delivery_host": _safe(trace.helo, 255)},
     )
-    # The id from the identity map: reading message.id after the commit would reload the row.
-    return str(sa.inspect(message).identity[0])
+    return message.id
 
 
 def split_reply(reply: str) -> tuple[int | None, str | None, str]:
