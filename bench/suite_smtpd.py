@@ -62,7 +62,8 @@ def _count_messages(url: str) -> int:
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            return conn.execute(sa.text("SELECT count(*) FROM messages WHERE origin = 'smtp'")).scalar_one()
+            query = sa.text("SELECT count(*) FROM messages WHERE origin = 'smtp'")
+            return conn.execute(query).scalar_one()
     finally:
         engine.dispose()
 

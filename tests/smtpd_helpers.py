@@ -87,7 +87,8 @@ def stored(app: Flask) -> dict[str, list]:
         session = db.session
         result = {
             "messages": list(session.scalars(sa.select(Message))),
-            "recipients": list(session.scalars(sa.select(Recipient.address).order_by(Recipient.id))),
+            "recipients": list(session.scalars(
+                sa.select(Recipient.address).order_by(Recipient.id))),
             "contents": list(session.scalars(sa.select(MessageContent.message_id))),
             "events": list(session.scalars(sa.select(DeliveryEvent).order_by(DeliveryEvent.id))),
         }

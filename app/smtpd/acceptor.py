@@ -2,10 +2,10 @@
 
 Messages whose DATA completes while the database is busy with earlier ones are queued
 together, in one transaction: one flush (multi-row INSERTs) and one commit (one fsync on
-PostgreSQL) for the lot, through the same ``accept_message`` service as every other message. Each client
-still gets its 250 only after the commit that made its message durable. If that transaction
-fails, its messages are retried one by one, so one bad message never costs the others; a
-message that fails alone is answered 451.
+PostgreSQL) for the lot, through the same ``accept_message`` service as every other message.
+Each client still gets its 250 only after the commit that made its message durable. If that
+transaction fails, its messages are retried one by one, so one bad message never costs the
+others; a message that fails alone is answered 451.
 
 A batch is never held back to wait for more: it is whatever arrived while the previous one
 was being written, so a lone message is committed at once.

@@ -96,9 +96,10 @@ class ElemtaSMTP(SMTP):
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
-        if self.listener.closing or len(self.listener.sessions) > self.listener.settings.max_sessions:
+        listener = self.listener
+        if listener.closing or len(listener.sessions) > listener.settings.max_sessions:
             log.warning("Refused SMTP connection from %s: %s", self.client_ip,
-                        "shutting down" if self.listener.closing else "too many sessions")
+                        "shutting down" if listener.closing else "too many sessions")
             await super().push("421 4.3.2 Too many connections, try again later")
             if self.transport is not None:
                 self.transport.close()

@@ -55,7 +55,9 @@ def received_header(trace: Trace, newline: bytes) -> bytes:
 
 def _newline_of(raw: bytes) -> bytes:
     first = raw.find(b"\n")
-    return b"\r\n" if first > 0 and raw[first - 1:first] == b"\r" else (b"\n" if first >= 0 else b"\r\n")
+    if first < 0:
+        return b"\r\n"
+    return b"\r\n" if first > 0 and raw[first - 1:first] == b"\r" else b"\n"
 
 
 def header_end(raw: bytes) -> int:
