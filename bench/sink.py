@@ -1,11 +1,12 @@
 """A counting SMTP sink for the delivery benchmark: ``python -m bench.sink PORT``.
 
-Accepts everything, counts messages and recipients, prints ``messages recipients`` on stdout
-when it receives SIGTERM. Runs in its own process so it never shares a GIL with the worker.
+Accepts everything, counts messages and recipients, prints ``cpu_seconds messages recipients`` on stdout
+(after its CPU seconds) when it receives SIGTERM. Runs in its own process so it never shares a GIL with the worker.
 """
 
 from __future__ import annotations
 
+import resource
 import signal
 import sys
 import threading
@@ -33,7 +34,9 @@ def main() -> int:
     print("ready", flush=True)
     stop.wait()
     controller.stop()
-    print(f"{handler.messages} {handler.recipients}", flush=True)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"{usage.ru_utime + usage.ru_stime:.2f} {handler.messages} {handler.recipients}",
+          flush=True)
     return 0
 
 

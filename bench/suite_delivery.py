@@ -81,8 +81,9 @@ def sink() -> Iterator[tuple[int, dict[str, int]]]:
     finally:
         process.terminate()
         out, _ = process.communicate(timeout=30)
-        messages, recipients = out.split()[-2:]
+        cpu, messages, recipients = out.split()[-3:]
         counts.update(messages=int(messages), recipients=int(recipients))
+        counts["sink_cpu_s"] = float(cpu)  # type: ignore[assignment]
 
 
 def queue_messages(app: Any, count: int) -> None:
@@ -128,21 +129,26 @@ def measure(url: str, count: int, label: str) -> Result:
         queue_messages(app, count)
         log(f"{label}: {count} messages queued; delivering")
         worker = Worker(app)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         worker.run(once=True)
         elapsed = time.perf_counter() - start
+        worker_cpu = time.process_time() - cpu_start
         with app.app_context():
             left = db.session.scalar(sa.select(sa.func.count()).select_from(Message))
             db.session.remove()
             db.engine.dispose()
     rate = count / elapsed
-    log(f"{label}: {rate:.0f} messages/s ({elapsed:.2f} s), sink got {counts}, left {left}")
+    log(f"{label}: {rate:.0f} messages/s ({elapsed:.2f} s, worker CPU {worker_cpu:.2f} s), "
+        f"sink got {counts}, left {left}")
     return Result(name=f"end-to-end delivery, {label}", value=round(rate, 1), unit="messages/s",
                   target=TARGET, higher_is_better=True,
                   notes=f"{count} messages, concurrency {app.config['WORKER_CONCURRENCY']}, "
                         f"one relay connection pool",
                   extra={"seconds": round(elapsed, 2), "sink_messages": counts.get("messages"),
-                         "left_in_queue": left})
+                         "left_in_queue": left,
+                         "worker_cpu_ms_per_msg": round(1000 * worker_cpu / count, 2),
+                         "sink_cpu_ms_per_msg": round(1000 * counts["sink_cpu_s"] / count, 2),
+                         "load_avg_1m": round(os.getloadavg()[0], 1)})
 
 
 def run(options: Any) -> list[Result]:

@@ -1,7 +1,8 @@
 """Leases on due recipients: which worker delivers what, and until when.
 
 A claim picks messages whose queue state is ``pending`` or ``deferred`` (never ``held`` or
-``failed``) that have due, unleased recipients, and leases those recipients in one statement.
+``failed``) that have due, unleased recipients, oldest first, and leases those recipients
+(one statement per queue state).
 On PostgreSQL the message rows are picked ``FOR UPDATE SKIP LOCKED`` so concurrent workers
 take disjoint messages without waiting on each other; the UPDATE re-checks the lease, so a
 claim committed a moment earlier by another worker is never taken twice. On SQLite the single
@@ -72,31 +73,54 @@ def has_claimable(session: so.Session, now: dt.datetime) -> bool:
 
 def _claim_once(session: so.Session, worker_id: str, max_messages: int, lease_seconds: int,
                 now: dt.datetime) -> list[ClaimedRecipient]:
+    claimed: list[ClaimedRecipient] = []
+    messages: set[str] = set()
+    # Mail due now first (new, released, retried), then deferred mail whose time came.
+    for state in CLAIMABLE_QUEUE_STATES:
+        room = max_messages - len(messages)
+        if room <= 0:
+            break
+        rows = session.execute(_claim_statement(session, state, worker_id, room,
+                                                lease_seconds, now)).all()
+        claimed.extend(ClaimedRecipient(id=r.id, message_id=r.message_id, address=r.address,
+                                        domain=r.domain) for r in rows)
+        messages.update(r.message_id for r in rows)
+    session.commit()
+    claimed.sort(key=lambda c: (c.message_id, c.id))
+    return claimed
+
+
+def _claim_statement(session: so.Session, state: str, worker_id: str, limit: int,
+                     lease_seconds: int, now: dt.datetime) -> sa.Update:
+    """UPDATE the due recipients of the oldest ``limit`` claimable messages in ``state``.
+
+    Oldest first walks ``ix_messages_queue_state_created`` in order and stops after
+    ``limit`` messages, whatever the size of the queue. The per-message check of due
+    recipients is kept a correlated subquery (OFFSET 0 stops PostgreSQL from turning it
+    into a join, which it plans quadratically when its statistics lag behind a burst of
+    new mail); it probes ``ix_recipients_message_id``.
+    """
+    has_due = (
+        sa.select(sa.literal(1))
+        .where(Recipient.message_id == Message.id, *_due(now))
+        .offset(0)
+        .exists()
+    )
     picked = (
         sa.select(Message.id)
-        .where(
-            Message.queue_state.in_(CLAIMABLE_QUEUE_STATES),
-            Message.next_attempt_at <= now,
-            sa.exists().where(Recipient.message_id == Message.id, *_due(now)),
-        )
-        .order_by(Message.priority.desc(), Message.next_attempt_at, Message.id)
-        .limit(max_messages)
+        .where(Message.queue_state == state, Message.next_attempt_at <= now, has_due)
+        .order_by(Message.created_at, Message.id)
+        .limit(limit)
     )
     if session.get_bind().dialect.name == "postgresql":
         picked = picked.with_for_update(skip_locked=True)
-    stmt = (
+    return (
         sa.update(Recipient)
         .where(Recipient.message_id.in_(picked.scalar_subquery()), *_due(now))
         .values(lease_owner=worker_id, lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
         .returning(Recipient.id, Recipient.message_id, Recipient.address, Recipient.domain)
         .execution_options(synchronize_session=False)
     )
-    rows = session.execute(stmt).all()
-    session.commit()
-    claimed = [ClaimedRecipient(id=r.id, message_id=r.message_id, address=r.address,
-                                domain=r.domain) for r in rows]
-    claimed.sort(key=lambda c: (c.message_id, c.id))
-    return claimed
 
 
 def release_claims(session: so.Session, worker_id: str,

@@ -2,7 +2,7 @@
 
 A *job* is one message's claimed recipients that share a destination (one SMTP transaction).
 Delivery threads run jobs and pass their results to one recorder thread, which records them in
-batches (one transaction for many outcomes). The main thread claims in batches (refilling when fewer jobs than threads remain), submits jobs, beats the
+batches (one transaction for many outcomes). The main thread claims in batches (the next one while a batch's worth is still queued), submits jobs, beats the
 heartbeat, folds the queue counters and purges expired failed mail. ``stop()`` (SIGTERM) ends
 claiming; jobs not yet started give their claims back at once; jobs under way get up to
 ``SHUTDOWN_GRACE`` seconds to finish.
@@ -118,11 +118,12 @@ class Worker:
                     self._housekeeping(maintenance.purge_failed, self.failed_retention)
                     next_purge = now + PURGE_EVERY
 
-                # Claim in batches (one claim statement per batch, not per message), and
-                # claim again once fewer jobs than threads are left.
+                # Claim in batches (one claim statement per batch, not per message), and claim
+                # the next batch while a batch's worth is still queued: the threads never wait
+                # for a claim.
                 # (Read before claiming: outcomes recorded meanwhile may have queued a bounce.)
                 recording = self._recorder.unfinished_tasks
-                jobs = self._claim(self.batch_size) if len(inflight) < self.concurrency else []
+                jobs = self._claim(self.batch_size) if len(inflight) < self.batch_size else []
                 for job in jobs:
                     inflight[executor.submit(self._run_job, job)] = job
                 if not inflight:
