@@ -186,3 +186,14 @@ def test_one_session_carries_several_messages(port, app):
             assert client.sendmail("alice@example.com", [f"r{n}@example.net"],
                                    crlf(email_message(subject=f"n{n}"))) == {}
     assert sorted(m.subject for m in stored(app)["messages"]) == ["n0", "n1", "n2"]
+
+
+def test_plain_smtp_client_with_helo(port, app):
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        assert client.helo("old.example")[0] == 250
+        assert client.sendmail("alice@example.com", ["bob@example.net"],
+                               crlf(email_message())) == {}
+        assert not client.does_esmtp
+    (message,) = stored(app)["messages"]
+    assert raw_of(app, message.id).startswith(
+        b"Received: from old.example ([127.0.0.1])\r\n\tby mx.test.example (Elemta) with SMTP\r\n")
