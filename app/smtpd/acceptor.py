@@ -29,6 +29,7 @@ from .storage import Storage, queue_message
 log = logging.getLogger("elemta.smtpd")
 
 MAX_BATCH = 64
+MAX_BATCH_BYTES = 16 * 1024 * 1024  # a message alone may be larger; it then goes alone
 # Concurrent batches: one keeps SQLite's single writer busy; PostgreSQL overlaps two.
 WRITERS = {"sqlite": 1}
 DEFAULT_WRITERS = 2
@@ -124,10 +125,18 @@ class Acceptor:
         return await future
 
     async def _write_batches(self) -> None:
+        carried: list[tuple[Job, asyncio.Future[str]]] = []
         while True:
-            batch = [await self._queue.get()]
+            batch = carried or [await self._queue.get()]
+            carried = []
+            size = len(batch[0][0].raw)
             while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
+                size += len(item[0].raw)
+                if size > MAX_BATCH_BYTES:  # big messages: keep transactions (and INSERTs) sane
+                    carried = [item]
+                    break
+                batch.append(item)
             try:
                 results: list[Any] = await self.storage.run_plain(
                     accept_batch, self.app, [job for job, _ in batch])
