@@ -260,6 +260,14 @@ def test_plain_http_request_to_a_stream_is_a_contract_error(server):
     assert body["code"] == "VALIDATION_ERROR" and "WebSocket" in body["error"]
 
 
+def test_malformed_handshake_is_a_contract_error(server):
+    status, body = server.handshake("/api/logs/ws", {"Sec-WebSocket-Key": ""})
+    assert status == 400 and body["code"] == "VALIDATION_ERROR"
+    status, body = server.handshake("/api/queue/ws", {"Sec-WebSocket-Version": "8"})
+    assert status == 400 and body["code"] == "VALIDATION_ERROR"
+    assert server.hub.subscriber_count == 0
+
+
 def test_unknown_parameters_are_ignored(server):
     ws = server.connect("/api/queue/ws?colour=blue")
     assert receive(ws)["type"] == "queue_stats"

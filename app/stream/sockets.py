@@ -64,6 +64,11 @@ class StreamSpec:
 def serve(spec: StreamSpec) -> Response:
     """Upgrade the current request and stream until either side ends it."""
     app = current_app._get_current_object()  # type: ignore[attr-defined]
+    if not request.headers.get("Sec-WebSocket-Key") or (
+            request.headers.get("Sec-WebSocket-Version") != "13"):
+        raise ApiError(400, "VALIDATION_ERROR",
+                       "Invalid WebSocket handshake: Sec-WebSocket-Key and "
+                       "Sec-WebSocket-Version: 13 are required")
     hub = get_hub(app)
     subscriber = Subscriber(accepts=spec.accepts, wants_stats=spec.kind == "queue",
                             queue_size=hub.queue_size)
