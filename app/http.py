@@ -119,7 +119,8 @@ def register_request_hooks(app: Flask) -> None:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
         if limit and request.content_length and request.content_length > limit:
             raise RequestEntityTooLarge()
-        if limit and request.content_length is None and request.environ.get("wsgi.input_terminated"):
+        chunked = request.environ.get("wsgi.input_terminated")
+        if limit and request.content_length is None and chunked:
             buffer_chunked_body(request.environ, limit)
         if "\x00" in request.path or contains_nul(list(request.args.items(multi=True))):
             raise ApiError(400, "VALIDATION_ERROR", NUL_REFUSED)

@@ -103,7 +103,8 @@ def init_ratelimit(app: Flask) -> Limiter:
     cfg = app.config
     hops = cfg["TRUSTED_PROXIES"]
     if hops:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=hops, x_proto=hops)
 
     default_limit = _checked_limit("RATELIMIT_DEFAULT", cfg["RATELIMIT_DEFAULT"])
     strict_limit = _checked_limit("RATELIMIT_STRICT", cfg["RATELIMIT_STRICT"])

@@ -112,7 +112,8 @@ def test_cli_create_prints_the_key_alone_and_it_works(runner, app, anonymous_cli
 
 
 def test_cli_list_and_revoke(runner, anonymous_client, session):
-    plain = runner.invoke(args=["apikey", "create", "--name", "dash", "--role", "read"]).stdout.strip()
+    created = runner.invoke(args=["apikey", "create", "--name", "dash", "--role", "read"])
+    plain = created.stdout.strip()
     listing = runner.invoke(args=["apikey", "list", "--json"])
     assert listing.exit_code == 0
     rows = {row["name"]: row for row in json.loads(listing.stdout)}

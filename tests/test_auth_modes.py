@@ -94,7 +94,8 @@ def test_mode_matrix(make_app, session, keyring, mode, endpoint_class):
             elif endpoint_class == "mutate":
                 message_id = queue_message(session)
                 response = client.post(f"/api/queue/message/{message_id}/hold", headers=headers)
-                assert state_of(session, message_id) == ("held" if expected == 200 else "pending"), label
+                expected_state = "held" if expected == 200 else "pending"
+                assert state_of(session, message_id) == expected_state, label
             else:
                 message_id = queue_message(session)
                 response = client.delete(f"/api/queue/message/{message_id}", headers=headers)

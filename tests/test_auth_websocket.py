@@ -13,7 +13,13 @@ import pytest
 
 from tests.conftest import empty_database
 from tests.stream_helpers import LiveServer, receive
-from tests.test_auth_modes import ANY_KEY, CREDENTIALS, OPEN, OPEN_BUT_CHECKED, keyring  # noqa: F401
+from tests.test_auth_modes import (  # noqa: F401  (keyring: the fixture)
+    ANY_KEY,
+    CREDENTIALS,
+    OPEN,
+    OPEN_BUT_CHECKED,
+    keyring,
+)
 
 STYLES = ("bearer", "x-api-key", "query")
 EXPECTED = {"off": OPEN, "admin": OPEN_BUT_CHECKED, "all": ANY_KEY}

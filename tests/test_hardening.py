@@ -45,7 +45,8 @@ def test_preflight_from_an_allowed_origin(make_app, session):
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert {m.strip() for m in response.headers["Access-Control-Allow-Methods"].split(",")} \
         >= {"POST", "OPTIONS"}
-    allowed = {h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")}
+    allow_headers = response.headers["Access-Control-Allow-Headers"]
+    allowed = {h.strip().lower() for h in allow_headers.split(",")}
     assert {"authorization", "content-type", "x-api-key"} <= allowed
     assert "Origin" in response.headers["Vary"]
     assert state_of(session, message_id) == "pending"  # a preflight does nothing
@@ -124,7 +125,8 @@ def test_oversized_bodies_are_413_and_change_nothing(make_app, session):
                           environ_overrides={"wsgi.input_terminated": True})
     assert_error(chunked, 413, "PAYLOAD_TOO_LARGE")
     assert session.scalar(sa.select(sa.func.count()).select_from(ApiKey)) == 1
-    fits = client.post("/api/auth/keys", input_stream=io.BytesIO(b'{"name": "chunky", "role": "read"}'),
+    fits = client.post("/api/auth/keys",
+                       input_stream=io.BytesIO(b'{"name": "chunky", "role": "read"}'),
                        content_type="application/json", headers={"Transfer-Encoding": "chunked"},
                        environ_overrides={"wsgi.input_terminated": True})
     assert fits.status_code == 201
@@ -233,14 +235,16 @@ def test_hostile_strings_in_bodies(make_app, session, hostile):
     client = make_app(ratelimit_strict="100000 per minute").test_client()
     key_hashes = list(session.scalars(sa.select(ApiKey.key_hash)))
     before = snapshot(session)
-    payloads = [{"name": "ok", "role": hostile}, {"name": "ok", "role": "read", "expires_days": hostile}]
+    payloads = [{"name": "ok", "role": hostile},
+                {"name": "ok", "role": "read", "expires_days": hostile}]
     if not NAME_PATTERN.match(hostile):  # "999...9" is a fine key name
         payloads.append({"name": hostile, "role": "read"})
     for payload in payloads:
         response = client.post("/api/auth/keys", json=payload)
         assert_no_leak(response, key_hashes, repr(payload))
         assert response.status_code == 400
-    for payload in ({"from": hostile, "to": "b@example.net"}, {"from": "a@example.com", "to": hostile},
+    for payload in ({"from": hostile, "to": "b@example.net"},
+                    {"from": "a@example.com", "to": hostile},
                     {"from": "a@example.com", "to": [hostile]}):
         response = client.post("/api/send-test", json=payload)
         assert_no_leak(response, key_hashes, repr(payload))
@@ -248,7 +252,8 @@ def test_hostile_strings_in_bodies(make_app, session, hostile):
     assert snapshot(session) == before
     # Where a hostile string is valid data (a subject, a body), it is stored as it was sent.
     if "\x00" not in hostile:
-        response = client.post("/api/send-test", json={"from": "a@example.com", "to": "b@example.net",
+        response = client.post("/api/send-test", json={"from": "a@example.com",
+                                                       "to": "b@example.net",
                                                        "subject": hostile, "body": hostile})
         assert_no_leak(response, key_hashes, "subject")
         assert response.status_code == 200
@@ -257,7 +262,8 @@ def test_hostile_strings_in_bodies(make_app, session, hostile):
 
 
 def test_path_traversal_on_the_docs_assets(client):
-    for path in ("/api/docs/static/../../../etc/passwd", "/api/docs/static/%2e%2e/%2e%2e/app/config.py",
+    for path in ("/api/docs/static/../../../etc/passwd",
+                 "/api/docs/static/%2e%2e/%2e%2e/app/config.py",
                  "/api/docs/static/..%2F..%2Fapp%2Fconfig.py", "/api/docs/static/%00"):
         response = client.get(path)
         assert response.status_code in (400, 404), path

@@ -202,7 +202,8 @@ def test_limits_are_shared_through_redis(make_app, redis_prefix):
 
 
 def test_two_apps_with_memory_storage_do_not_share(make_app):
-    one, two = make_app(ratelimit_default="1 per minute"), make_app(ratelimit_default="1 per minute")
+    one = make_app(ratelimit_default="1 per minute")
+    two = make_app(ratelimit_default="1 per minute")
     assert anonymous(one).get("/api/queue/stats").status_code == 200
     assert anonymous(two).get("/api/queue/stats").status_code == 200
     assert limiter_of(one) is not limiter_of(two)

@@ -65,5 +65,6 @@ def _run(func, *args):  # type: ignore[no-untyped-def]
     except ApiError as exc:
         detail = ""
         if isinstance(exc.details, dict):
-            detail = ": " + "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in exc.details.items())
+            detail = ": " + "; ".join(f"{field}: {' '.join(map(str, messages))}"
+                                      for field, messages in exc.details.items())
         raise click.ClickException(exc.message + detail) from None
