@@ -197,3 +197,19 @@ def test_plain_smtp_client_with_helo(port, app):
     (message,) = stored(app)["messages"]
     assert raw_of(app, message.id).startswith(
         b"Received: from old.example ([127.0.0.1])\r\n\tby mx.test.example (Elemta) with SMTP\r\n")
+
+
+def test_bare_lf_line_ends_are_stored_as_crlf(port, app):
+    """smtplib sends bytes unchanged: a short message with LF line ends arrives as such."""
+    lf_message = email_message(subject="LF").as_bytes()
+    assert b"\r\n" not in lf_message
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        client.mail("alice@example.com")
+        client.rcpt("bob@example.net")
+        code, reply = client.data(lf_message)
+    assert code == 250
+    raw = raw_of(app, queued_id(reply))
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    # smtplib ends the data with CRLF when it does not: "...\n" + "\r\n".
+    assert raw.endswith(lf_message.replace(b"\n", b"\r\n") + b"\r\n")

@@ -1,7 +1,9 @@
 """What the listener adds to a message it accepts: a ``Received:`` trace header (RFC 5321
 4.4) at the top, and a ``Message-ID`` (RFC 5322 3.6.4) when the client sent none.
 
-The rest of the message is kept byte for byte, with the client's own line endings.
+The rest of the message is kept byte for byte, except that a bare LF becomes CRLF: RFC 5321
+2.3.8 allows no other line end, and receivers now refuse bare LFs (SMTP smuggling defences),
+so a message stored with them could not be delivered.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 _MESSAGE_ID_HEADER = re.compile(rb"^message-id[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,6 @@ def received_header(trace: Trace, newline: bytes) -> bytes:
     return newline.join(line.encode("ascii") for line in lines) + newline
 
 
-def _newline_of(raw: bytes) -> bytes:
-    first = raw.find(b"\n")
-    if first < 0:
-        return b"\r\n"
-    return b"\r\n" if first > 0 and raw[first - 1:first] == b"\r" else b"\n"
-
-
 def header_end(raw: bytes) -> int:
     """Offset of the blank line that ends the header section (len(raw) if there is none)."""
     if raw.startswith((b"\r\n", b"\n")):
@@ -74,7 +70,8 @@ def has_message_id(raw: bytes) -> bool:
 
 def stamp(raw: bytes, trace: Trace) -> bytes:
     """The message as it is queued: Received on top, Message-ID added when missing."""
-    newline = _newline_of(raw)
+    raw = _BARE_LF.sub(b"\r\n", raw)
+    newline = b"\r\n"
     received = received_header(trace, newline)
     if has_message_id(raw):
         return received + raw
