@@ -452,6 +452,32 @@ def test_slow_client_overflow_closes_it_and_resume_recovers(make_app):
         live.stop()
 
 
+def test_client_that_stops_reading_delays_nobody_and_is_cut_off(make_app):
+    app = make_app(stream_send_timeout=0.5, stream_poll_interval=0.2)
+    empty_database(app)
+    live = LiveServer(app).start()
+    try:
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+        stuck.settimeout(10)
+        stuck.connect(("127.0.0.1", live.port))
+        stuck.sendall(f"GET /api/logs/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        try:
+            healthy = live.connect("/api/logs/ws")
+            assert wait_until(lambda: live.hub.subscriber_count == 2)
+            bulky = "x" * 100_000
+            ids = [add_event(app, "system", f"{i} {bulky}") for i in range(40)]
+            assert [receive(healthy)["data"]["id"] for _ in ids] == ids
+            assert wait_until(lambda: live.hub.subscriber_count == 1)  # the stuck one is gone
+            assert healthy.connected
+        finally:
+            stuck.close()
+    finally:
+        live.stop()
+
+
 def test_shutdown_closes_streams_with_going_away(server):
     ws = server.connect("/api/queue/ws")
     receive(ws)
