@@ -35,9 +35,16 @@ class ClaimedRecipient:
     domain: str
 
 
-def _due(now: dt.datetime) -> list[sa.ColumnElement[bool]]:
+def _due(now: dt.datetime, by_message: bool = False) -> list[sa.ColumnElement[bool]]:
+    """Conditions of a due, unleased recipient.
+
+    ``by_message``: for queries that name the message(s); ``lower(status)`` keeps both
+    planners off ``ix_recipients_due`` (whose range grows with the queue, and which SQLite
+    and a PostgreSQL with stale statistics otherwise pick) and on ``ix_recipients_message_id``.
+    """
+    status = sa.func.lower(Recipient.status) if by_message else Recipient.status
     return [
-        Recipient.status.in_(OPEN_RECIPIENT_STATES),
+        status.in_(OPEN_RECIPIENT_STATES),
         Recipient.next_attempt_at <= now,
         sa.or_(Recipient.lease_owner.is_(None), Recipient.lease_expires_at < now),
     ]
@@ -98,11 +105,11 @@ def _claim_statement(session: so.Session, state: str, worker_id: str, limit: int
     ``limit`` messages, whatever the size of the queue. The per-message check of due
     recipients is kept a correlated subquery (OFFSET 0 stops PostgreSQL from turning it
     into a join, which it plans quadratically when its statistics lag behind a burst of
-    new mail); it probes ``ix_recipients_message_id``.
+    new mail); it probes ``ix_recipients_message_id`` (see ``_due``).
     """
     has_due = (
         sa.select(sa.literal(1))
-        .where(Recipient.message_id == Message.id, *_due(now))
+        .where(Recipient.message_id == Message.id, *_due(now, by_message=True))
         .offset(0)
         .exists()
     )
@@ -116,7 +123,7 @@ def _claim_statement(session: so.Session, state: str, worker_id: str, limit: int
         picked = picked.with_for_update(skip_locked=True)
     return (
         sa.update(Recipient)
-        .where(Recipient.message_id.in_(picked.scalar_subquery()), *_due(now))
+        .where(Recipient.message_id.in_(picked.scalar_subquery()), *_due(now, by_message=True))
         .values(lease_owner=worker_id, lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
         .returning(Recipient.id, Recipient.message_id, Recipient.address, Recipient.domain)
         .execution_options(synchronize_session=False)
