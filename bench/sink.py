@@ -1,6 +1,6 @@
 """A counting SMTP sink for the delivery benchmark: ``python -m bench.sink PORT``.
 
-Accepts everything, counts messages and recipients, prints ``cpu_seconds messages recipients`` on stdout
+Accepts everything, counts messages and recipients, prints ``cpu_seconds connections messages recipients`` on stdout
 (after its CPU seconds) when it receives SIGTERM. Runs in its own process so it never shares a GIL with the worker.
 """
 
@@ -18,10 +18,12 @@ class CountingHandler:
     def __init__(self) -> None:
         self.messages = 0
         self.recipients = 0
+        self.sessions: set[int] = set()  # connections that carried mail
 
     async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
         self.messages += 1
         self.recipients += len(envelope.rcpt_tos)
+        self.sessions.add(id(session))
         return "250 2.0.0 Ok: queued"
 
 
@@ -35,8 +37,8 @@ def main() -> int:
     stop.wait()
     controller.stop()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"{usage.ru_utime + usage.ru_stime:.2f} {handler.messages} {handler.recipients}",
-          flush=True)
+    print(f"{usage.ru_utime + usage.ru_stime:.2f} {len(handler.sessions)} {handler.messages} "
+          f"{handler.recipients}", flush=True)
     return 0
 
 
