@@ -14,32 +14,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import marshmallow as ma
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from ..logs.schemas import MessageEventSchema
+from ..logs.schemas import MessageEventSchema, SystemLogSchema
 from ..models import DeliveryEvent, SystemLog
 from ..queue import counters
-from ..schemas import Timestamp
 
 ROW_BATCH = 1000
 IDS_PER_QUERY = 1000
 
 
-class LogItemSchema(ma.Schema):
-    """One system log record (SPEC 4.1 item)."""
-
-    id = ma.fields.Integer(required=True)
-    timestamp = Timestamp(required=True)
-    level = ma.fields.String(required=True)
-    logger = ma.fields.String(required=True)
-    message = ma.fields.String(required=True)
-    process = ma.fields.String(required=True)
-
-
+# The same item shapes as GET /api/logs and GET /api/logs/messages.
 _EVENT_ITEM = MessageEventSchema()
-_LOG_ITEM = LogItemSchema()
+_LOG_ITEM = SystemLogSchema()
 
 
 def _json(value: Any) -> str:

@@ -13,7 +13,7 @@ from werkzeug.routing.exceptions import WebsocketMismatch
 from ..errors import error_response
 from ..extensions import Blueprint
 from ..logs.levels import ACCEPTED as LEVEL_NAMES
-from ..logs.levels import levelno_of
+from ..logs.schemas import EventType, MinimumLevel
 from ..models import EVENT_TYPES
 from . import sockets
 from .position import CursorError, Position, decode_cursor
@@ -54,22 +54,15 @@ class _ResumeSchema(ma.Schema):
 
 
 class LogStreamQuerySchema(_ResumeSchema):
-    level = ma.fields.String(metadata={
+    level = MinimumLevel(metadata={
         "description": "Minimum severity of log frames: debug, info, warn, error, fatal "
-                       "(warning, critical accepted)"})
-    event_type = ma.fields.String(validate=ma.validate.OneOf(EVENT_TYPES), metadata={
-        "description": "Only message events of this type"})
+                       "(warning, critical accepted)", "enum": list(LEVEL_NAMES)})
+    event_type = EventType(metadata={"description": "Only message events of this type",
+                                     "enum": list(EVENT_TYPES)})
     type = ma.fields.String(validate=ma.validate.OneOf(("log", "message_event")), metadata={
         "description": "Only frames of this type (default: both)"})
     since_log = ma.fields.Integer(strict=False, validate=ma.validate.Range(min=0), metadata={
         "description": "Resume after this system log id (simple form of `cursor`)"})
-
-    @ma.validates("level")
-    def _check_level(self, value: str, **_: Any) -> None:
-        try:
-            levelno_of(value)
-        except ValueError:
-            raise ma.ValidationError(f"Must be one of: {', '.join(LEVEL_NAMES)}.") from None
 
 
 class QueueStreamQuerySchema(_ResumeSchema):
@@ -84,7 +77,7 @@ def logs_stream(args: dict[str, Any]) -> Response:
     events, logs = LogStreamQuerySchema().resume_points(args)
     return sockets.serve(sockets.StreamSpec(
         kind="logs", events=events, logs=logs, event_type=args.get("event_type"),
-        min_levelno=levelno_of(args["level"]) if "level" in args else None,
+        min_levelno=args.get("level"),
         only=args.get("type")))
 
 
