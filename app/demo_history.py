@@ -176,9 +176,10 @@ FROM (
            (CAST(:users AS text[]))[1 + (g * 13) % :n_users] AS rcpt_user,
            (CAST(:domains AS text[]))[1 + (g * 5 / 3) % :n_domains] AS rcpt_domain
     FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) AS g
+    -- "+ g * 0" ties the lateral subquery to its row: evaluated per row, not once for all.
     CROSS JOIN LATERAL (
         SELECT random() AS kind, random() AS jitter, random() * 4 AS spam,
-               floor(random() * 1000)::int + g * 0 AS pick
+               CAST(floor(random() * 1000) AS int) + CAST(g * 0 AS int) AS pick
     ) AS draws
 ) AS rows
 """)

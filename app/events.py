@@ -156,9 +156,12 @@ def rebuild_rollup(
         hours.append(DeliveryRollup.hour >= since)
         events.append(DeliveryEvent.timestamp >= since)
     if until is not None:
-        until = hour_floor(until) + (dt.timedelta(hours=1) if until != hour_floor(until) else dt.timedelta())
-        hours.append(DeliveryRollup.hour < until)
-        events.append(DeliveryEvent.timestamp < until)
+        # Whole hours: the hour ``until`` falls in is recounted entirely.
+        end = hour_floor(until)
+        if end < until:
+            end += dt.timedelta(hours=1)
+        hours.append(DeliveryRollup.hour < end)
+        events.append(DeliveryEvent.timestamp < end)
     session.execute(sa.delete(DeliveryRollup).where(*hours))
     bucket = time_bucket("hour", DeliveryEvent.timestamp)
     outcome = outcome_of_event_type()
