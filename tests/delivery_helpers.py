@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -274,3 +275,12 @@ def bulk_queue(app: Flask, count: int, prefix: str = "m") -> list[str]:
         db.session.commit()
         db.session.remove()
     return ids
+
+
+def rollup_rows(app: Flask) -> list[tuple[dt.datetime, str, int]]:
+    """(hour, outcome, count) rows of the hourly rollup."""
+    with app.app_context():
+        rows = [(r.hour, r.outcome, r.count) for r in db.session.scalars(
+            sa.select(DeliveryRollup).order_by(DeliveryRollup.hour, DeliveryRollup.outcome))]
+        db.session.remove()
+        return rows

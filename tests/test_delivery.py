@@ -13,6 +13,7 @@ import email.policy
 import pytest
 import sqlalchemy as sa
 
+from app.events import hour_floor
 from app.extensions import db
 from app.models import Message, Recipient
 from app.queue import service
@@ -24,6 +25,7 @@ from tests.delivery_helpers import (
     message_row,
     recipients_of,
     rollup,
+    rollup_rows,
     run_worker,
 )
 from tests.helpers import queue_message
@@ -64,7 +66,8 @@ def test_accepted_mail_is_delivered_and_leaves_the_queue(relay_app):
     assert (event.recipient, event.smtp_code, event.enhanced_code) == ("bob@example.net", 250, "2.0.0")
     assert (event.delivery_host, event.delivery_ip) == ("127.0.0.1", "127.0.0.1")
     assert (event.action, event.queue_state) == ("delivered", None)
-    assert rollup(app) == {"delivered": 1}
+    # Counted in the clock hour of the event.
+    assert rollup_rows(app) == [(hour_floor(event.timestamp), "delivered", 1)]
 
 
 def test_temporary_failure_defers_with_the_scheduled_retry(relay_app):
@@ -89,7 +92,7 @@ def test_temporary_failure_defers_with_the_scheduled_retry(relay_app):
     [event] = events(app, message_id, "tempfail")
     assert (event.smtp_code, event.enhanced_code, event.delivery_ip) == (451, "4.3.0", "127.0.0.1")
     assert (event.action, event.queue_state) == ("deferred", "deferred")
-    assert rollup(app) == {"deferred": 1}
+    assert rollup_rows(app) == [(hour_floor(event.timestamp), "deferred", 1)]
 
 
 def test_second_failure_uses_the_next_step_and_the_last_step_repeats(relay_app):
