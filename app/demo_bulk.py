@@ -36,8 +36,8 @@ WITH draws AS MATERIALIZED (
            CAST(:now AS timestamptz) + make_interval(secs => 60 + later * 21540) AS retry_at,
            (CAST(:users AS text[]))[1 + u % :n_users] || '@'
                || (CAST(:domains AS text[]))[1 + d % :n_domains] AS sender,
-           replace((CAST(:subjects AS text[]))[1 + u % :n_subjects], '{n}', (1000 + g % 98999)::text)
-               AS subject,
+           replace((CAST(:subjects AS text[]))[1 + u % :n_subjects], '{n}',
+                   (1000 + g % 98999)::text) AS subject,
            1 + (CASE WHEN r2 < 0.25 THEN 1 ELSE 0 END) + (CASE WHEN r2 < 0.08 THEN 1 ELSE 0 END)
                AS n_rcpt,
            (CAST(:users AS text[]))[1 + (pick + 7) % :n_users] || '@'

@@ -42,7 +42,8 @@ Progress = Callable[[int, int], None]
 
 
 def seed_history(session: so.Session, count: int, *, days: int = 365, seed: int | None = None,
-                 now: dt.datetime | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                 now: dt.datetime | None = None,
+                 progress: Progress | None = None) -> dict[str, Any]:
     """Insert ``count`` events spread over the ``days`` before ``now``; commits per chunk."""
     now = now or utcnow()
     since = now - dt.timedelta(days=days)
@@ -122,7 +123,8 @@ def _event(rng: random.Random, g: int, timestamp: dt.datetime, tag: str) -> dict
             row.update(smtp_code=250, enhanced_code="2.0.0",
                        message=f"250 2.0.0 Ok: queued as {g:X}")
         else:
-            code, enhanced, text = rng.choice(TEMP_ERRORS if event_type == "tempfail" else PERM_ERRORS)
+            errors = TEMP_ERRORS if event_type == "tempfail" else PERM_ERRORS
+            code, enhanced, text = rng.choice(errors)
             row.update(smtp_code=code, enhanced_code=enhanced, message=text.format(domain=domain))
     row["action"], row["queue_state"] = EFFECT[event_type]
     return row

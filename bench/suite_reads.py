@@ -129,7 +129,8 @@ def getter(client: Any, url: str) -> Callable[[], Any]:
     def call() -> Any:
         response = client.get(url)
         if response.status_code != 200:
-            raise RuntimeError(f"GET {url}: {response.status_code} {response.get_data(as_text=True)[:200]}")
+            body = response.get_data(as_text=True)[:200]
+            raise RuntimeError(f"GET {url}: {response.status_code} {body}")
         return response
 
     return call

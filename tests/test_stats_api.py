@@ -1,4 +1,4 @@
-"""/api/stats/delivery, flask stats, the rollup's consistency and the demo history (both databases)."""
+"""/api/stats/delivery, flask stats, rollup consistency and the demo history (both databases)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def test_reference_example_94_8(client, session) -> None:
     session.commit()
     for scale in SIZES:
         body = client.get(f"/api/stats/delivery?timeScale={scale}").get_json()
-        assert (body["total_delivered"], body["total_failed"], body["total_deferred"]) == (1250, 45, 23)
+        totals = (body["total_delivered"], body["total_failed"], body["total_deferred"])
+        assert totals == (1250, 45, 23)
         assert body["success_rate"] == 94.8
         assert sum(b["delivered"] for b in body["data"]) == 1250
 
@@ -121,7 +122,8 @@ def test_counts_land_in_their_buckets(client, session) -> None:
 
 def test_recent_errors(client, session) -> None:
     base = utcnow() - dt.timedelta(hours=1)
-    spec = [("tempfail" if n % 3 else "rejection", base + dt.timedelta(seconds=n)) for n in range(14)]
+    spec = [("tempfail" if n % 3 else "rejection", base + dt.timedelta(seconds=n))
+            for n in range(14)]
     spec.insert(5, ("delivery", base))
     record_outcomes(session, spec)
     record_event(session, "rejection", recipient="x@example.org", message="554 refused at SMTP")
@@ -200,7 +202,8 @@ def test_rebuild_of_a_range_leaves_other_hours_alone(runner, session) -> None:
     assert result.exit_code == 0, result.output
     rows = rollup_rows(session)
     for (hour, outcome), count in rows.items():
-        expected = good[(hour, outcome)] if hour >= now.replace(minute=0) - dt.timedelta(hours=3) else 7
+        rebuilt = hour >= now.replace(minute=0) - dt.timedelta(hours=3)
+        expected = good[(hour, outcome)] if rebuilt else 7
         assert count == expected
 
 
@@ -226,7 +229,8 @@ def test_demo_seed_history_is_consistent(runner, session) -> None:
     assert json.loads(result.output)["events"] == 3000
     assert rollup_rows(session) == recount(session)
     by_type = dict(session.execute(
-        sa.select(DeliveryEvent.event_type, sa.func.count()).group_by(DeliveryEvent.event_type)).all())
+        sa.select(DeliveryEvent.event_type, sa.func.count())
+        .group_by(DeliveryEvent.event_type)).all())
     assert set(by_type) == {"reception", "delivery", "tempfail", "rejection", "system"}
     assert by_type["delivery"] > by_type["tempfail"] > by_type["rejection"]
     missing = session.scalar(sa.select(sa.func.count()).select_from(DeliveryEvent)
@@ -263,7 +267,8 @@ def test_bulk_queue_seed_on_postgresql(session) -> None:
     assert session.scalar(sa.select(sa.func.count()).select_from(MessageContent)) == 400
     for message in session.scalars(sa.select(Message).limit(20)):
         assert MESSAGE_ID.match(message.id)
-        raw = session.scalar(sa.select(MessageContent.raw).where(MessageContent.message_id == message.id))
+        raw = session.scalar(sa.select(MessageContent.raw)
+                             .where(MessageContent.message_id == message.id))
         assert message_from_bytes(raw)["Subject"] == message.subject
         statuses = {r.status for r in message.recipients}
         if message.queue_state == "failed":

@@ -77,7 +77,8 @@ def _plain(buckets: list[dict]) -> list[dict]:
             for b in buckets]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=history())
 def test_windows_match_the_reference(session, case) -> None:
     now, events = case

@@ -20,7 +20,8 @@ def _start() -> Timestamp:
 
 
 class BucketSchema(ma.Schema):
-    label = ma.fields.String(required=True, metadata={"description": "HH:00, YYYY-MM-DD or YYYY-MM"})
+    label = ma.fields.String(required=True,
+                             metadata={"description": "HH:00, YYYY-MM-DD or YYYY-MM"})
     start = _start()
     delivered = ma.fields.Integer(required=True)
     failed = ma.fields.Integer(required=True)
