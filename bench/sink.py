@@ -1,7 +1,8 @@
 """A counting SMTP sink for the delivery benchmark: ``python -m bench.sink PORT``.
 
-Accepts everything, counts messages and recipients, prints ``cpu_seconds connections messages recipients`` on stdout
-(after its CPU seconds) when it receives SIGTERM. Runs in its own process so it never shares a GIL with the worker.
+Accepts everything, counts messages, recipients and the connections that carried them, and
+prints ``cpu_seconds connections messages recipients`` on stdout when it receives SIGTERM.
+Runs in its own process so it never shares a GIL with the worker.
 """
 
 from __future__ import annotations

@@ -209,7 +209,8 @@ def run_worker(app: Flask, resolver: Any = None) -> Worker:
     return worker
 
 
-def events(app: Flask, message_id: str | None = None, event_type: str | None = None) -> list[DeliveryEvent]:
+def events(app: Flask, message_id: str | None = None,
+           event_type: str | None = None) -> list[DeliveryEvent]:
     with app.app_context():
         query = sa.select(DeliveryEvent).order_by(DeliveryEvent.id)
         if message_id:
@@ -243,7 +244,8 @@ def message_row(app: Flask, message_id: str) -> Message | None:
 
 def recipients_of(app: Flask, message_id: str) -> dict[str, Recipient]:
     with app.app_context():
-        rows = list(db.session.scalars(sa.select(Recipient).where(Recipient.message_id == message_id)))
+        rows = list(db.session.scalars(
+            sa.select(Recipient).where(Recipient.message_id == message_id)))
         db.session.expunge_all()
         db.session.remove()
         return {r.address: r for r in rows}
@@ -267,7 +269,8 @@ def bulk_queue(app: Flask, count: int, prefix: str = "m") -> list[str]:
              "created_at": now, "updated_at": now, "next_attempt_at": now}
             for n, i in enumerate(ids)])
         db.session.execute(sa.insert(MessageContent), [
-            {"message_id": i, "raw": raw_message(subject=f"{prefix}{n}")} for n, i in enumerate(ids)])
+            {"message_id": i, "raw": raw_message(subject=f"{prefix}{n}")}
+            for n, i in enumerate(ids)])
         db.session.execute(sa.insert(Recipient), [
             {"message_id": i, "address": f"r{n}@example.net", "domain": "example.net",
              "status": "pending", "attempts": 0, "next_attempt_at": now}

@@ -63,7 +63,8 @@ def test_accepted_mail_is_delivered_and_leaves_the_queue(relay_app):
     assert parsed["Subject"] == "Hello"
     assert message_row(app, message_id) is None  # every recipient delivered: left the queue
     [event] = events(app, message_id, "delivery")
-    assert (event.recipient, event.smtp_code, event.enhanced_code) == ("bob@example.net", 250, "2.0.0")
+    assert (event.recipient, event.smtp_code, event.enhanced_code) == (
+        "bob@example.net", 250, "2.0.0")
     assert (event.delivery_host, event.delivery_ip) == ("127.0.0.1", "127.0.0.1")
     assert (event.action, event.queue_state) == ("delivered", None)
     # Counted in the clock hour of the event.

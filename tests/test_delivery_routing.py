@@ -135,7 +135,8 @@ def test_bounce_reaches_the_senders_server_with_the_original_headers(mx_app):
     port = free_port()
     records = {**mx_to("127.0.0.1", "example.net", "mx.example.net"),
                **mx_to("127.0.0.2", "example.com", "mx.example.com")}
-    refusing = Behaviour(rcpt_replies={"bob@example.net": "550 5.1.1 <bob@example.net>: no such user"})
+    refusing = Behaviour(
+        rcpt_replies={"bob@example.net": "550 5.1.1 <bob@example.net>: no such user"})
     with Peer(refusing, port=port) as remote, Peer(host="127.0.0.2", port=port) as senders:
         app = mx_app(port)
         message_id = queue(app, subject="Quarterly report")

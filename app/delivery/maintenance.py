@@ -35,7 +35,8 @@ def remove_heartbeat(session: so.Session, worker_id: str) -> None:
     session.commit()
 
 
-def purge_failed(session: so.Session, retention_seconds: int, now: dt.datetime | None = None) -> int:
+def purge_failed(session: so.Session, retention_seconds: int,
+                 now: dt.datetime | None = None) -> int:
     """Delete failed messages untouched for longer than the retention; a ``system`` event
     (action ``purged``) for each. Chunked, each chunk its own transaction; commits."""
     now = now or utcnow()

@@ -2,7 +2,8 @@
 
 A *job* is one message's claimed recipients that share a destination (one SMTP transaction).
 Delivery threads run jobs and pass their results to one recorder thread, which records them in
-batches (one transaction for many outcomes). The main thread claims in batches (the next one while a batch's worth is still queued), submits jobs, beats the
+batches (one transaction for many outcomes). The main thread claims in batches (the next one
+while a batch's worth is still queued), submits jobs, beats the
 heartbeat, folds the queue counters and purges expired failed mail. ``stop()`` (SIGTERM) ends
 claiming; jobs not yet started give their claims back at once; jobs under way get up to
 ``SHUTDOWN_GRACE`` seconds to finish.
