@@ -6,7 +6,9 @@ index range per branch, so the newest page costs the same at ten rows or ten mil
 - system logs: ``ORDER BY id DESC LIMIT n``; with a minimum level, one branch per stored level
   at or above it, each walking ``ix_system_logs_levelno_id`` backwards, merged by id.
 - message events: ``WHERE <filter> [AND id < cursor] ORDER BY id DESC LIMIT n + 1`` over
-  ``ix_delivery_events_type_id`` / ``_message_id`` / ``_recipient`` (all end in ``id``).
+  ``ix_delivery_events_type_id`` / ``_message_id`` / ``_recipient`` (all end in ``id``); with an
+  ``event_type``, the ids are selected first (``id IN (SELECT id ... LIMIT n + 1)``) so that
+  PostgreSQL reads them from the ``(event_type, id)`` index instead of filtering the primary key.
 """
 
 from __future__ import annotations
@@ -122,9 +124,21 @@ def list_message_events(
         conditions.append(DeliveryEvent.recipient == recipient)
     if cursor:
         conditions.append(DeliveryEvent.id < decode_event_cursor(cursor))
+    query = sa.select(*EVENT_ITEM_COLUMNS)
+    if event_type:
+        # Ids first, then the rows. Asked for whole rows, PostgreSQL walks the primary key
+        # backwards filtering on event_type (a common type looks cheap to find that way),
+        # and reads millions of rows when the newest events are of other types. Asked for
+        # ids only, it reads them from ix_delivery_events_type_id (index-only, one range).
+        newest_ids = (
+            sa.select(DeliveryEvent.id).where(*conditions)
+            .order_by(DeliveryEvent.id.desc()).limit(limit + 1).subquery()
+        )
+        query = query.where(DeliveryEvent.id.in_(sa.select(newest_ids.c.id)))
+    else:
+        query = query.where(*conditions)
     rows = session.execute(
-        sa.select(*EVENT_ITEM_COLUMNS).where(*conditions)
-        .order_by(DeliveryEvent.id.desc()).limit(limit + 1)
+        query.order_by(DeliveryEvent.id.desc()).limit(limit + 1)
     ).mappings().all()
     next_cursor = encode_event_cursor(rows[limit - 1]["id"]) if len(rows) > limit else None
     return EventPage(items=rows[:limit], next_cursor=next_cursor)
