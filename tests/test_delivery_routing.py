@@ -118,6 +118,16 @@ def test_nxdomain_from_a_broken_resolver_defers(mx_app):
     assert rollup(app) == {"deferred": 1}
 
 
+def test_a_broken_resolver_is_logged_once_per_check(mx_app, caplog):
+    app = mx_app(free_port())
+    for n in range(3):
+        queue(app, recipients=(f"user@example{n}.net",))
+    with caplog.at_level("WARNING", logger="elemta.delivery"):
+        run_worker(app, FakeResolver({}, broken=True))
+    warnings = [r for r in caplog.records if "DNS is not working" in r.getMessage()]
+    assert len(warnings) == 1
+
+
 @pytest.mark.parametrize("error", [dns.exception.Timeout(timeout=1.0),
                                    dns.resolver.NoNameservers()])
 def test_temporary_dns_errors_defer(mx_app, error):

@@ -12,6 +12,7 @@ dnspython's exceptions (tests use one that answers from a table).
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -24,6 +25,8 @@ import dns.name
 import dns.resolver
 
 SANITY_TTL = 60.0  # seconds a resolver health check is trusted
+log = logging.getLogger("elemta.delivery")
+
 RELAY_HINT = "no relay configured (set ELEMTA_RELAY_HOST to deliver through a smarthost)"
 
 
@@ -186,6 +189,11 @@ class Router:
                 healthy = False
             with self._lock:
                 self._sane, self._sane_checked_at = healthy, now
+            if not healthy:
+                # Once per check (at most every SANITY_TTL): the operator sees why all MX mail
+                # waits without a log line per recipient.
+                log.warning("DNS is not working (the root zone does not resolve): MX mail "
+                            "waits deferred; %s", RELAY_HINT)
         if not healthy:
             raise RoutingError(
                 f"DNS says {domain} does not exist, but the resolver cannot resolve the root "
