@@ -8,9 +8,11 @@ visible at once instead of leaving half a service running.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 BIN = os.path.dirname(sys.executable)
@@ -37,6 +39,12 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    # One prometheus multiprocess directory for the API workers *and* the delivery worker, as
+    # deploy/ sets up on a host: /metrics then reports the worker's delivery latencies too.
+    metrics_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="elemta-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     for name, argv in commands().items():
         print(f"run_all: starting {name}: {' '.join(argv)}", file=sys.stderr, flush=True)
         # Own process group: the terminal's Ctrl-C reaches us once, we pass it on in order.
@@ -59,6 +67,8 @@ def main() -> int:
             child.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
+    if metrics_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     print("run_all: stopped", file=sys.stderr, flush=True)
     return exit_code
 
