@@ -7,6 +7,9 @@ Metrics: prometheus_client's multiprocess mode needs ``PROMETHEUS_MULTIPROC_DIR`
 worker imports it. Without one given, each master start gets a fresh temporary directory (removed
 at exit). With one given (to share it with a delivery worker on this host), files left by
 processes that no longer exist are removed at start, so a restart starts from zero.
+
+Streams: ``post_worker_init`` makes a worker's SIGTERM close its WebSocket streams with 1001
+first (docs/STREAMS.md).
 """
 
 import glob
@@ -84,6 +87,15 @@ _prepare_metrics_dir()
 def on_starting(server):
     # The service's start, reported as uptime by every API worker (app/health/service.py).
     os.environ["ELEMTA_STARTED_AT"] = str(time.time())
+
+
+def post_worker_init(worker):
+    # A WebSocket never ends by itself: without this, SIGTERM (stop, and SIGHUP's replacement of
+    # old workers) would leave every stream open until graceful_timeout and then drop it without
+    # a close frame. The handler closes streams with 1001 and then calls gunicorn's own.
+    from app.stream.hub import close_streams_on_sigterm
+
+    close_streams_on_sigterm()
 
 
 def child_exit(server, worker):

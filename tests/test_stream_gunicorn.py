@@ -35,20 +35,6 @@ from tests.stream_helpers import (
 
 pytestmark = pytest.mark.slow
 
-# The project's settings, plus the stream shutdown hook when gunicorn.conf.py lacks it.
-CONFIG = """
-import runpy
-_base = runpy.run_path({path!r})
-globals().update({{k: v for k, v in _base.items() if not k.startswith("__")}})
-_previous = _base.get("post_worker_init")
-if "close_streams_on_sigterm" not in open({path!r}).read():
-    def post_worker_init(worker):
-        if _previous:
-            _previous(worker)
-        from app.stream.hub import close_streams_on_sigterm
-        close_streams_on_sigterm()
-"""
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -72,8 +58,8 @@ def _http(port: int, method: str, path: str) -> tuple[int, bytes]:
 def gunicorn(app: Flask, database_url: str,
              tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen]]:
     port = _free_port()
-    config = tmp_path / "gunicorn_test.conf.py"
-    config.write_text(CONFIG.format(path=os.path.join(ROOT, "gunicorn.conf.py")))
+    # The project's own configuration file, unchanged: its post_worker_init hook is under test.
+    config = os.path.join(ROOT, "gunicorn.conf.py")
     env = {**os.environ, "ELEMTA_DATABASE_URL": database_url,
            "ELEMTA_API_LISTEN": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "2",
            "ELEMTA_API_THREADS": "24", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
@@ -81,7 +67,7 @@ def gunicorn(app: Flask, database_url: str,
     env.pop("ELEMTA_STARTED_AT", None)
     binary = os.path.join(os.path.dirname(sys.executable), "gunicorn")
     with open(tmp_path / "gunicorn.log", "wb") as log:
-        process = subprocess.Popen([binary, "-c", str(config), "wsgi:app"], cwd=ROOT, env=env,
+        process = subprocess.Popen([binary, "-c", config, "wsgi:app"], cwd=ROOT, env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(400):
@@ -91,7 +77,7 @@ def gunicorn(app: Flask, database_url: str,
                     break
             except OSError:
                 time.sleep(0.05)
-        yield port, process
+        yield port, process, tmp_path / "gunicorn.log"
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -102,9 +88,9 @@ def gunicorn(app: Flask, database_url: str,
                 process.wait()
 
 
-def test_two_workers_stream_every_change_and_close_cleanly_on_sigterm(app, gunicorn,
-                                                                       database_url):
-    port, process = gunicorn
+def test_two_workers_stream_every_change_and_close_cleanly_on_sigterm(
+        app, gunicorn, database_url):
+    port, process, log = gunicorn
     with app.app_context():
         message_id = queue_message(db.session)
         db.session.remove()
@@ -134,7 +120,43 @@ def test_two_workers_stream_every_change_and_close_cleanly_on_sigterm(app, gunic
                     assert text is not None, "no close frame"
                     json.loads(text)
             assert closed.value.reason == 1001
+        # gunicorn's own graceful shutdown still ran (the hook chains to its handler): each
+        # worker left its loop and exited by itself; none died of the signal or was killed at
+        # graceful_timeout.
         assert process.wait(timeout=60) == 0
+        records = [json.loads(line) for line in log.read_text().splitlines()
+                   if line.startswith("{")]
+        messages = [r.get("message", "") for r in records]
+        assert sum(m.startswith("Worker exiting") for m in messages) == 2, messages
+        assert not [m for m in messages if "was sent" in m or "WORKER TIMEOUT" in m
+                    or "Exception in worker" in m], messages
     finally:
         for client in clients:
             close_quietly(client)
+
+
+def test_sigterm_hook_is_installed_once_and_chains_to_gunicorns_handler(tmp_path):
+    """Run in a child: the hook replaces the process's SIGTERM handler and flags every hub."""
+    script = """
+import os, signal, runpy
+calls = []
+signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))  # gunicorn's, here
+config = runpy.run_path(os.path.join({root!r}, "gunicorn.conf.py"))
+from app import create_app
+from app.stream.hub import close_streams_on_sigterm, get_hub
+hub = get_hub(create_app({{"DATABASE_URL": "sqlite:///" + {db!r}, "LOG_TO_DATABASE": False}}))
+config["post_worker_init"](None)
+handler = signal.getsignal(signal.SIGTERM)
+close_streams_on_sigterm()  # a second installation (a merged hook) changes nothing
+assert signal.getsignal(signal.SIGTERM) is handler
+os.kill(os.getpid(), signal.SIGTERM)
+assert calls == [signal.SIGTERM], calls
+assert hub.closing
+print("ok")
+""".format(root=ROOT, db=str(tmp_path / "hook.db"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELEMTA_")}
+    env.update(PYTHONPATH=ROOT, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")

@@ -293,19 +293,29 @@ def shutdown_streams() -> None:
         hub.closing = True
 
 
-
 def close_streams_on_sigterm() -> None:
     """For a gunicorn worker's ``post_worker_init`` hook: on SIGTERM, close every stream first.
 
     gunicorn's gthread worker waits up to ``graceful_timeout`` for open connections, and a
     WebSocket never ends by itself; with this, each socket sends close code 1001 within a
     second and the worker exits promptly. Must run in the worker's main thread.
+
+    The handler chains to the one already installed (gunicorn's own ``handle_exit``, which starts
+    the graceful shutdown), so that keeps working. A second call is a no-op: wrapping our own
+    wrapper would only run the chain twice, and a hook merged from two configuration files must
+    not do that.
     """
     previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "_elemta_close_streams", False):
+        return
 
     def on_sigterm(signum: int, frame: Any) -> None:
         shutdown_streams()
         if callable(previous):
             previous(signum, frame)
 
+    on_sigterm._elemta_close_streams = True  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, on_sigterm)
+    # signal.signal() makes SIGTERM interrupt system calls again; gunicorn had turned that off
+    # ("don't let SIGTERM disturb active requests"), so restore its choice.
+    signal.siginterrupt(signal.SIGTERM, False)
