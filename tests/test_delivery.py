@@ -12,6 +12,7 @@ import email.policy
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from app.events import hour_floor
 from app.extensions import db
@@ -339,3 +340,34 @@ def test_delete_during_delivery_is_not_undone(relay_app, make_app):
         assert db.session.scalar(sa.select(sa.func.count()).select_from(Recipient)) == 0
         db.session.remove()
 
+
+
+def _latency_sample(suffix: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(f"elemta_delivery_latency_seconds_{suffix}", labels) or 0.0
+
+
+def test_each_delivered_recipient_feeds_the_latency_histogram(relay_app):
+    # SPEC 5's histogram, as app.metrics defines it: acceptance into the queue -> delivered,
+    # per recipient. Batched recording (plain deliveries) and the one-by-one path (a message
+    # that bounces) both observe; a refused recipient does not.
+    behaviour = Behaviour(rcpt_replies={"dave@example.net": "550 5.1.1 No such user"})
+    count, within_1h, within_3h = (_latency_sample("count"),
+                                   _latency_sample("bucket", le="3600.0"),
+                                   _latency_sample("bucket", le="10800.0"))
+    with Peer(behaviour) as peer:
+        app = relay_app(peer)
+        queue(app)
+        queue(app, recipients=("carol@example.net", "dave@example.net"))
+        with app.app_context():
+            # Queued two hours ago: its latency falls between the 3600 and 10800 s bounds.
+            queue_message(db.session, recipients=("erin@example.net",),
+                          created_at=utcnow() - dt.timedelta(hours=2))
+            db.session.remove()
+        run_worker(app)
+
+    delivered = events(app, event_type="delivery")
+    # bob, carol, erin and the bounce to alice.
+    assert len(delivered) == 4 and len(peer.recipients_received()) == 4
+    assert _latency_sample("count") == count + 4
+    assert _latency_sample("bucket", le="3600.0") == within_1h + 3
+    assert _latency_sample("bucket", le="10800.0") == within_3h + 4

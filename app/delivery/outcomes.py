@@ -25,6 +25,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from ..events import bump_rollup, outcome_increments, record_event
+from ..metrics import observe_delivery_latency
 from ..models import Message, MessageContent
 from ..queue.service import accept_message, settle_message_state
 from ..timeutil import utcnow
@@ -84,13 +85,16 @@ def record_outcome(session: so.Session, worker_id: str, message_id: str,
     if not _lock(session, [message_id], now):
         return _record_for_deleted(session, message_id, results, now, sender)
     [message] = _load(session, [message_id])
-    queue_state, failed, increments = _apply(session, worker_id, message, results, policy, now)
+    latencies: list[float] = []
+    queue_state, failed, increments = _apply(session, worker_id, message, results, policy, now,
+                                             latencies)
     bump_rollup(session, increments)
     recorded = Recorded(queue_state=queue_state, message_deleted=False)
     if failed and message.sender and policy.send_bounces:
         recorded.bounce_id = _queue_bounce(session, message, failed, policy)  # commits all
     else:
         session.commit()
+    _observe_latencies(latencies)
     return recorded
 
 
@@ -106,6 +110,7 @@ def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Atte
     """
     now = now or utcnow()
     singles: list[Attempt] = []
+    latencies: list[float] = []
     try:
         ids = sorted({a.message_id for a in attempts})
         present = _lock(session, ids, now)
@@ -122,7 +127,8 @@ def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Atte
             if _may_bounce(message, attempt.results, policy, now):
                 singles.append(attempt)
                 continue
-            _, _, counted = _apply(session, worker_id, message, attempt.results, policy, now)
+            _, _, counted = _apply(session, worker_id, message, attempt.results, policy, now,
+                                   latencies)
             increments.update(counted)
         bump_rollup(session, increments)
         session.commit()
@@ -131,6 +137,8 @@ def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Atte
         log.warning("recording %d outcomes together failed; recording them one by one",
                     len(attempts), exc_info=True)
         singles = list(attempts)
+        latencies = []  # rolled back: the one-by-one recording observes them again
+    _observe_latencies(latencies)
     for attempt in singles:
         record_outcome(session, worker_id, attempt.message_id, attempt.results, policy,
                        now=now, sender=attempt.sender)
@@ -164,11 +172,14 @@ def _may_bounce(message: Message, results: Sequence[RecipientResult], policy: Ou
 
 def _apply(session: so.Session, worker_id: str, message: Message,
            results: Sequence[RecipientResult], policy: OutcomePolicy, now: dt.datetime,
+           latencies: list[float],
            ) -> tuple[str | None, list[FailedRecipient], Counter[tuple[dt.datetime, str]]]:
     """Recipient states, the message's queue state and the events of one attempt; no commit.
 
     Returns the queue state, the recipients that failed for good (for a bounce) and the
-    rollup increments (the caller bumps the rollup once for everything it records).
+    rollup increments (the caller bumps the rollup once for everything it records). Appends
+    each delivered recipient's time in the queue to ``latencies``: the caller observes them
+    once its transaction has committed, so a rolled-back batch is not counted.
     """
     message_id = message.id
     by_id = {r.id: r for r in message.recipients}
@@ -230,6 +241,8 @@ def _apply(session: so.Session, worker_id: str, message: Message,
             action=ACTION_OF_KIND[event_kind], queue_state=queue_state,
         )
         increments.update(outcome_increments([(event_type, now)]))
+        if event_kind == "delivered":
+            latencies.append((now - message.created_at).total_seconds())
         if event_kind == "rejection":
             failed.append(FailedRecipient(
                 address=result.address,
@@ -237,6 +250,17 @@ def _apply(session: so.Session, worker_id: str, message: Message,
                 diagnostic=text, remote_host=result.remote_host, smtp_code=result.smtp_code,
                 attempted_at=now))
     return queue_state, failed, increments
+
+
+def _observe_latencies(latencies: Sequence[float]) -> None:
+    """Feed the delivery latency histogram (SPEC 5: acceptance into the queue -> delivered).
+
+    After the commit and in memory only (a histogram bucket increment each), so the batched
+    recorder does no extra database work. Recipients of a message deleted during delivery are
+    not observed: its acceptance time went with it.
+    """
+    for seconds in latencies:
+        observe_delivery_latency(seconds)
 
 
 def _record_for_deleted(session: so.Session, message_id: str,
