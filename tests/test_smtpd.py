@@ -146,6 +146,48 @@ def test_smtputf8_addresses_are_accepted(port, app):
     assert b"with UTF8SMTP" in raw_of(app, data["messages"][0].id)
 
 
+def test_8bit_and_smtputf8_headers_read_as_utf8_in_the_queue_and_detail(port, app):
+    # Raw UTF-8 header values (SMTPUTF8, 8BITMIME), an RFC 2047 word beside raw UTF-8, a
+    # folded raw value and one stray Latin-1 byte (not UTF-8: replaced, not an error).
+    raw = ("From: Pelé <pelé@exämple.com>\r\nTo: 用户@例子.测试\r\n"
+           "Subject: Grüße aus Köln – 日本\r\n"
+           "X-Mixed: =?utf-8?q?caf=C3=A9?= und Bär\r\n"
+           "X-Folded: Straße\r\n und Weg\r\n"
+           "Message-ID: <u8-headers@example.com>\r\n").encode("utf-8") + (
+           b"X-Latin: caf\xe9\r\n\r\nhi\r\n")
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        assert client.sendmail("pelé@exämple.com", ["用户@例子.测试"], raw,
+                               mail_options=["SMTPUTF8", "BODY=8BITMIME"]) == {}
+    [message] = stored(app)["messages"]
+    assert message.subject == "Grüße aus Köln – 日本"
+    assert raw_of(app, message.id).endswith(raw)  # stored byte for byte all the same
+
+    body = app.test_client().get(f"/api/queue/message/{message.id}").get_json()
+    assert body["subject"] == "Grüße aus Köln – 日本"
+    headers = [(name, value) for name, value in body["headers"] if name != "Received"]
+    assert headers == [
+        ("From", "Pelé <pelé@exämple.com>"), ("To", "用户@例子.测试"),
+        ("Subject", "Grüße aus Köln – 日本"), ("X-Mixed", "café und Bär"),
+        ("X-Folded", "Straße und Weg"), ("Message-ID", "<u8-headers@example.com>"),
+        ("X-Latin", "caf\ufffd"),
+    ]
+    listed = app.test_client().get("/api/queue/pending").get_json()
+    assert [m["subject"] for m in listed] == ["Grüße aus Köln – 日本"]
+
+
+def test_rfc2047_subject_is_still_decoded(port, app):
+    msg = email_message(subject="Überweisung für Zoë ✓")  # EmailMessage encodes it (RFC 2047)
+    assert b"=?utf-8?" in crlf(msg)
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        assert client.sendmail("alice@example.com", ["bob@example.net"], crlf(msg)) == {}
+    [message] = stored(app)["messages"]
+    assert message.subject == "Überweisung für Zoë ✓"
+    body = app.test_client().get(f"/api/queue/message/{message.id}").get_json()
+    assert body["subject"] == "Überweisung für Zoë ✓"
+    assert ["Subject", "Überweisung für Zoë ✓"] in body["headers"]
+
+
 def test_non_ascii_address_without_smtputf8_is_refused(port, app):
     with smtplib.SMTP("127.0.0.1", port) as client:
         client.ehlo("client.example")
