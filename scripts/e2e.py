@@ -155,8 +155,9 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def render_site(api_port: int, http_port: int, https_port: int, cert: Path, key: Path) -> str:
-    """deploy/nginx/elemta.conf with loopback ports and the test certificate."""
+def render_site(api_port: int, http_port: int, https_port: int, cert: Path, key: Path,
+                access_log: Path) -> str:
+    """deploy/nginx/elemta.conf with loopback ports, the test certificate and a log path."""
     site = SITE_TEMPLATE.read_text()
     replacements = [
         ("server 127.0.0.1:8025;", f"server 127.0.0.1:{api_port};"),
@@ -166,6 +167,7 @@ def render_site(api_port: int, http_port: int, https_port: int, cert: Path, key:
         ("listen [::]:443 ssl http2;", ""),
         ("/etc/ssl/certs/elemta.example.com.fullchain.pem", str(cert)),
         ("/etc/ssl/private/elemta.example.com.key", str(key)),
+        ("/var/log/nginx/elemta.access.log", str(access_log)),
     ]
     for old, new in replacements:
         if old not in site:
@@ -424,7 +426,8 @@ def _run_checks(tmp: Path, env: dict[str, str], nginx: str, cert: Path, key: Pat
         skip("flask smtpd does not exist yet: the message enters through POST /api/send-test")
 
     site = tmp / "elemta-site.conf"
-    site.write_text(render_site(ports["api"], ports["http"], ports["https"], cert, key))
+    site.write_text(render_site(ports["api"], ports["http"], ports["https"], cert, key,
+                                tmp / "nginx-access.log"))
     main = tmp / "nginx.conf"
     main.write_text(nginx_main_config(tmp, site))
     tested = subprocess.run([nginx, "-t", "-p", str(tmp), "-e", str(tmp / "nginx-error.log"),
@@ -561,6 +564,7 @@ def _run_checks(tmp: Path, env: dict[str, str], nginx: str, cert: Path, key: Pat
     else:
         skip(f"GET /api/logs answered {status}: system log endpoint not checked")
     _check_json_logs(tmp, processes)
+    _check_stream_location_and_access_log(tmp, client, streams)
 
     metrics = client.call("GET", "/metrics")
     check(metrics[0] == 200, f"GET /metrics through nginx answered {metrics[0]}")
@@ -606,6 +610,40 @@ def _check_json_logs(tmp: Path, processes: Processes) -> None:
             check(any(json.loads(l).get("request_id") == "e2e-probe-1" for l in lines),
                   "the API's logs do not carry the request id given through nginx")
     say("every process logs JSON lines to stdout; the API's carry the request id")
+
+
+def _check_stream_location_and_access_log(tmp: Path, client: Client,
+                                          streams: list[Stream]) -> None:
+    """The WebSocket location forwards like the others; nginx logs no query (no ?api_key=)."""
+    # A stream request refused before the upgrade (bad parameter) takes the WebSocket location
+    # too, and unlike an upgraded one it gets a line in the API's access log to look at.
+    status, headers, body = client.call("GET", "/api/queue/ws?since_event=bogus")
+    check(status == 400, f"GET /api/queue/ws?since_event=bogus answered {status}: {body}")
+    request_id = headers.get("X-Request-ID") or "-"
+
+    def api_record() -> dict[str, Any] | None:
+        for line in (tmp / "api.out").read_text().splitlines():
+            record = json.loads(line) if line.startswith("{") else {}
+            if record.get("path") == "/api/queue/ws" and record.get("request_id") == request_id:
+                return record
+        return None
+
+    record = wait_for(api_record, "the API's access log line of the refused stream request")
+    check(record.get("forwarded_for") == "127.0.0.1",
+          f"X-Forwarded-For did not reach the API from the WebSocket location: {record}")
+    access_log = tmp / "nginx-access.log"
+    wait_for(lambda: f"rid={request_id}" in access_log.read_text(),
+             "nginx's own request id to reach the API from the WebSocket location")
+    # nginx logs an upgraded connection when it ends; the streams were opened with ?api_key=.
+    for stream in streams:
+        stream.close()
+    if streams:
+        wait_for(lambda: "GET /api/queue/ws HTTP" in access_log.read_text()
+                 and "GET /api/logs/ws HTTP" in access_log.read_text(),
+                 "nginx's access log lines of the closed streams")
+    check("api_key" not in access_log.read_text(), "nginx's access log contains an api_key")
+    say("nginx: the WebSocket location forwards X-Forwarded-For and X-Request-ID; "
+        "its access log has no query strings (no api_key)")
 
 
 def main() -> int:
