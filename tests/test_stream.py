@@ -22,6 +22,8 @@ from simple_websocket import ConnectionClosed
 from app.events import record_event
 from app.extensions import db
 from app.models import DeliveryEvent, SystemLog
+from app.queue.service import hold_message
+from app.stream import frames
 from app.stream.hub import shutdown_streams
 from app.timeutil import utcnow
 from tests.conftest import TEST_ADMIN_KEY, empty_database
@@ -198,6 +200,31 @@ def test_log_record_from_another_process_reaches_client(server, database_url):
     assert item["message"] == "hello from another process"
     assert item["level"] == "warn" and item["logger"] == "elemta.other"
     assert no_frame(logs_ws)
+
+
+def test_queue_stats_never_run_ahead_of_the_events_behind_them(server, stream_app,
+                                                               monkeypatch):
+    """A change committed in the middle of a hub poll: its queue_event is not sent after the
+    counts that include it (a client seeing "held 1" has seen the "held")."""
+    message_id = queued(stream_app)
+    queue_ws = server.connect("/api/queue/ws")
+    assert receive(queue_ws)["data"]["pending"] == 1
+    read_events = frames.events_after
+    armed = [True]
+
+    def read_then_another_process_commits(session, after, limit=frames.ROW_BATCH):
+        rows = read_events(session, after, limit)
+        if armed and armed.pop():
+            # The race, made certain: a commit lands between the poll's reads.
+            with stream_app.app_context():
+                hold_message(db.session, message_id, actor="elsewhere")
+                db.session.remove()
+        return rows
+
+    monkeypatch.setattr(frames, "events_after", read_then_another_process_commits)
+    received = receive_until(queue_ws, is_type("queue_stats", held=1))
+    assert {"message_id": message_id, "action": "held", "queue": "held"} in [
+        f["data"] for f in received if f["type"] == "queue_event"], received
 
 
 # --------------------------------------------------------------------------- filters

@@ -228,13 +228,19 @@ class Hub:
                 event_top, log_top = self._events.position.top(), self._logs.position.top()
                 event_holes, log_holes = list(self._events.holes), list(self._logs.holes)
             with self.session() as session:
+                # The counts first, the rows after. Each statement sees what was committed when
+                # it ran (PostgreSQL's read committed; SQLite outside a transaction), so a
+                # change committed between two reads is seen only by the later one. Read in
+                # this order, every change the counts include is in the rows too: a client
+                # never gets queue_stats before the queue_event behind them (the other order
+                # sent e.g. "total 0" one poll before the "delivered" that made it so).
+                stats = frames.stats_json(frames.queue_stats(session)) if wants_stats else None
                 events = frames.events_after(session, event_top)
                 logs = frames.logs_after(session, log_top)
                 if event_holes:
                     events = frames.events_by_ids(session, event_holes) + events
                 if log_holes:
                     logs = frames.logs_by_ids(session, log_holes) + logs
-                stats = frames.stats_json(frames.queue_stats(session)) if wants_stats else None
                 session.rollback()
             self._dispatch(events, logs, stats)
             return len(events) - len(event_holes) >= frames.ROW_BATCH or (
