@@ -174,8 +174,7 @@ class Page:
 
 
 def queue_stats(session: so.Session) -> dict[str, int]:
-    counters.maybe_fold(session)
-    return counters.queue_counts(session)
+    return counters.counts_folding(session)
 
 
 def _state_condition(queue_type: str) -> list[sa.ColumnElement[bool]]:
