@@ -479,8 +479,20 @@ def test_slow_client_overflow_closes_it_and_resume_recovers(make_app):
         live.stop()
 
 
+def _most_a_stuck_socket_absorbs() -> int:
+    """Bytes the kernel may buffer for a peer that reads nothing: the largest send buffer TCP
+    autotuning may grow to (tcp_wmem's maximum), plus the peer's small receive buffer."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as sysctl:
+            return int(sysctl.read().split()[2]) + 64 * 1024
+    except (OSError, ValueError, IndexError):
+        return 16 * 1024 * 1024
+
+
 def test_client_that_stops_reading_delays_nobody_and_is_cut_off(make_app):
-    app = make_app(stream_send_timeout=0.5, stream_poll_interval=0.2)
+    # The healthy client is a thread of this (possibly very busy) process: the send timeout is
+    # generous so that it never looks stuck; the stuck one is cut off however long that takes.
+    app = make_app(stream_send_timeout=3.0, stream_poll_interval=0.2)
     empty_database(app)
     live = LiveServer(app).start()
     try:
@@ -488,14 +500,17 @@ def test_client_that_stops_reading_delays_nobody_and_is_cut_off(make_app):
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
         stuck.settimeout(10)
         stuck.connect(("127.0.0.1", live.port))
-        stuck.sendall(f"GET /api/logs/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                      "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        stuck.sendall(b"GET /api/logs/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                      b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      b"Sec-WebSocket-Version: 13\r\n\r\n")
         try:
             healthy = live.connect("/api/logs/ws")
             assert wait_until(lambda: live.hub.subscriber_count == 2)
             bulky = "x" * 100_000
-            ids = [add_event(app, "system", f"{i} {bulky}") for i in range(40)]
+            # More than the kernel can buffer for the stuck client, whatever its send buffer
+            # grows to (otherwise its writes never block and it is never cut off).
+            count = _most_a_stuck_socket_absorbs() // len(bulky) + 5
+            ids = [add_event(app, "system", f"{i} {bulky}") for i in range(count)]
             assert [receive(healthy)["data"]["id"] for _ in ids] == ids
             assert wait_until(lambda: live.hub.subscriber_count == 1)  # the stuck one is gone
             assert healthy.connected

@@ -266,9 +266,14 @@ class _Stream:
             return
         if not self.ws.connected:
             raise ConnectionClosed()
-        # sendall, not simple-websocket's send(): with a send timeout a plain send() may write
-        # part of a frame.
-        self.ws.sock.sendall(b"".join(self.ws.ws.send(TextMessage(data=t)) for t in texts))
+        # Not simple-websocket's send(): one plain send() may write part of a frame. Nor
+        # sendall(): its timeout bounds the whole write (up to FRAMES_PER_WRITE frames), so a
+        # client reading steadily but slower than that would be cut off. Here the timeout
+        # (STREAM_SEND_TIMEOUT) bounds each wait for room: only a write that makes no progress
+        # for that long ends the stream.
+        data = memoryview(b"".join(self.ws.ws.send(TextMessage(data=t)) for t in texts))
+        while data:
+            data = data[self.ws.sock.send(data):]
 
     def _discard_incoming(self) -> None:
         """Clients have nothing to say on these streams; drop whatever they send."""
