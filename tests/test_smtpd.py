@@ -222,6 +222,62 @@ def test_malformed_addresses_are_refused_with_a_rejection_event(port, app):
         db.session.remove()
 
 
+@pytest.mark.parametrize("command, code, stored_address", [
+    ("MAIL FROM:<al\x00ice@example.com>", 501, "al\\x00ice@example.com"),
+    ("MAIL FROM:<alice@exam\x00ple.com>", 501, "alice@exam\\x00ple.com"),
+    ("MAIL FROM:<al\x1bice@example.com>", 501, "al\\x1bice@example.com"),
+    ("RCPT TO:<b\x00ob@example.net>", 501, "b\\x00ob@example.net"),
+    ("RCPT TO:<bob@example.net\x00>", 501, "bob@example.net\\x00"),
+    ("RCPT TO:<b\x7fob@example.net>", 501, "b\\x7fob@example.net"),
+    ("RCPT TO:<b\x08ob@example.net>", 501, "b\\x08ob@example.net"),
+    # C1 controls are UTF-8 characters: under SMTPUTF8 they got through as an address.
+    ("RCPT TO:<b\u0085ob@example.net>", 501, "b\\x85ob@example.net"),
+    ("RCPT TO:<bob@exa\u009bmple.net>", 501, "bob@exa\\x9bmple.net"),
+])
+def test_control_characters_in_envelope_addresses_are_refused(port, app, command, code,
+                                                                stored_address):
+    # Each refusal is recorded (on PostgreSQL a NUL made the event's INSERT fail: refused
+    # silently), with the control characters written out; the session goes on, and the
+    # message that follows holds only the valid addresses.
+    stage = command.split()[0]
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        if stage == "RCPT":
+            assert client.mail("alice@example.com", ["SMTPUTF8"])[0] == 250
+        client.send(command.encode("utf-8") + b"\r\n")
+        refused, reply = client.getreply()
+        if stage == "MAIL":
+            assert client.mail("alice@example.com", ["SMTPUTF8"])[0] == 250
+        assert client.rcpt("carol@example.net")[0] == 250
+        assert client.data(crlf(email_message(to="carol@example.net")))[0] == 250
+    assert refused == code, reply
+    # Ours carry the enhanced code; aiosmtpd's own path parser refuses some with "Syntax".
+    assert reply.startswith((b"5.1.7 " if stage == "MAIL" else b"5.1.3 ", b"Syntax: ")), reply
+    data = stored(app)
+    [message] = data["messages"]
+    assert (message.sender, data["recipients"]) == ("alice@example.com", ["carol@example.net"])
+    rejection, reception = data["events"]
+    assert (rejection.event_type, rejection.smtp_code, reception.event_type) == (
+        "rejection", code, "reception")
+    refused_address = rejection.sender if stage == "MAIL" else rejection.recipient
+    assert refused_address == stored_address
+    assert raw_of(app, message.id).count(b"\x00") == 0
+
+
+def test_control_characters_in_the_helo_name_are_stored_written_out(port, app):
+    # The HELO name goes into the reception event: a NUL in it made every message of such a
+    # client fail with 451 on PostgreSQL. The Received: header had its own cleaning already.
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        assert client.ehlo("client\x00.example")[0] == 250
+        assert client.sendmail("alice@example.com", ["bob@example.net"],
+                               crlf(email_message())) == {}
+    data = stored(app)
+    [message] = data["messages"]
+    [reception] = data["events"]
+    assert reception.delivery_host == "client\\x00.example"
+    assert raw_of(app, message.id).startswith(b"Received: from client?.example ([127.0.0.1])")
+
+
 def test_one_session_carries_several_messages(port, app):
     with smtplib.SMTP("127.0.0.1", port) as client:
         for n in range(3):

@@ -75,8 +75,10 @@ def address_problem(address: str, *, is_sender: bool, smtputf8: bool) -> str | N
     if not at or not local or not domain or len(address) > MAX_ADDRESS \
             or len(local.encode("utf-8")) > MAX_LOCAL_PART:
         return bad
-    # Spaces are legal only inside a quoted local part; control characters nowhere.
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in address) \
+    # Spaces are legal only inside a quoted local part; control characters nowhere: C0 and
+    # DEL, and under SMTPUTF8 also C1 (U+0080-U+009F, "UTF8-non-ascii" to RFC 6532's grammar
+    # but no mailbox name; a NEL or CSI in an address is an injection attempt).
+    if any(ord(ch) < 32 or 127 <= ord(ch) <= 159 for ch in address) \
             or any(ch.isspace() for ch in domain) or domain.startswith(".") \
             or domain.endswith(".") or ".." in domain:
         return bad

@@ -25,6 +25,7 @@ log = logging.getLogger("elemta.smtpd")
 
 T = TypeVar("T")
 _REPLY = re.compile(r"^(\d{3})[ -](?:(\d\.\d{1,3}\.\d{1,3}) )?(.*)$", re.DOTALL)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: Unicode category Cc
 
 
 class Storage:
@@ -82,10 +83,14 @@ def split_reply(reply: str) -> tuple[int | None, str | None, str]:
 
 
 def _safe(text: str | None, limit: int) -> str | None:
-    """Client-supplied text as storable UTF-8 (undecodable bytes arrive as surrogates)."""
+    """Client-supplied text as storable UTF-8 (undecodable bytes arrive as surrogates), with
+    control characters written out as ``\\xNN``: PostgreSQL text cannot hold NUL at all (the
+    event of a refused ``<a\\0b@c>`` was lost), and the others would reach an operator's
+    terminal through the logs and the CLI."""
     if text is None:
         return None
-    return text.encode("utf-8", errors="replace").decode("utf-8")[:limit]
+    text = text.encode("utf-8", errors="replace").decode("utf-8")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)[:limit]
 
 
 def record_refusal(session: so.Session, *, stage: str, reply: str, client_ip: str, helo: str,
