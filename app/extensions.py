@@ -16,7 +16,7 @@ from webargs import core as webargs_core
 from webargs.flaskparser import FlaskParser, is_json_request
 
 from .errors import ApiError, handle_http_exception
-from .http import NUL_REFUSED, contains_nul
+from .http import UNSTORABLE_REFUSED, contains_unstorable
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -78,8 +78,8 @@ class Parser(FlaskParser):
             raise ApiError(400, "INVALID_JSON", "A JSON object body is required")
         if not isinstance(data, dict):
             raise ApiError(400, "INVALID_JSON", "The JSON body must be an object")
-        if contains_nul(data):
-            raise ApiError(400, "VALIDATION_ERROR", NUL_REFUSED)
+        if contains_unstorable(data):
+            raise ApiError(400, "VALIDATION_ERROR", UNSTORABLE_REFUSED)
         return data
 
     def _handle_invalid_json_error(self, error: Exception, req: flask.Request, *args: typing.Any,

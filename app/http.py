@@ -63,24 +63,29 @@ def add_cors_headers(response: Response) -> None:
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
 
 
-def contains_nul(value: object) -> bool:
-    """True when a NUL character hides anywhere in ``value`` (str, or lists/dicts of them).
+# NUL, and UTF-16 surrogate code points (JSON's "\\ud800" decodes to a lone one).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
-    No field of this API has a use for NUL, and the databases mishandle it: SQLite ends a
-    bound string at the NUL (``sender=%00`` became a LIKE pattern matching every message),
-    PostgreSQL refuses it. It is refused at the door, in the URL here and in JSON bodies by the
-    request parser.
+
+def contains_unstorable(value: object) -> bool:
+    """True when a NUL or a lone surrogate hides anywhere in ``value`` (str, or lists/dicts).
+
+    No field of this API has a use for either, and both break what stores or sends text: SQLite
+    ends a bound string at a NUL (``sender=%00`` became a LIKE pattern matching every message),
+    PostgreSQL refuses NUL, and a lone surrogate cannot be encoded as UTF-8 at all (not in the
+    database, not in a message). They are refused at the door, in the URL here and in JSON
+    bodies by the request parser.
     """
     if isinstance(value, str):
-        return "\x00" in value
+        return _UNSTORABLE.search(value) is not None
     if isinstance(value, dict):
-        return any(contains_nul(k) or contains_nul(v) for k, v in value.items())
+        return any(contains_unstorable(k) or contains_unstorable(v) for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return any(contains_nul(item) for item in value)
+        return any(contains_unstorable(item) for item in value)
     return False
 
 
-NUL_REFUSED = "NUL characters are not allowed in requests"
+UNSTORABLE_REFUSED = "NUL characters and unpaired surrogates are not allowed in requests"
 
 
 def buffer_chunked_body(environ: dict, limit: int) -> None:
@@ -122,8 +127,8 @@ def register_request_hooks(app: Flask) -> None:
         chunked = request.environ.get("wsgi.input_terminated")
         if limit and request.content_length is None and chunked:
             buffer_chunked_body(request.environ, limit)
-        if "\x00" in request.path or contains_nul(list(request.args.items(multi=True))):
-            raise ApiError(400, "VALIDATION_ERROR", NUL_REFUSED)
+        if contains_unstorable([request.path, *request.args.items(multi=True)]):
+            raise ApiError(400, "VALIDATION_ERROR", UNSTORABLE_REFUSED)
 
     # Registered after the request id hook and before the rate limiter and the auth check
     # (create_app's order): a preflight carries no credentials and costs nothing.

@@ -7,7 +7,7 @@ from typing import Any
 
 import marshmallow as ma
 
-from .timeutil import UTC, isoformat_z
+from .timeutil import isoformat_z, to_utc
 
 
 class Timestamp(ma.fields.DateTime):
@@ -18,9 +18,10 @@ class Timestamp(ma.fields.DateTime):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dt.datetime:
         parsed = super()._deserialize(value, attr, data, **kwargs)
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.astimezone(UTC)
+        try:
+            return to_utc(parsed)
+        except ValueError:
+            raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
 
 
 class Limit(ma.fields.Integer):

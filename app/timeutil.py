@@ -19,8 +19,20 @@ def isoformat_z(value: dt.datetime | None) -> str | None:
 
 
 def parse_iso(text: str) -> dt.datetime:
-    """Parse an ISO 8601 timestamp; a value without a zone is taken as UTC."""
+    """Parse an ISO 8601 timestamp; a value without a zone is taken as UTC.
+
+    Raises ``ValueError`` for anything that is not a representable instant, including the
+    edges of the calendar (``0001-01-01T00:00:00+05:00`` is before year 1 in UTC).
+    """
     value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    return to_utc(value)
+
+
+def to_utc(value: dt.datetime) -> dt.datetime:
+    """``value`` in UTC (naive = UTC); ``ValueError`` when UTC cannot represent it."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{value.isoformat()} is outside the representable range") from None

@@ -157,6 +157,12 @@ HOSTILE = [
     "msg-' OR 1=1 --",
     "9" * 40,
     "-1",
+    # Instants at the calendar's edges that UTC cannot represent (year 0, year 10000), and
+    # cursors carrying them or an id beyond any integer column.
+    "0001-01-01T00:00:00+05:00",
+    "9999-12-31T23:59:59-05:00",
+    "WyIwMDAxLTAxLTAxVDAwOjAwOjAwKzA1OjAwIiwibXNnLWFhYWFhYWFhIl0",
+    "WyJlMSIsIDk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5XQ",
 ]
 LEAK_MARKERS = ("Traceback", "sqlalchemy", "psycopg", "sqlite3", "OperationalError",
                 "ProgrammingError", "DataError", "IntegrityError", "site-packages", "/work/",
@@ -259,6 +265,21 @@ def test_hostile_strings_in_bodies(make_app, session, hostile):
         assert response.status_code == 200
         detail = client.get(f"/api/queue/message/{response.get_json()['message_id']}").get_json()
         assert detail["subject"] == hostile
+
+
+@pytest.mark.parametrize("unstorable", ["\ud800", "a\udfffb", "\x00"])
+def test_unstorable_characters_in_json_bodies_are_refused(make_app, session, unstorable):
+    """A lone surrogate (JSON "\\ud800") cannot become UTF-8: refused like NUL, never a 500."""
+    client = make_app(ratelimit_strict="100000 per minute").test_client()
+    before = snapshot(session)
+    for path, payload in (
+            ("/api/send-test", {"from": "a@example.com", "to": "b@example.net",
+                                "subject": unstorable}),
+            ("/api/send-test", {"from": "a@example.com", "to": "b@example.net",
+                                "body": unstorable}),
+            ("/api/auth/keys", {"name": "ok", "role": "read", unstorable: 1})):
+        assert_error(client.post(path, json=payload), 400, "VALIDATION_ERROR")
+    assert snapshot(session) == before
 
 
 def test_path_traversal_on_the_docs_assets(client):

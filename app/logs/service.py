@@ -93,7 +93,7 @@ def decode_event_cursor(cursor: str) -> int:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         version, event_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        if version != CURSOR_VERSION or type(event_id) is not int or event_id < 1:
+        if version != CURSOR_VERSION or type(event_id) is not int or not 0 < event_id < 2**63:
             raise ValueError("not an event cursor")
         return event_id
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
