@@ -138,10 +138,23 @@ def handle_unexpected(error: Exception) -> Response:
 
 
 def is_database_unavailable(error: BaseException) -> bool:
-    """True for errors that mean 'cannot reach or use the database right now'."""
+    """True for errors that mean 'cannot reach or use the database right now'.
+
+    A database without the schema (not migrated yet) counts: the request cannot be served
+    there, it is not a bug in it.
+    """
     if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)):
         return True
-    return isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
+    return isinstance(error, sa_exc.DBAPIError) and (error.connection_invalidated
+                                                     or is_missing_schema(error))
+
+
+def is_missing_schema(error: BaseException) -> bool:
+    """A table is missing. SQLite: "no such table"; PostgreSQL: SQLSTATE 42P01."""
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    return ("no such table" in str(error.orig).lower()
+            or getattr(error.orig, "sqlstate", None) == "42P01")
 
 
 def register_error_handlers(app: Flask) -> None:

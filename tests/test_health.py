@@ -188,3 +188,43 @@ def _postgresql_outage_and_return(make_app) -> None:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_database_url(database_url, tmp_path):
+    """A database that answers but holds no schema (``flask db upgrade`` never ran)."""
+    if database_url.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path}/never-migrated.db"
+        return
+    server = os.environ[PG_URL_ENV]
+    name = f"elemta_empty_{uuid.uuid4().hex[:8]}"
+    admin = _pg_admin_dsn(server)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = sa.make_url(_pg_admin_dsn(server, name)).set(drivername="postgresql+psycopg")
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_not_ready_on_a_database_without_the_schema(make_app, empty_database_url) -> None:
+    """A load balancer must not send traffic to a host whose database was never migrated."""
+    client = make_app(database_url=empty_database_url).test_client()
+    body = assert_error(client.get("/readyz"), 503, "SERVICE_UNAVAILABLE")
+    assert "flask db upgrade" in body["error"]
+    assert client.get("/api/health").get_json()["status"] == "unhealthy"
+    assert_error(client.get("/api/queue/stats"), 503, "SERVICE_UNAVAILABLE")
+    assert client.get("/livez").status_code == 200
+
+
+def test_not_ready_when_the_schema_is_not_this_releases(make_app, empty_database_url) -> None:
+    app = make_app(database_url=empty_database_url)
+    engine = sa.create_engine(empty_database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+        conn.execute(sa.text("INSERT INTO alembic_version VALUES ('0000old')"))
+    engine.dispose()
+    body = assert_error(app.test_client().get("/readyz"), 503, "SERVICE_UNAVAILABLE")
+    assert "0000old" in body["error"] and "flask db upgrade" in body["error"]

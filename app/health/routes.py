@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Response, jsonify
+from flask import Response, current_app, jsonify
 from flask.views import MethodView
 
 from ..errors import error_response
@@ -50,7 +50,9 @@ class Ready(MethodView):
     @blp.response(200, ProbeSchema)
     @blp.alt_response(503, description="The database does not answer")
     def get(self) -> Response:
-        """Readiness: the database answers a query"""
-        if service.database_ready(db.session):
+        """Readiness: the database answers and holds this release's schema"""
+        problem = service.readiness_problem(db.session,
+                                            current_app.extensions["migrate"].directory)
+        if problem is None:
             return _no_store(jsonify({"status": "ready"}))
-        return _no_store(error_response(503, "SERVICE_UNAVAILABLE", UNAVAILABLE))
+        return _no_store(error_response(503, "SERVICE_UNAVAILABLE", problem))

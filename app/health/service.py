@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from ..errors import is_database_unavailable
+from ..errors import is_database_unavailable, is_missing_schema
 from ..models import WorkerHeartbeat
 from ..queue.service import queue_stats
 from ..timeutil import UTC, isoformat_z, parse_iso, utcnow
@@ -174,17 +174,35 @@ def health_report(session: so.Session) -> HealthReport:
     return HealthReport(body)
 
 
-def database_ready(session: so.Session) -> bool:
-    """True when the database answers a ``SELECT 1``."""
+def readiness_problem(session: so.Session, migrations_dir: str) -> str | None:
+    """Why this process cannot serve yet, or ``None`` when it can.
+
+    Ready means the database answers *and* holds the schema this release was written for: an
+    empty or half-upgraded database answers ``SELECT 1`` but fails every real request, and a
+    load balancer must not send traffic there (README: ``flask db upgrade`` before start).
+    """
     try:
-        database_latency_ms(session)
+        current = set(session.scalars(sa.text("SELECT version_num FROM alembic_version")))
         session.commit()
-        return True
-    except Exception as exc:
+    except sa.exc.DBAPIError as exc:
         _rollback_quietly(session)
-        if not is_database_unavailable(exc):
-            raise
-        return False
+        if is_missing_schema(exc):
+            return "The database has no schema (run flask db upgrade)"
+        if is_database_unavailable(exc):
+            return "The database does not answer"
+        raise
+    expected = expected_schema_heads(migrations_dir)
+    if current != expected:
+        return (f"The database schema is at {', '.join(sorted(current)) or 'nothing'}, this "
+                f"release needs {', '.join(sorted(expected))} (run flask db upgrade)")
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def expected_schema_heads(migrations_dir: str) -> set[str]:
+    from alembic.script import ScriptDirectory  # only readiness needs it, once per process
+
+    return set(ScriptDirectory(migrations_dir).get_heads())
 
 
 def _rollback_quietly(session: so.Session) -> None:
