@@ -24,6 +24,7 @@ from flask.testing import FlaskClient
 from app.extensions import db
 from app.logging_setup import detect_role
 from app.logs.handler import (
+    MAX_RETRY_PAUSE,
     DatabaseLogHandler,
     install_database_logging,
     installed_handler,
@@ -300,7 +301,9 @@ def test_writing_resumes_when_the_database_is_back(logging_app, database_url, tm
         log.error("logged while the database is missing")
         wait_until(lambda: handler.failures >= 1)
         create()
-        wait_until(lambda: handler.written >= 1)
+        # The handler retries with a growing pause (up to MAX_RETRY_PAUSE): on a loaded machine
+        # creating the database takes long enough for the pause to reach its maximum.
+        wait_until(lambda: handler.written >= 1, timeout=2 * MAX_RETRY_PAUSE + 30)
         log.error("logged after it came back")
         assert handler.flush()
         assert [r.message for r in stored(app, "elemta.test.resume")] == [
