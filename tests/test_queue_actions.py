@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
+
+from app.models import Recipient
 
 from tests.helpers import assert_error, queue_message, state_of, system_events
 
@@ -48,6 +51,38 @@ def test_hold_then_release(client, session, start):
         f"Message {message_id} held by test-admin",
         f"Message {message_id} released by test-admin",
     ]
+
+
+def test_release_of_a_message_whose_recipients_failed_while_held(client, session):
+    """Deliveries under way when the hold came may fail it for good; release must not revive
+    it as a pending message that no worker would ever claim."""
+    message_id = queue_message(session, recipients=("bob@example.net", "carol@example.net"),
+                               state="held")
+    session.execute(sa.update(Recipient).where(Recipient.message_id == message_id)
+                    .values(status="failed", attempts=1, last_error="550 no such user",
+                            next_attempt_at=None))
+    session.commit()
+    assert client.post(f"/api/queue/message/{message_id}/release").status_code == 200
+    assert state_of(session, message_id) == "failed"
+    detail = client.get(f"/api/queue/message/{message_id}").get_json()
+    assert detail["next_attempt_at"] is None
+    assert [r["status"] for r in detail["recipients"]] == ["failed", "failed"]
+    assert client.get("/api/queue/stats").get_json() == {
+        "pending": 0, "deferred": 0, "held": 0, "failed": 1, "total": 1}
+
+
+def test_release_keeps_delivered_recipients_delivered(client, session):
+    message_id = queue_message(session, recipients=("bob@example.net", "carol@example.net"),
+                               state="held")
+    session.execute(sa.update(Recipient).where(Recipient.message_id == message_id,
+                                               Recipient.address == "bob@example.net")
+                    .values(status="delivered", attempts=1))
+    session.commit()
+    assert client.post(f"/api/queue/message/{message_id}/release").status_code == 200
+    assert state_of(session, message_id) == "pending"
+    detail = client.get(f"/api/queue/message/{message_id}").get_json()
+    assert {r["address"]: r["status"] for r in detail["recipients"]} == {
+        "bob@example.net": "delivered", "carol@example.net": "pending"}
 
 
 def test_hold_of_failed_message_is_a_conflict(client, session):

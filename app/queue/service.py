@@ -396,9 +396,33 @@ def _apply(
             .values(status="pending", next_attempt_at=now)
             .execution_options(synchronize_session=False)
         )
-    record_system_events(session, rows, f"Message {{id}} {PAST_TENSE[action]} by {actor}",
-                         action=PAST_TENSE[action], queue_state=values["queue_state"], timestamp=now)
+    failed_ids = _fail_released_without_open_recipients(session, changed) \
+        if action == "release" else set()
+    for state, group in ((values["queue_state"], [r for r in rows if r["id"] not in failed_ids]),
+                         ("failed", [r for r in rows if r["id"] in failed_ids])):
+        if group:
+            record_system_events(session, group, f"Message {{id}} {PAST_TENSE[action]} by {actor}",
+                                 action=PAST_TENSE[action], queue_state=state, timestamp=now)
     return changed
+
+
+def _fail_released_without_open_recipients(session: so.Session, ids: Sequence[str]) -> set[str]:
+    """Released messages with nothing left to deliver go to ``failed``, not ``pending``.
+
+    While a message is held, deliveries under way finish: their permanent failures are recorded
+    and the message stays held (settle_message_state). If none of its recipients is still
+    pending or deferred, "pending" would be a message no worker ever claims.
+    """
+    open_recipient = sa.exists().where(Recipient.message_id == Message.id,
+                                       Recipient.status.in_(("pending", "deferred")))
+    stmt = (
+        sa.update(Message)
+        .where(Message.id.in_(ids), ~open_recipient)
+        .values(queue_state="failed", next_attempt_at=None)
+        .returning(Message.id)
+        .execution_options(synchronize_session=False)
+    )
+    return set(session.scalars(stmt))
 
 
 # --------------------------------------------------------------------------- derived state
