@@ -1,113 +1,392 @@
 """Configuration: safe defaults, overridden by ``ELEMTA_*`` environment variables.
 
-Flask's ``from_prefixed_env("ELEMTA")`` reads ``ELEMTA_FOO`` into ``FOO`` (values are parsed
-as JSON when they can be, so ``ELEMTA_SEND_BOUNCES=false`` is a bool). Everything is then
-checked once, here, so a typo stops the process at start instead of at 3 a.m.
+Flask's ``from_prefixed_env("ELEMTA")`` reads ``ELEMTA_FOO`` into ``FOO``. Its default parses
+values as JSON, which would turn a password ``12345`` into an int and ``1e3`` into ``1000.0``:
+here every value is read as the exact string given, and ``SETTINGS`` converts and checks each one
+(type, range, format) once, when the app is created, so a typo stops the process at start instead
+of at 3 a.m. Every other module reads the converted values from ``app.config``.
+
+A refused value raises ``ConfigError`` naming the variable and the value (never a secret's);
+wsgi.py turns it into one line and a non-zero exit for the ``flask`` CLI and gunicorn.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
+import sqlalchemy as sa
 from flask import Flask
+from limits import parse_many
+from limits.storage import SCHEMES as LIMITS_STORAGE_SCHEMES
 
-DEFAULTS: dict[str, Any] = {
-    "DATABASE_URL": None,  # None -> sqlite file under the instance folder
-    "MAX_REQUEST_BYTES": 1024 * 1024,
-    "FAILED_RETENTION": 604800,
-    "LOG_RETENTION": 1209600,
-    "LOG_LEVEL": "info",
-    "AUTH_MODE": "admin",
-    "RATELIMIT_DEFAULT": "600 per minute",
-    "RATELIMIT_STRICT": "10 per minute",
-    "RATELIMIT_STORAGE_URI": "memory://",
-    "TRUSTED_PROXIES": 0,
-    "CORS_ORIGINS": "",
-    "WORKER_LEASE_SECONDS": 300,
-    "WORKER_CONCURRENCY": 8,
-    "MAX_CONNECTIONS_PER_DOMAIN": 10,
-    "RELAY_HOST": "",
-    "RELAY_USERNAME": "",
-    "RELAY_PASSWORD": "",
-    "RELAY_TLS": "none",
-    "RETRY_SCHEDULE": "60,300,900,3600,10800,21600",
-    "MAX_QUEUE_LIFETIME": 432000,
-    "SEND_BOUNCES": True,
-    # Delivery worker (see docs/DELIVERY.md): seconds to wait for an SMTP peer, the port of
-    # MX delivery (tests point it at a loopback sink) and seconds for one DNS lookup.
-    "SMTP_TIMEOUT": 60,
-    "SMTP_PORT": 25,
-    "DNS_TIMEOUT": 10,
-    "SMTP_LISTEN": "127.0.0.1:2525",
-    "SMTP_HOSTNAME": "",
-    "MAX_MESSAGE_BYTES": 26214400,
-    "MAX_RECIPIENTS": 1000,
-    "RELAY_NETWORKS": "127.0.0.0/8,::1",
-    "TLS_CERT": "",
-    "TLS_KEY": "",
-    "SMTPD_MAX_SESSIONS": 100,  # listener: concurrent SMTP sessions; more get 421
-    "SMTPD_IDLE_TIMEOUT": 300,  # listener: seconds a client may stay idle (RFC 5321 4.5.3.2.7)
-    "SMTPD_PROXY_PROTOCOL": False,  # listener: expect a PROXY header (behind HAProxy)
-}
+from .logs.levels import ACCEPTED as LOG_LEVELS
 
 AUTH_MODES = ("admin", "all", "off")
 RELAY_TLS_MODES = ("none", "starttls", "tls")
+RATELIMIT_STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
+CORS_SCHEMES = ("http", "https")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
-_INT_KEYS = (
-    "MAX_REQUEST_BYTES",
-    "FAILED_RETENTION",
-    "LOG_RETENTION",
-    "TRUSTED_PROXIES",
-    "WORKER_LEASE_SECONDS",
-    "WORKER_CONCURRENCY",
-    "MAX_CONNECTIONS_PER_DOMAIN",
-    "MAX_QUEUE_LIFETIME",
-    "MAX_MESSAGE_BYTES",
-    "MAX_RECIPIENTS",
-    "SMTP_TIMEOUT",
-    "SMTP_PORT",
-    "DNS_TIMEOUT",
-)
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+_INTEGER = re.compile(r"^[+-]?[0-9]+$")
+_URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
 
 
 class ConfigError(ValueError):
-    """A configuration value that cannot be used."""
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+def _refuse(key: str, value: Any, problem: str, *, secret: bool = False) -> ConfigError:
+    shown = "" if secret else f" {value!r}"
+    return ConfigError(f"ELEMTA_{key}:{shown} {problem}")
+
+
+# --------------------------------------------------------------------------- value kinds
+# Each kind takes (key, value) and returns the value to store or raises ConfigError. A value is
+# a string from the environment, or any Python value given to create_app(config) (tests).
+
+Parser = Callable[[str, Any], Any]
+
+
+def integer(minimum: int = 0, maximum: int | None = None) -> Parser:
+    def parse(key: str, value: Any) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and _INTEGER.match(value.strip()):
+            number = int(value.strip())
+        else:
+            raise _refuse(key, value, "is not a whole number")
+        if number < minimum:
+            raise _refuse(key, value, f"must be at least {minimum}")
+        if maximum is not None and number > maximum:
+            raise _refuse(key, value, f"must be at most {maximum}")
+        return number
+
+    return parse
+
+
+def positive_number(key: str, value: Any) -> float:
+    """Seconds (fractions allowed), more than zero."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise _refuse(key, value, "is not a number") from None
+    if not math.isfinite(number) or number <= 0:
+        raise _refuse(key, value, "must be a number above 0")
+    return number
+
+
+def boolean(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise _refuse(key, value, "must be true or false")
+
+
+def choice(options: tuple[str, ...]) -> Parser:
+    def parse(key: str, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in options:
+            raise _refuse(key, value, f"must be one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def text(key: str, value: Any) -> str:
+    """Kept exactly as given: no JSON, no stripping (user names, key prefixes)."""
+    return value if isinstance(value, str) else str(value)
+
+
+def secret(key: str, value: Any) -> str:
+    """Like ``text``; a separate kind so no message ever shows the value."""
+    return value if isinstance(value, str) else str(value)
+
+
+def hostname(key: str, value: Any) -> str:
+    """A DNS name for EHLO/HELO and the Received: lines; empty = this host's FQDN."""
+    name = text(key, value)
+    if name and not _HOSTNAME.match(name):
+        raise _refuse(key, value, "is not a host name")
+    return name
+
+
+def parse_host_port(value: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address.
+
+    Raises ``ValueError`` with the reason; ``relay_host`` checks ELEMTA_RELAY_HOST with it at
+    start, so the worker (app/delivery/routing.py) only ever parses a value known to be good.
+    """
+    spec = value.strip()
+    if spec.startswith("["):
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("is not host:port")
+        _check_ip(host, 6)
+        port = rest[1:] if rest else None
+    elif spec.count(":") == 1:
+        host, port = spec.split(":")
+    elif ":" in spec:  # a bare IPv6 address: no port can follow it
+        _check_ip(spec, 6)
+        host, port = spec, None
+    else:
+        host, port = spec, None
+    if not host or not (_HOSTNAME.match(host) or ":" in host):
+        raise ValueError("is not host:port")
+    if port is None:
+        return host, default_port
+    if not port.isdigit():
+        raise ValueError("is not host:port")
+    if not 0 < int(port) < 65536:
+        raise ValueError("is not host:port (the port must be 1-65535)")
+    return host, int(port)
+
+
+def _check_ip(text_: str, version: int) -> None:
+    try:
+        if ipaddress.ip_address(text_).version != version:
+            raise ValueError(text_)
+    except ValueError:
+        raise ValueError("is not host:port") from None
+
+
+def relay_host(key: str, value: Any) -> str:
+    spec = text(key, value)
+    if spec.strip():
+        try:
+            parse_host_port(spec, 25)
+        except ValueError as exc:
+            raise _refuse(key, value, str(exc)) from None
+    return spec
+
+
+def listen_address(key: str, value: Any) -> str:
+    """``host:port``, ``[v6]:port`` or ``:port`` (every interface): a port is required."""
+    spec = text(key, value)
+    host, sep, port = spec.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise _refuse(key, value, "is not host:port")
+    if not 0 < int(port) < 65536:
+        raise _refuse(key, value, "is not host:port (the port must be 1-65535)")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise _refuse(key, value, "is not host:port")
+        host = host[1:-1]
+    if host and not _HOSTNAME.match(host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise _refuse(key, value, "is not host:port") from None
+    return spec
+
+
+def retry_schedule(key: str, value: Any) -> list[int]:
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    steps = []
+    for part in parts:
+        if isinstance(part, str) and not part.strip():
+            continue
+        steps.append(integer(1)(key, part if not isinstance(part, str) else part.strip()))
+    if not steps:
+        raise _refuse(key, value, "needs at least one positive number of seconds")
+    return steps
+
+
+def networks(key: str, value: Any) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    result = []
+    for part in parts:
+        if isinstance(part, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            result.append(part)
+            continue
+        if not str(part).strip():
+            continue
+        try:
+            result.append(ipaddress.ip_network(str(part).strip(), strict=False))
+        except ValueError:
+            raise _refuse(key, value, f"has {str(part).strip()!r}, not a network") from None
+    return result
+
+
+def cors_origins(key: str, value: Any) -> list[str]:
+    """``*`` or ``scheme://host[:port]``, comma-separated: what browsers send as Origin."""
+    parts = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
+    origins = []
+    for part in parts:
+        origin = str(part).strip()
+        if not origin:
+            continue
+        if origin != "*":
+            try:
+                url = urlsplit(origin)
+                url.port  # noqa: B018  (raises ValueError for a bad port)
+            except ValueError:
+                url = None
+            if (url is None or url.scheme not in CORS_SCHEMES or not url.hostname
+                    or url.path or url.query or url.fragment or url.username):
+                raise _refuse(key, value, f"has {origin!r}, not an origin "
+                              "(http[s]://host[:port], or *)")
+        origins.append(origin)
+    return origins
+
+
+def rate_limit(key: str, value: Any) -> str:
+    spec = str(value).strip()
+    try:
+        if not parse_many(spec):
+            raise ValueError(spec)
+    except ValueError:
+        raise _refuse(key, value, "is not a rate limit such as '600 per minute'") from None
+    return spec
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
+def ratelimit_storage(key: str, value: Any) -> str:
+    uri = text(key, value).strip()
+    scheme = uri.partition("://")[0].lower() if "://" in uri else ""
+    if scheme not in LIMITS_STORAGE_SCHEMES or scheme.startswith("async+"):
+        raise ConfigError(f"ELEMTA_{key}: {redact_url(uri)!r} is not a storage URI "
+                          "(memory://, redis://host:port, ...)")
+    return uri
+
+
+def database_url(key: str, value: Any) -> str | None:
+    """Empty: a SQLite file in the instance folder."""
+    if value is None or not str(value).strip():
+        return None
+    url = str(value).strip()
+    try:
+        backend = sa.make_url(url).get_backend_name()
+    except Exception:  # sqlalchemy raises ArgumentError, ValueError, ... for malformed URLs
+        backend = ""
+    if backend not in DATABASE_SCHEMES:
+        raise ConfigError(f"ELEMTA_{key}: {redact_url(url)!r} is not a sqlite:// or "
+                          "postgresql:// URL")
+    return url
+
+
+def readable_file(key: str, value: Any) -> str:
+    path = text(key, value)
+    if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+        problem = "is not a file" if not os.path.exists(path) or os.path.isdir(path) \
+            else "cannot be read by this process"
+        raise _refuse(key, value, problem)
+    return path
+
+
+@dataclass(frozen=True)
+class Setting:
+    default: Any
+    parse: Parser
+
+
+OPTIONAL = object()  # no default here: the module reading it has one; checked when set
+
+SETTINGS: dict[str, Setting] = {
+    "DATABASE_URL": Setting(None, database_url),  # None -> SQLite file under instance/
+    "MAX_REQUEST_BYTES": Setting(1024 * 1024, integer(1)),
+    "FAILED_RETENTION": Setting(604800, integer(0)),
+    "LOG_RETENTION": Setting(1209600, integer(0)),  # 0 keeps every record
+    "LOG_LEVEL": Setting("info", choice(LOG_LEVELS)),
+    # Database logging (docs/LOGS.md): None -> on, off under TESTING.
+    "LOG_TO_DATABASE": Setting(None, boolean),
+    "LOG_QUEUE_SIZE": Setting(10_000, integer(1)),
+    "LOG_FLUSH_INTERVAL": Setting(0.5, positive_number),
+    "LOG_PRUNE_INTERVAL": Setting(300.0, positive_number),
+    "AUTH_MODE": Setting("admin", choice(AUTH_MODES)),
+    "RATELIMIT_ENABLED": Setting(True, boolean),  # read by Flask-Limiter itself
+    "RATELIMIT_DEFAULT": Setting("600 per minute", rate_limit),
+    "RATELIMIT_STRICT": Setting("10 per minute", rate_limit),
+    "RATELIMIT_STORAGE_URI": Setting("memory://", ratelimit_storage),
+    "RATELIMIT_STRATEGY": Setting("fixed-window", choice(RATELIMIT_STRATEGIES)),
+    "RATELIMIT_KEY_PREFIX": Setting("elemta", text),
+    "TRUSTED_PROXIES": Setting(0, integer(0)),
+    "CORS_ORIGINS": Setting("", cors_origins),
+    "WORKER_LEASE_SECONDS": Setting(300, integer(1)),
+    "WORKER_CONCURRENCY": Setting(8, integer(1)),
+    "MAX_CONNECTIONS_PER_DOMAIN": Setting(10, integer(1)),
+    "RELAY_HOST": Setting("", relay_host),
+    "RELAY_USERNAME": Setting("", secret),
+    "RELAY_PASSWORD": Setting("", secret),
+    "RELAY_TLS": Setting("none", choice(RELAY_TLS_MODES)),
+    "RETRY_SCHEDULE": Setting("60,300,900,3600,10800,21600", retry_schedule),
+    "MAX_QUEUE_LIFETIME": Setting(432000, integer(0)),
+    "SEND_BOUNCES": Setting(True, boolean),
+    # Delivery worker (see docs/DELIVERY.md): seconds to wait for an SMTP peer, the port of
+    # MX delivery (tests point it at a loopback sink) and seconds for one DNS lookup.
+    "SMTP_TIMEOUT": Setting(60, integer(1)),
+    "SMTP_PORT": Setting(25, integer(1, 65535)),
+    "DNS_TIMEOUT": Setting(10, integer(1)),
+    "SMTP_LISTEN": Setting("127.0.0.1:2525", listen_address),
+    "SMTP_HOSTNAME": Setting("", hostname),
+    "MAX_MESSAGE_BYTES": Setting(26214400, integer(0)),  # 0: no SIZE limit
+    "MAX_RECIPIENTS": Setting(1000, integer(1)),
+    "RELAY_NETWORKS": Setting("127.0.0.0/8,::1", networks),
+    "TLS_CERT": Setting("", readable_file),
+    "TLS_KEY": Setting("", readable_file),
+    "SMTPD_MAX_SESSIONS": Setting(100, integer(1)),  # listener: concurrent sessions; more: 421
+    "SMTPD_IDLE_TIMEOUT": Setting(300, integer(1)),  # listener: idle seconds (RFC 5321 4.5.3.2.7)
+    "SMTPD_PROXY_PROTOCOL": Setting(False, boolean),  # listener: expect a PROXY header
+    # WebSocket streams (docs/STREAMS.md); the defaults live in app/stream/.
+    "STREAM_POLL_INTERVAL": Setting(OPTIONAL, positive_number),
+    "STREAM_HOLE_TIMEOUT": Setting(OPTIONAL, positive_number),
+    "STREAM_QUEUE_SIZE": Setting(OPTIONAL, integer(1)),
+    "STREAM_PING_INTERVAL": Setting(OPTIONAL, positive_number),
+    "STREAM_SEND_TIMEOUT": Setting(OPTIONAL, positive_number),
+    # Read by gunicorn.conf.py from the environment; checked here too so that every process
+    # sharing the env file refuses the same typo.
+    "API_THREADS": Setting(OPTIONAL, integer(1)),
+}
+DEFAULTS: dict[str, Any] = {k: s.default for k, s in SETTINGS.items() if s.default is not OPTIONAL}
+
+
+def _as_given(value: str) -> str:
+    return value
 
 
 def load_config(app: Flask, overrides: dict[str, Any] | None) -> None:
-    """Fill ``app.config`` from defaults, the environment, then explicit overrides."""
+    """Fill ``app.config`` from defaults, the environment, then explicit overrides; check all."""
     app.config.from_mapping(DEFAULTS)
-    app.config.from_prefixed_env("ELEMTA")
+    app.config.from_prefixed_env("ELEMTA", loads=_as_given)
     if overrides:
         app.config.from_mapping(overrides)
-    _normalise(app)
+    validate(app)
 
 
-def _normalise(app: Flask) -> None:
+def validate(app: Flask) -> None:
+    """Convert and check every setting in place; raise ``ConfigError`` at the first bad one."""
     cfg = app.config
-    for key in _INT_KEYS:
-        cfg[key] = _as_int(key, cfg[key])
-    cfg["SEND_BOUNCES"] = _as_bool("SEND_BOUNCES", cfg["SEND_BOUNCES"])
-    cfg["SMTPD_PROXY_PROTOCOL"] = _as_bool("SMTPD_PROXY_PROTOCOL", cfg["SMTPD_PROXY_PROTOCOL"])
-
-    mode = str(cfg["AUTH_MODE"]).lower()
-    if mode not in AUTH_MODES:
-        raise ConfigError(f"ELEMTA_AUTH_MODE must be one of {', '.join(AUTH_MODES)}")
-    cfg["AUTH_MODE"] = mode
-
-    tls = str(cfg["RELAY_TLS"]).lower()
-    if tls not in RELAY_TLS_MODES:
-        raise ConfigError(f"ELEMTA_RELAY_TLS must be one of {', '.join(RELAY_TLS_MODES)}")
-    cfg["RELAY_TLS"] = tls
-
-    cfg["RETRY_SCHEDULE"] = parse_retry_schedule(str(cfg["RETRY_SCHEDULE"]))
-    cfg["RELAY_NETWORKS"] = _parse_networks(str(cfg["RELAY_NETWORKS"]))
-    cfg["CORS_ORIGINS"] = [o.strip() for o in str(cfg["CORS_ORIGINS"] or "").split(",") if o.strip()]
+    if cfg["LOG_TO_DATABASE"] is None:
+        cfg["LOG_TO_DATABASE"] = not app.testing
+    for key, setting in SETTINGS.items():
+        if key in cfg:
+            cfg[key] = setting.parse(key, cfg[key])
+    _check_tls_pair(cfg["TLS_CERT"], cfg["TLS_KEY"])
 
     url = cfg["DATABASE_URL"] or _default_sqlite_url(app)
-    cfg["SQLALCHEMY_DATABASE_URI"] = normalise_database_url(str(url))
+    cfg["SQLALCHEMY_DATABASE_URI"] = normalise_database_url(url)
     cfg.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
     if cfg["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         # WAL + busy timeout are set per connection in extensions.py; here only the pool side.
@@ -125,50 +404,27 @@ def _normalise(app: Flask) -> None:
     cfg["SQLALCHEMY_TRACK_MODIFICATIONS"] = False
 
 
+def _check_tls_pair(cert: str, key: str) -> None:
+    """STARTTLS needs both files, and they must belong together: found here, not at the first
+    client's STARTTLS (or after the listener has announced itself)."""
+    if not cert and not key:
+        return
+    if not (cert and key):
+        raise ConfigError("ELEMTA_TLS_CERT and ELEMTA_TLS_KEY: STARTTLS needs both "
+                          f"(only {'ELEMTA_TLS_CERT' if cert else 'ELEMTA_TLS_KEY'} is set)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"ELEMTA_TLS_CERT/ELEMTA_TLS_KEY: cannot load {cert!r} with {key!r} "
+                          f"({exc.strerror or exc})") from None
+
+
 def normalise_database_url(url: str) -> str:
     """Make ``postgres://`` and bare ``postgresql://`` use psycopg 3 explicitly."""
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
     return url
-
-
-def parse_retry_schedule(text: str) -> list[int]:
-    try:
-        steps = [int(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise ConfigError("ELEMTA_RETRY_SCHEDULE must be comma-separated seconds") from exc
-    if not steps or any(step <= 0 for step in steps):
-        raise ConfigError("ELEMTA_RETRY_SCHEDULE needs at least one positive number of seconds")
-    return steps
-
-
-def _parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    try:
-        return [ipaddress.ip_network(p.strip(), strict=False) for p in text.split(",") if p.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"ELEMTA_RELAY_NETWORKS: {exc}") from exc
-
-
-def _as_int(key: str, value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"ELEMTA_{key} must be an integer, got {value!r}") from exc
-    if number < 0:
-        raise ConfigError(f"ELEMTA_{key} must not be negative")
-    return number
-
-
-def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"ELEMTA_{key} must be true or false, got {value!r}")
 
 
 def _default_sqlite_url(app: Flask) -> str:

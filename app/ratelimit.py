@@ -28,12 +28,10 @@ import time
 
 from flask import Flask, Response, request
 from flask_limiter import Limit, Limiter
-from limits import parse_many
 from limits.storage import MemoryStorage
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .auth.guard import client_identity
-from .config import ConfigError
 
 log = logging.getLogger("elemta.ratelimit")
 
@@ -82,18 +80,6 @@ def is_strict() -> bool:
     return request.method == "POST" and bool(STRICT_PATH.match(request.path))
 
 
-def _checked_limit(name: str, value: object) -> str:
-    text = str(value or "").strip()
-    try:
-        if not parse_many(text):
-            raise ValueError(text)
-    except ValueError:
-        raise ConfigError(
-            f"ELEMTA_{name} must be a rate limit such as '600 per minute', got {value!r}"
-        ) from None
-    return text
-
-
 def limiter_of(app: Flask) -> Limiter:
     return app.extensions["elemta_limiter"]
 
@@ -106,17 +92,18 @@ def init_ratelimit(app: Flask) -> Limiter:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=hops, x_proto=hops)
 
-    default_limit = _checked_limit("RATELIMIT_DEFAULT", cfg["RATELIMIT_DEFAULT"])
-    strict_limit = _checked_limit("RATELIMIT_STRICT", cfg["RATELIMIT_STRICT"])
+    # The limits, storage and strategy were checked at start (app/config.py).
+    default_limit = cfg["RATELIMIT_DEFAULT"]
+    strict_limit = cfg["RATELIMIT_STRICT"]
     limiter = Limiter(
         client_identity,
         default_limits=[
             Limit(default_limit, scope="default", shared=True, exempt_when=is_strict),
             Limit(strict_limit, scope="strict", shared=True, exempt_when=lambda: not is_strict()),
         ],
-        storage_uri=storage_uri_of(str(cfg["RATELIMIT_STORAGE_URI"])),
-        strategy=cfg.get("RATELIMIT_STRATEGY", "fixed-window"),
-        key_prefix=cfg.get("RATELIMIT_KEY_PREFIX", "elemta"),
+        storage_uri=storage_uri_of(cfg["RATELIMIT_STORAGE_URI"]),
+        strategy=cfg["RATELIMIT_STRATEGY"],
+        key_prefix=cfg["RATELIMIT_KEY_PREFIX"],
         # The headers are written below (flask-limiter would put Retry-After on every response).
         headers_enabled=False,
         swallow_errors=True,

@@ -24,6 +24,8 @@ import dns.exception
 import dns.name
 import dns.resolver
 
+from ..config import parse_host_port
+
 SANITY_TTL = 60.0  # seconds a resolver health check is trusted
 log = logging.getLogger("elemta.delivery")
 
@@ -62,18 +64,6 @@ class RoutingError(Exception):
         self.message = message
         self.permanent = permanent
         self.enhanced_code = enhanced_code
-
-
-def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return host, int(port)
-    return text, default_port
 
 
 class Router:

@@ -40,7 +40,7 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Flask
 
-from ..config import ConfigError
+from ..config import DEFAULTS
 from ..errors import is_database_unavailable
 from ..logging_setup import detect_role
 from ..models import SystemLog
@@ -52,10 +52,10 @@ log = logging.getLogger("elemta.logs.handler")
 APP_LOGGER_PREFIX = "elemta"
 NEVER_STORED = ("sqlalchemy", log.name)
 MAX_MESSAGE_CHARS = 4000
-DEFAULT_CAPACITY = 10_000
+DEFAULT_CAPACITY = DEFAULTS["LOG_QUEUE_SIZE"]
 DEFAULT_BATCH_SIZE = 500
-DEFAULT_FLUSH_INTERVAL = 0.5
-DEFAULT_PRUNE_INTERVAL = 300.0
+DEFAULT_FLUSH_INTERVAL = DEFAULTS["LOG_FLUSH_INTERVAL"]
+DEFAULT_PRUNE_INTERVAL = DEFAULTS["LOG_PRUNE_INTERVAL"]
 MAX_RETRY_PAUSE = 30.0
 SHUTDOWN_TIMEOUT = 5.0
 
@@ -339,28 +339,13 @@ _install_lock = threading.Lock()
 _atexit_registered = False
 
 
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"ELEMTA_LOG_TO_DATABASE must be true or false, got {value!r}")
-
-
 def database_logging_enabled(app: Flask) -> bool:
-    """On by default; off by default under TESTING (tests that want it say so)."""
-    return _as_bool(app.config.get("LOG_TO_DATABASE", not app.testing))
+    """On by default; off by default under TESTING (app/config.py resolves the default)."""
+    return bool(app.config["LOG_TO_DATABASE"])
 
 
 def configured_levelno(app: Flask) -> int:
-    try:
-        return levelno_of(str(app.config.get("LOG_LEVEL", "info")))
-    except ValueError:
-        raise ConfigError(
-            "ELEMTA_LOG_LEVEL must be one of debug, info, warn, error, fatal") from None
+    return levelno_of(app.config["LOG_LEVEL"])  # checked against the same names at start
 
 
 def install_database_logging(app: Flask) -> DatabaseLogHandler | None:
@@ -372,10 +357,10 @@ def install_database_logging(app: Flask) -> DatabaseLogHandler | None:
     options = {
         "level": configured_levelno(app),
         "role": detect_role(),
-        "retention": int(app.config["LOG_RETENTION"]),
-        "capacity": int(app.config.get("LOG_QUEUE_SIZE", DEFAULT_CAPACITY)),
-        "flush_interval": float(app.config.get("LOG_FLUSH_INTERVAL", DEFAULT_FLUSH_INTERVAL)),
-        "prune_interval": float(app.config.get("LOG_PRUNE_INTERVAL", DEFAULT_PRUNE_INTERVAL)),
+        "retention": app.config["LOG_RETENTION"],
+        "capacity": app.config["LOG_QUEUE_SIZE"],
+        "flush_interval": app.config["LOG_FLUSH_INTERVAL"],
+        "prune_interval": app.config["LOG_PRUNE_INTERVAL"],
     }
     with _install_lock:
         current = _installed
