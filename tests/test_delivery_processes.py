@@ -130,7 +130,21 @@ def test_a_worker_killed_mid_batch_loses_nothing(app, make_app, database_url):
 @pytest.mark.slow
 def test_two_workers_deliver_each_recipient_once(app, make_app, database_url):
     count = 1000 if database_url.startswith("postgresql") else 200
-    with Peer() as peer:
+    both_claimed = threading.Event()
+
+    def until_both_workers_hold_claims() -> None:
+        # Which thread the OS runs first must not decide whether both get work: on a loaded
+        # machine one worker could otherwise deliver everything before the other's first claim.
+        # So no delivery completes until both hold leases (or 30 s, well under SMTP_TIMEOUT).
+        deadline = time.monotonic() + 30
+        while not both_claimed.is_set() and time.monotonic() < deadline:
+            owners = sa.select(sa.func.count(sa.distinct(Recipient.lease_owner)))
+            if _scalar(app, owners) >= 2:
+                both_claimed.set()
+            else:
+                time.sleep(0.05)
+
+    with Peer(Behaviour(before_data_reply=until_both_workers_hold_claims)) as peer:
         bulk_queue(app, count)
         workers = [Worker(make_app(relay_host=peer.address, worker_concurrency=4))
                    for _ in range(2)]
