@@ -19,10 +19,20 @@ import sys
 import tempfile
 import time
 
+
+def _count(name, default):
+    # app/config.py checks the app's settings, but this file is read before the app exists:
+    # a typo here must be one line too, not gunicorn's "Failed to read config file" traceback.
+    value = os.environ.get(name, default)
+    if not value.strip().isdigit() or int(value) < 1:
+        sys.exit(f"Error: {name}: {value!r} must be a whole number of at least 1")
+    return int(value)
+
+
 bind = os.environ.get("ELEMTA_API_LISTEN", "127.0.0.1:8025")
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = _count("WEB_CONCURRENCY", "2")
 worker_class = "gthread"
-threads = int(os.environ.get("ELEMTA_API_THREADS", "32"))
+threads = _count("ELEMTA_API_THREADS", "32")
 timeout = 60
 graceful_timeout = 30
 keepalive = 5

@@ -1,5 +1,6 @@
 """WSGI entry point: ``gunicorn wsgi:app`` and the ``flask`` CLI (found here by default)."""
 
+import logging
 import sys
 
 from app import create_app
@@ -14,6 +15,8 @@ except ConfigError as exc:
         # load", exit 4) instead of booting replacement workers forever.
         from gunicorn.errors import AppImportError
 
+        # Also into the JSON log stream (gunicorn.conf.py routes gunicorn.error there).
+        logging.getLogger("gunicorn.error").error("configuration refused: %s", exc)
         raise AppImportError(f"Error: {exc}") from None
     # The flask CLI imports this module inside click: exit before any command runs. Status 2,
     # click's own for a bad invocation, tells a refused configuration from a failed command.

@@ -222,7 +222,7 @@ def networks(key: str, value: Any) -> list[ipaddress.IPv4Network | ipaddress.IPv
         try:
             result.append(ipaddress.ip_network(str(part).strip(), strict=False))
         except ValueError:
-            raise _refuse(key, value, f"has {str(part).strip()!r}, not a network") from None
+            raise _refuse(key, str(part).strip(), "is not an IP network") from None
     return result
 
 
@@ -242,8 +242,7 @@ def cors_origins(key: str, value: Any) -> list[str]:
                 url = None
             if (url is None or url.scheme not in CORS_SCHEMES or not url.hostname
                     or url.path or url.query or url.fragment or url.username):
-                raise _refuse(key, value, f"has {origin!r}, not an origin "
-                              "(http[s]://host[:port], or *)")
+                raise _refuse(key, origin, "is not an origin (http[s]://host[:port], or *)")
         origins.append(origin)
     return origins
 
