@@ -45,7 +45,8 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
-def _timestamp(_ctx: Any, _param: Any, value: str | None) -> Any:
+def iso_timestamp(_ctx: Any, _param: Any, value: str | None) -> Any:
+    """click callback of every ISO 8601 option (``--before``, ``--since``, ...)."""
     if value is None:
         return None
     try:
@@ -59,8 +60,8 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--sender", help="Case-insensitive substring of the sender."),
         click.option("--recipient", help="Case-insensitive substring of a recipient."),
         click.option("--domain", help="Exact recipient domain."),
-        click.option("--before", callback=_timestamp, help="Created before (ISO 8601)."),
-        click.option("--after", callback=_timestamp, help="Created after (ISO 8601)."),
+        click.option("--before", callback=iso_timestamp, help="Created before (ISO 8601)."),
+        click.option("--after", callback=iso_timestamp, help="Created after (ISO 8601)."),
     ]):
         func = option(func)
     return func

@@ -66,9 +66,8 @@ def logs_events_cmd(limit: int, as_json: bool, **filters: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def logs_prune_cmd(as_json: bool) -> None:
     """Delete system log records older than ELEMTA_LOG_RETENTION now (the handler also does)."""
-    retention = int(current_app.config["LOG_RETENTION"])
-    count = service.prune_system_logs(db.session, retention)
-    db.session.commit()
+    retention = current_app.config["LOG_RETENTION"]
+    count = service.prune_now(db.session, retention)
     log.info("pruned %d system log record(s) older than %d s", count, retention)
     if as_json:
         emit_json({"pruned": count, "retention": retention})

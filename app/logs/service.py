@@ -74,6 +74,17 @@ def prune_system_logs(executor: sa.Connection | so.Session, retention_seconds: i
     return int(result.rowcount or 0)
 
 
+def prune_now(session: so.Session, retention_seconds: int) -> int:
+    """``flask logs prune``: delete records older than the retention and commit.
+
+    ``prune_system_logs`` leaves the commit to its caller because the handler runs it inside a
+    transaction of its own engine.
+    """
+    count = prune_system_logs(session, retention_seconds)
+    session.commit()
+    return count
+
+
 # --------------------------------------------------------------------------- message events
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import click
 from flask.cli import AppGroup
 
-from ..cli import emit_json
-from ..events import rebuild_rollup
+from ..cli import emit_json, iso_timestamp
 from ..extensions import db
-from ..timeutil import parse_iso
 from . import service
 from .schemas import DeliveryStatsSchema
 
@@ -37,23 +37,14 @@ def stats_delivery_cmd(time_scale: str, as_json: bool) -> None:
                    f"{error['recipient']}  {error['error'] or ''}")
 
 
-def _timestamp(_ctx: object, _param: object, value: str | None) -> object:
-    if value is None:
-        return None
-    try:
-        return parse_iso(value)
-    except ValueError:
-        raise click.BadParameter(f"not an ISO 8601 timestamp: {value}") from None
-
-
 @stats_cli.command("rebuild")
-@click.option("--since", callback=_timestamp, help="Only hours from this instant (ISO 8601).")
-@click.option("--until", callback=_timestamp, help="Only hours before this instant (ISO 8601).")
+@click.option("--since", callback=iso_timestamp, help="Only hours from this instant (ISO 8601).")
+@click.option("--until", callback=iso_timestamp, help="Only hours before this instant (ISO 8601).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def stats_rebuild_cmd(since: object, until: object, as_json: bool) -> None:
+def stats_rebuild_cmd(since: dt.datetime | None, until: dt.datetime | None,
+                      as_json: bool) -> None:
     """Recompute the hourly rollup from the delivery events (repair tool)."""
-    rows = rebuild_rollup(db.session, since, until)  # type: ignore[arg-type]
-    db.session.commit()
+    rows = service.rebuild(db.session, since, until)
     if as_json:
         emit_json({"rollup_rows": rows})
     else:

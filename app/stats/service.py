@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from ..events import outcome_rows
+from ..events import outcome_rows, rebuild_rollup
 from ..models import OUTCOME_OF_EVENT, OUTCOMES, DeliveryEvent, DeliveryRollup
 from ..sqltypes import time_bucket
 from ..timeutil import utcnow
@@ -144,3 +144,15 @@ def delivery_stats(session: so.Session, time_scale: str = "hour",
                     for h in hours],
         "recent_errors": recent_errors(session),
     }
+
+
+def rebuild(session: so.Session, since: dt.datetime | None = None,
+            until: dt.datetime | None = None) -> int:
+    """Recount the hourly rollup from the events (repair tool) and commit: one unit of work.
+
+    ``events.rebuild_rollup`` itself does not commit: the demo data generators call it inside
+    their own transactions.
+    """
+    rows = rebuild_rollup(session, since, until)
+    session.commit()
+    return rows
