@@ -28,7 +28,10 @@ test: setup
 e2e: setup
 	$(BIN)/python scripts/e2e.py
 
+# wrk drives the HTTP suite (bench/suite_http.py; a slower Python client without it).
 bench: migrate
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null 2>&1; } || true
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
