@@ -22,15 +22,13 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-import sqlalchemy as sa
 from flask import Flask
 
 from ..extensions import db
 from ..mail.service import local_hostname
-from ..models import Message, MessageContent
 from ..queue import counters
 from ..timeutil import utcnow
-from . import maintenance
+from . import content, maintenance
 from .claim import ClaimedRecipient, claim_due, release_claims
 from .outcomes import Attempt, OutcomePolicy, record_outcomes
 from .routing import Resolver, Router, RoutingError
@@ -193,7 +191,8 @@ class Worker:
             if not claimed:
                 return []
             try:
-                contents = self._prefetch({c.message_id for c in claimed})
+                contents = content.prefetch(db.session, {c.message_id for c in claimed},
+                                            PREFETCH_MAX_BYTES)
             except Exception:
                 db.session.rollback()
                 log.exception("reading claimed messages failed")
@@ -211,19 +210,6 @@ class Worker:
             jobs.append(Job(message_id, destination, recipients[0].domain, recipients, now,
                             sender, raw))
         return jobs
-
-    @staticmethod
-    def _prefetch(message_ids: set[str]) -> dict[str, tuple[str, bytes | None]]:
-        """Senders, and the content of the small messages, of a claim in one query."""
-        rows = db.session.execute(
-            sa.select(Message.id, Message.sender,
-                      sa.case((Message.size <= PREFETCH_MAX_BYTES, MessageContent.raw),
-                              else_=None))
-            .join(MessageContent, MessageContent.message_id == Message.id)
-            .where(Message.id.in_(list(message_ids)))
-        ).all()
-        db.session.commit()
-        return {row[0]: (row[1], row[2]) for row in rows}
 
     # ----------------------------------------------------------------- one job
 
@@ -246,17 +232,12 @@ class Worker:
     def _load_content(self, job: Job) -> bool:
         with self.app.app_context():
             try:
-                row = db.session.execute(
-                    sa.select(Message.sender, MessageContent.raw)
-                    .join(MessageContent, MessageContent.message_id == Message.id)
-                    .where(Message.id == job.message_id)
-                ).first()
-                db.session.commit()
+                row = content.load(db.session, job.message_id)
             finally:
                 db.session.remove()
         if row is None:
             return False
-        job.sender, job.raw = row.sender, row.raw
+        job.sender, job.raw = row
         return True
 
     # ----------------------------------------------------------------- recording
