@@ -33,6 +33,7 @@ class Received:
     session_id: int
     tls: bool = False
     login: bytes | None = None
+    mail_options: list[str] = field(default_factory=list)  # as MAIL FROM carried them
 
 
 @dataclass
@@ -97,7 +98,8 @@ class _Handler:
                 self.peer.received.append(Received(sender, list(envelope.rcpt_tos),
                                                    envelope.original_content or b"",
                                                    id(session), bool(session.ssl),
-                                                   session.auth_data))
+                                                   session.auth_data,
+                                                   list(envelope.mail_options)))
         return reply
 
 

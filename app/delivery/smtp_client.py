@@ -4,6 +4,12 @@ Per recipient the result comes from its RCPT reply, and for the recipients RCPT 
 the reply to the end of DATA. Connection failures, timeouts and lost connections are temporary
 failures for every recipient of the transaction. The SMTP code, enhanced status code
 (RFC 3463), remote host and IP are kept for the events.
+
+Internationalised mail (RFC 6531): ``MAIL FROM ... SMTPUTF8`` when an envelope address or the
+header section is not ASCII and the server offers SMTPUTF8. A server without it still gets
+what plain SMTP can carry (a non-ASCII domain as IDNA A-labels); a non-ASCII local part fails
+permanently with 5.6.7 (that recipient, or every recipient for the sender's), and so does a
+message received with SMTPUTF8 whose headers are UTF-8.
 """
 
 from __future__ import annotations
@@ -18,10 +24,29 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import dns.exception
+import dns.name
+
 from .routing import Hop, Route
 
-ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b", re.ASCII)
 _LINE_END = re.compile(rb"\r?\n")
+# The Received header the listener puts on top of a message it accepted with SMTPUTF8
+# (app/smtpd/stamping.py): the only record of how the message arrived.
+_RECEIVED_WITH_SMTPUTF8 = re.compile(rb"\AReceived: [^\r\n]*\r\n\tby [^ \r\n]+ \(Elemta\) "
+                                     rb"with UTF8SMTP")
+# Control characters (C0 but TAB, DEL, C1) and lone surrogates: PostgreSQL text refuses NUL
+# and surrogates, and none of them belongs in an event or an API answer.
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
+TEXT_LIMIT = 2000  # a remote may answer with any number of reply lines
+
+
+def clean_remote(text: str | None, limit: int = TEXT_LIMIT) -> str | None:
+    """A text that came from elsewhere (a reply, a host name, an error) made safe to store."""
+    if text is None:
+        return None
+    text = _UNSAFE.sub("?", text.replace("\r\n", " ").replace("\t", " "))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -36,6 +61,12 @@ class RecipientResult:
     enhanced_code: str | None = None
     remote_host: str | None = None
     remote_ip: str | None = None
+
+    def __post_init__(self) -> None:
+        # Every remote text reaches events and last_error through here: sanitise it once.
+        self.text = clean_remote(self.text) or ""
+        self.remote_host = clean_remote(self.remote_host, 255)
+        self.remote_ip = clean_remote(self.remote_ip, 64)
 
 
 def kind_of(code: int) -> str:
@@ -189,6 +220,11 @@ class SmtpClient:
                     return self._all(recipients, "tempfail",
                                      f"SMTP error with {_where(failed)}: {_short(exc)}",
                                      None, None, failed)
+                except Exception:
+                    # A bug mid-transaction leaves the session in an unknown state: never
+                    # reuse it (the worker records the recipients as a temporary failure).
+                    conn.smtp.close()
+                    raise
                 conn.transactions += 1
                 if conn.smtp.sock is not None and not any(r.smtp_code == 421 for r in results):
                     keep = conn
@@ -250,13 +286,47 @@ class SmtpClient:
     def _transaction(self, conn: Connection, sender: str, recipients: list[tuple[int, str]],
                      data: bytes) -> list[RecipientResult]:
         smtp = conn.smtp
+        # smtplib leaves a connection in UTF-8 after an SMTPUTF8 transaction until RSET: each
+        # transaction starts from ASCII (MAIL switches it back on with SMTPUTF8).
+        smtp.command_encoding = "ascii"
         options = []
         if smtp.has_extn("size"):
             options.append(f"SIZE={len(data)}")
+        # RFC 6152 wants 8-bit data converted for a server without 8BITMIME; like sendmail's
+        # default (pass8) it is sent unchanged: practically every server takes it.
         if smtp.has_extn("8bitmime") and any(b > 127 for b in data):
             options.append("BODY=8BITMIME")
-        if smtp.has_extn("smtputf8") and not _ascii(sender, *(a for _, a in recipients)):
-            options.append("SMTPUTF8")
+        refused: dict[int, RecipientResult] = {}
+        wire: list[tuple[int, str, str]] = []  # (id, address, as sent in RCPT)
+        utf8_headers = not _header_section(data).isascii()
+        if smtp.has_extn("smtputf8"):
+            if utf8_headers or not _ascii(sender, *(a for _, a in recipients)):
+                options.append("SMTPUTF8")
+            wire = [(rid, address, address) for rid, address in recipients]
+        else:
+            mail_from = _plain_address(sender)
+            if mail_from is None:
+                return self._all(recipients, "rejection",
+                                 f"SMTPUTF8 required (non-ASCII sender address) but not "
+                                 f"offered by {_where(conn)} (RFC 6531)", None, "5.6.7", conn)
+            if utf8_headers and _RECEIVED_WITH_SMTPUTF8.match(data):
+                return self._all(recipients, "rejection",
+                                 f"SMTPUTF8 required (message received with SMTPUTF8, UTF-8 "
+                                 f"headers) but not offered by {_where(conn)} (RFC 6531)",
+                                 None, "5.6.7", conn)
+            sender = mail_from
+            for rid, address in recipients:
+                plain = _plain_address(address)
+                if plain is None:
+                    refused[rid] = RecipientResult(
+                        rid, address, "rejection",
+                        f"Non-ASCII address not permitted for that recipient: "
+                        f"{_where(conn)} does not offer SMTPUTF8 (RFC 6531)",
+                        None, "5.6.7", conn.hop.hostname, conn.ip)
+                else:
+                    wire.append((rid, address, plain))
+            if not wire:
+                return [refused[rid] for rid, _ in recipients]
         try:
             code, response = smtp.mail(sender, options)
         except smtplib.SMTPServerDisconnected as exc:
@@ -265,10 +335,10 @@ class SmtpClient:
             self._reset(smtp, code)
             return self._all(recipients, kind_of(code), reply_text(code, response), code,
                              enhanced_of(response, code), conn)
-        results: dict[int, RecipientResult] = {}
+        results: dict[int, RecipientResult] = dict(refused)
         accepted: list[tuple[int, str]] = []
-        for recipient_id, address in recipients:
-            code, response = smtp.rcpt(address)
+        for recipient_id, address, sent_as in wire:
+            code, response = smtp.rcpt(sent_as)
             if 200 <= code < 300:
                 accepted.append((recipient_id, address))
             else:
@@ -340,6 +410,28 @@ def _short(exc: BaseException) -> str:
 
 def _ascii(*texts: str) -> bool:
     return all(text.isascii() for text in texts)
+
+
+def _header_section(data: bytes) -> bytes:
+    end = data.find(b"\r\n\r\n")
+    return data if end < 0 else data[:end]
+
+
+def _plain_address(address: str) -> str | None:
+    """The address as SMTP without SMTPUTF8 can carry it, or ``None``.
+
+    A non-ASCII domain becomes its IDNA A-labels (RFC 6531 section 3.2 allows this
+    conversion); a non-ASCII local part cannot be converted.
+    """
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        return f"{local}@{dns.name.from_unicode(domain).to_text(omit_final_dot=True)}"
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return None
 
 
 def _verified_context() -> ssl.SSLContext:

@@ -7,6 +7,10 @@ while a batch's worth is still queued), submits jobs, beats the
 heartbeat, folds the queue counters and purges expired failed mail. ``stop()`` (SIGTERM) ends
 claiming; jobs not yet started give their claims back at once; jobs under way get up to
 ``SHUTDOWN_GRACE`` seconds to finish.
+
+A job that fails unexpectedly (a bug, not an SMTP or DNS outcome) is recorded as a temporary
+failure of its recipients, so the retry schedule, the queue lifetime and bounces apply to it
+as to any other failure.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+import sqlalchemy.exc
 from flask import Flask
 
 from ..extensions import db
@@ -222,12 +227,14 @@ class Worker:
             if job.raw is None and not self._load_content(job):
                 return  # deleted since the claim; its recipients went with it
             results = self._attempt(job, job.sender, job.raw or b"")
-            job.raw = None
-            self._recorder.put(Attempt(job.message_id, job.sender, results))
-        except Exception:
-            # The lease stays: the recipients are retried when it expires, not in a hot loop.
-            log.exception("delivery of %s to %s failed unexpectedly", job.message_id,
-                          job.destination)
+        except Exception as exc:
+            # Keeping the lease would bring the job back every lease period, failing the same
+            # way for ever with no retry schedule, no expiry and no bounce: record it instead.
+            log.exception("delivery of %s to %s failed unexpectedly; recorded as a temporary "
+                          "failure", job.message_id, job.destination)
+            results = internal_error_results(job, exc)
+        job.raw = None
+        self._recorder.put(Attempt(job.message_id, job.sender, results))
 
     def _load_content(self, job: Job) -> bool:
         with self.app.app_context():
@@ -288,3 +295,15 @@ class Worker:
             return [RecipientResult(rid, address, kind, exc.message, None, exc.enhanced_code)
                     for rid, address in pairs]
         return self.client.deliver(route, sender, pairs, raw)
+
+
+def internal_error_results(job: Job, exc: Exception) -> list[RecipientResult]:
+    """Temporary failures of every recipient of ``job`` for an unexpected exception.
+
+    The text names the exception for the operator (the traceback is in the worker's log);
+    database errors are named by type only, since their text carries SQL and parameters.
+    """
+    detail = "" if isinstance(exc, sqlalchemy.exc.SQLAlchemyError) else str(exc).strip()
+    text = f"internal error: {type(exc).__name__}" + (f": {detail}" if detail else "")
+    text = f"{text[:500]} (see the worker log)"
+    return [RecipientResult(r.id, r.address, "tempfail", text) for r in job.recipients]
