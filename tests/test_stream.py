@@ -12,6 +12,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -33,6 +34,7 @@ from tests.stream_helpers import (
     LiveServer,
     close_quietly,
     flask_cli,
+    live_server,
     no_frame,
     raw_websocket,
     receive,
@@ -200,6 +202,59 @@ def test_log_record_from_another_process_reaches_client(server, database_url):
     assert item["message"] == "hello from another process"
     assert item["level"] == "warn" and item["logger"] == "elemta.other"
     assert no_frame(logs_ws)
+
+
+def test_a_change_reaches_every_client_by_the_next_poll(make_app, monkeypatch):
+    """SPEC 7: a change made by any process reaches every connected client within 2 s.
+
+    The 2 s are the production poll interval (STREAM_POLL_INTERVAL, 0.5 s) plus one poll and
+    the fan-out. A stopwatch would measure the machine as much as the product: on a loaded CI
+    host a starved thread or a slow `flask` start can take seconds whatever the design. So the
+    guarantee is asserted in polls, which load cannot change: the change is sent by the first
+    poll that *starts* after its commit (a poll already running then may or may not see it).
+    With a poll every 0.5 s, that is at most 0.5 s plus one poll's work after the commit. The
+    change is committed on a connection of its own, as another process would (tests above do
+    it from real other processes), so the time from the commit to the frames can be taken:
+    printed (pytest -rP shows it) for information, not asserted.
+    """
+    from app.stream.hub import DEFAULT_POLL_INTERVAL
+
+    app = make_app()  # the production poll interval
+    assert app.config.get("STREAM_POLL_INTERVAL", DEFAULT_POLL_INTERVAL) == 0.5
+    empty_database(app)
+    message_id = queued(app)
+    read_events = frames.events_after
+    lock = threading.Lock()
+    polls: list[list[int]] = []  # event ids each poll's read returned, in poll order
+
+    def counted(session, after, limit=frames.ROW_BATCH):
+        with lock:
+            polls.append([])
+            mine = polls[-1]
+        rows = read_events(session, after, limit)
+        mine.extend(r.id for r in rows)
+        return rows
+
+    monkeypatch.setattr(frames, "events_after", counted)
+    with live_server(app) as live:
+        clients = [live.connect("/api/queue/ws") for _ in range(3)]
+        for client in clients:
+            assert receive(client)["data"]["pending"] == 1
+        with app.app_context():
+            hold_message(db.session, message_id, actor="elsewhere")  # commits
+            committed = time.monotonic()
+            db.session.remove()
+        with lock:
+            started_before = len(polls)  # polls begun before the hold process had returned
+        for client in clients:
+            receive_until(client, is_type("queue_event", message_id=message_id, action="held"))
+        print(f"commit to every client's frame: {time.monotonic() - committed:.3f} s")
+    with app.app_context():
+        [held_id] = db.session.scalars(sa.select(DeliveryEvent.id).where(
+            DeliveryEvent.message_id == message_id, DeliveryEvent.action == "held")).all()
+        db.session.remove()
+    sent_by = next(n for n, ids in enumerate(polls, 1) if held_id in ids)
+    assert sent_by <= started_before + 1, (sent_by, started_before)
 
 
 def test_queue_stats_never_run_ahead_of_the_events_behind_them(server, stream_app,
