@@ -97,6 +97,19 @@ def test_auth_with_a_valid_api_key_allows_relaying(untrusted_app, mechanism):
         db.session.remove()
 
 
+def test_auth_with_a_read_key_is_refused(untrusted_app):
+    """Sending mail is a mutation: like the API's POSTs it needs an admin key (SPEC 8)."""
+    key = api_key(untrusted_app, "dashboard", role="read")
+    with running_listener(untrusted_app) as port, smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("laptop.example")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.login("dashboard", key)
+        assert refused.value.smtp_code == 535
+        assert b"admin" in refused.value.smtp_error
+        assert send(client)[0] == 554
+    assert stored(untrusted_app)["messages"] == []
+
+
 @pytest.mark.parametrize("password", ["elemta_not-a-real-key", "revoked", "hunter2"])
 def test_auth_with_an_invalid_key_is_refused_and_relay_stays_closed(untrusted_app, password):
     if password == "revoked":

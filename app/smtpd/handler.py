@@ -31,12 +31,14 @@ REPLY_RELAY_DENIED = "554 5.7.1 <{address}>: Relay access denied"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 REPLY_AUTH_UNAVAILABLE = "454 4.7.0 Temporary authentication failure"
+REPLY_AUTH_NOT_ADMIN = "535 5.7.8 Authentication credentials invalid: an admin API key is needed"
 REPLY_INTERNAL = "451 4.3.0 Internal error; try again later"
 
 
-def _api_key_is_valid(session: Any, password: str) -> str | None:
+def _api_key_is_valid(session: Any, password: str) -> tuple[str, str] | None:
+    """``(name, role)`` of a valid key, else None."""
     key = verify_key(session, password)
-    return key.name if key is not None else None
+    return (key.name, key.role) if key is not None else None
 
 
 class QueueHandler:
@@ -113,15 +115,22 @@ class QueueHandler:
         """The user name is free (shown in logs); the password must be a valid API key."""
         user = login.decode("utf-8", errors="replace")[:100]
         try:
-            key_name = await self.storage.run(_api_key_is_valid,
-                                              password.decode("utf-8", errors="replace"))
+            key = await self.storage.run(_api_key_is_valid,
+                                         password.decode("utf-8", errors="replace"))
         except Exception:
             log.exception("AUTH %s from %s: key check failed", mechanism, server.client_ip)
             return AuthResult(success=False, handled=False, message=REPLY_AUTH_UNAVAILABLE)
-        if key_name is None:
+        if key is None:
             log.warning("AUTH %s from %s as %r: invalid API key", mechanism, server.client_ip,
                         user)
             return AuthResult(success=False, handled=False)
+        key_name, role = key
+        if role != "admin":
+            # Sending mail queues it: a mutation, which needs an admin key as in the API
+            # (SPEC 8). A dashboard's read key must not become a way to send mail.
+            log.warning("AUTH %s from %s: API key %s has the role %s, not admin", mechanism,
+                        server.client_ip, key_name, role)
+            return AuthResult(success=False, handled=False, message=REPLY_AUTH_NOT_ADMIN)
         log.info("AUTH %s from %s: API key %s", mechanism, server.client_ip, key_name)
         return AuthResult(success=True, auth_data=key_name)
 
