@@ -194,6 +194,10 @@ def test_log_record_from_another_process_reaches_client(server, database_url):
         "app = create_app({'LOG_TO_DATABASE': True})\n"
         "logging.getLogger('elemta.other').info('not wanted: below warn')\n"
         "logging.getLogger('elemta.other').warning('hello from another process')\n"
+        # Written before exiting, however slow the machine: the exit-time flush gives up after
+        # SHUTDOWN_TIMEOUT (5 s) by design, a bound this test must not race against.
+        "from app.logs.handler import shutdown_database_logging\n"
+        "shutdown_database_logging(timeout=120)\n"
     ))
     frame = receive(logs_ws)
     assert frame["type"] == "log"
