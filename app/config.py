@@ -391,7 +391,8 @@ def validate(app: Flask) -> None:
         # WAL + busy timeout are set per connection in extensions.py; here only the pool side.
         cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("connect_args", {"timeout": 30})
     else:
-        cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("pool_pre_ping", True)
+        # No pool_pre_ping: app/database.py checks a pooled connection at checkout without a
+        # round trip unless the server has sent something on it (a terminated backend).
         cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("pool_size", 10)
         cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("max_overflow", 20)
         # A database host that drops packets must make /readyz answer 503, not hang. A

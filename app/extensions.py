@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase
 from webargs import core as webargs_core
 from webargs.flaskparser import FlaskParser, is_json_request
 
+from .database import Session
 from .errors import ApiError, handle_http_exception
 from .http import UNSTORABLE_REFUSED, contains_unstorable
 
@@ -31,7 +32,8 @@ class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
-db = SQLAlchemy(model_class=Base)
+# Session: GET requests read on autocommit connections on PostgreSQL (app/database.py).
+db = SQLAlchemy(model_class=Base, session_options={"class_": Session})
 migrate = Migrate()
 sock = Sock()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
+from ..database import writable
 from ..models import QUEUE_STATES, QueueCount, QueueCountDelta
 
 FOLD_THRESHOLD = 5000
@@ -54,7 +55,9 @@ def counts_folding(session: so.Session) -> dict[str, int]:
     counts, deltas = counts_and_deltas(session)
     if deltas < FOLD_THRESHOLD:
         return counts
-    fold_deltas(session)
+    # A GET request's session reads in autocommit; the fold must be one transaction.
+    with writable(session) as writer:
+        fold_deltas(writer)
     return queue_counts(session)
 
 
