@@ -27,7 +27,9 @@ import re
 import time
 
 from flask import Flask, Response, request
-from flask_limiter import Limit, Limiter
+from flask_limiter import Limit, Limiter, RateLimitExceeded, RequestLimit
+from flask_limiter._limits import RuntimeLimit
+from flask_limiter.constants import ConfigVars
 from limits.storage import MemoryStorage
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -80,6 +82,104 @@ def is_strict() -> bool:
     return request.method == "POST" and bool(STRICT_PATH.match(request.path))
 
 
+# Flask-Limiter settings (read from app.config, so reachable as ELEMTA_RATELIMIT_...) that add
+# limits, callbacks or fallbacks beyond the two budgets: with any of them set, Flask-Limiter's
+# own resolution runs.
+_GENERIC_ONLY = (
+    ConfigVars.APPLICATION_LIMITS, ConfigVars.APPLICATION_LIMITS_PER_METHOD,
+    ConfigVars.APPLICATION_LIMITS_EXEMPT_WHEN, ConfigVars.APPLICATION_LIMITS_DEDUCT_WHEN,
+    ConfigVars.APPLICATION_LIMITS_COST, ConfigVars.DEFAULT_LIMITS_PER_METHOD,
+    ConfigVars.DEFAULT_LIMITS_EXEMPT_WHEN, ConfigVars.DEFAULT_LIMITS_DEDUCT_WHEN,
+    ConfigVars.DEFAULT_LIMITS_COST, ConfigVars.REQUEST_IDENTIFIER, ConfigVars.ON_BREACH,
+    ConfigVars.FAIL_ON_FIRST_BREACH, ConfigVars.IN_MEMORY_FALLBACK,
+    ConfigVars.IN_MEMORY_FALLBACK_ENABLED, ConfigVars.META_LIMITS, ConfigVars.ON_META_BREACH,
+)
+
+
+class BudgetLimiter(Limiter):
+    """Flask-Limiter whose per-request check knows the project's two budgets in advance.
+
+    Flask-Limiter resolves the applicable limits anew for every request (application, default,
+    decorated, blueprint and meta limits, exemptions; each limit string parsed again), which
+    was about a sixth of the CPU of ``/api/queue/stats``. Here exactly one budget applies to a
+    counted request, chosen by ``is_strict``, so both are resolved once. What is counted is
+    unchanged: the same storage and strategy, the same keys (prefix, client, scope), one hit
+    per request, the same ``RequestLimit`` behind ``current_limit`` and the same
+    ``RateLimitExceeded``. Anything configured beyond the two budgets (see ``_GENERIC_ONLY``,
+    or a limit added with the decorators) sends every request through Flask-Limiter's own path.
+    """
+
+    def __init__(self, *args: object, key_prefix: str, **kwargs: object) -> None:
+        super().__init__(*args, key_prefix=key_prefix, **kwargs)  # type: ignore[arg-type]
+        self.prefix = key_prefix
+        self.budgets: dict[str, list[RuntimeLimit]] = {}
+        self.lean = True
+
+    def init_app(self, app: Flask) -> None:
+        if any(name in app.config for name in _GENERIC_ONLY):
+            self.lean = False
+        super().init_app(app)
+        if not self.enabled:
+            return
+        # The default limits, bound to this limiter by init_app, by scope ("default", "strict");
+        # smallest window first, as Flask-Limiter orders them (it stops at the first breach).
+        for lim in self.limit_manager.default_limits:
+            self.budgets.setdefault(str(lim.scope), []).append(lim)
+        for limits in self.budgets.values():
+            limits.sort(key=lambda lim: lim.limit)
+
+    def limit(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        self.lean = False
+        return super().limit(*args, **kwargs)  # type: ignore[arg-type]
+
+    def shared_limit(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        self.lean = False
+        return super().shared_limit(*args, **kwargs)  # type: ignore[arg-type]
+
+    def exempt(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        self.lean = False
+        return super().exempt(*args, **kwargs)  # type: ignore[arg-type]
+
+    def _check_request_limit(self, callable_name: str | None = None,
+                             in_middleware: bool = True) -> None:
+        if not self.lean:
+            super()._check_request_limit(callable_name, in_middleware)
+            return
+        if not (self.enabled and self.initialized):
+            return
+        # Flask-Limiter's exemptions: no endpoint (an unknown route), static files, the filter.
+        endpoint = request.endpoint
+        if not endpoint or endpoint.rpartition(".")[2] == "static" or is_exempt():
+            return
+        scope = "strict" if is_strict() else "default"
+        try:
+            client = client_identity()
+            if not client:
+                log.error("Skipping rate limits: no client identity")
+                return
+            args = [self.prefix, client, scope] if self.prefix else [client, scope]
+            checked: list[RequestLimit] = []
+            breached: RuntimeLimit | None = None
+            for lim in self.budgets[scope]:
+                checked.append(RequestLimit(self, lim.limit, args, False, True))
+                if not self.limiter.hit(lim.limit, *args, cost=1):
+                    log.info("ratelimit %s (%s) exceeded at endpoint: %s", lim.limit, client,
+                             scope)
+                    checked[-1].breached = True
+                    breached = lim
+                    break
+            context = self.context
+            context.view_rate_limit = checked[-1] if breached else checked[0]
+            context.view_rate_limits = checked
+        except Exception:
+            if not self._swallow_errors:
+                raise
+            log.exception("Failed to rate limit. Swallowing error")
+            return
+        if breached is not None:
+            raise RateLimitExceeded(breached)
+
+
 def limiter_of(app: Flask) -> Limiter:
     return app.extensions["elemta_limiter"]
 
@@ -95,12 +195,11 @@ def init_ratelimit(app: Flask) -> Limiter:
     # The limits, storage and strategy were checked at start (app/config.py).
     default_limit = cfg["RATELIMIT_DEFAULT"]
     strict_limit = cfg["RATELIMIT_STRICT"]
-    limiter = Limiter(
+    default = Limit(default_limit, scope="default", shared=True, exempt_when=is_strict)
+    strict = Limit(strict_limit, scope="strict", shared=True, exempt_when=lambda: not is_strict())
+    limiter = BudgetLimiter(
         client_identity,
-        default_limits=[
-            Limit(default_limit, scope="default", shared=True, exempt_when=is_strict),
-            Limit(strict_limit, scope="strict", shared=True, exempt_when=lambda: not is_strict()),
-        ],
+        default_limits=[default, strict],
         storage_uri=storage_uri_of(cfg["RATELIMIT_STORAGE_URI"]),
         strategy=cfg["RATELIMIT_STRATEGY"],
         key_prefix=cfg["RATELIMIT_KEY_PREFIX"],

@@ -232,3 +232,37 @@ def test_rate_limiting_can_be_switched_off(make_app):
         response = client.get("/api/queue/stats")
         assert response.status_code == 200
         assert "X-RateLimit-Limit" not in response.headers
+
+
+def _trace(client) -> list[tuple]:
+    """Statuses, rate-limit headers and error bodies of a mixed sequence of requests."""
+    requests = [("GET", "/api/queue/stats"), ("POST", "/api/queue/pending/hold?dry_run=true"),
+                ("GET", "/api/no/such/route"), ("GET", "/api/health"),
+                ("OPTIONS", "/api/queue/stats"), ("GET", "/api/queue/all")] * 3
+    requests += [("GET", "/api/queue/held"), ("POST", "/api/queue/all/flush?dry_run=true")]
+    seen = []
+    for method, path in requests:
+        response = client.open(path, method=method)
+        seen.append((method, path, response.status_code,
+                     response.headers.get("X-RateLimit-Limit"),
+                     response.headers.get("X-RateLimit-Remaining"),
+                     "Retry-After" in response.headers,
+                     response.get_json(silent=True) if response.status_code == 429 else None))
+    return seen
+
+
+def test_the_lean_check_counts_exactly_as_flask_limiter(make_app):
+    """app/ratelimit.py's BudgetLimiter against Flask-Limiter's own resolution, same requests.
+
+    RATELIMIT_FAIL_ON_FIRST_BREACH (true, the default either way) is one of the settings that
+    send every request through Flask-Limiter's generic path.
+    """
+    # Two limits in one budget (windows start at a client's first hit: no clock dependence).
+    limits = {"ratelimit_default": "6 per hour;4 per minute", "ratelimit_strict": "2 per minute"}
+    lean = make_app(**limits)
+    generic = make_app(**limits, ratelimit_fail_on_first_breach=True)
+    assert limiter_of(lean).lean and not limiter_of(generic).lean
+    traces = [_trace(app.test_client()) for app in (lean, generic)]
+    assert traces[0] == traces[1]
+    statuses = [status for _, _, status, *_ in traces[0]]
+    assert 429 in statuses and 200 in statuses and 404 in statuses
