@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from flask import Flask
 
 from . import models  # noqa: F401  (registers the tables on db.metadata)
-from .config import load_config
+from .config import load_config, unknown_variables
 from .errors import register_error_handlers
 from .extensions import Api, db, migrate, sock
 from .http import register_request_hooks
@@ -29,6 +30,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     configure_logging(app)
     # Before anything else logs (the auth-mode warning...): every record of the process counts.
     install_database_logging(app)
+    for name in unknown_variables(os.environ):
+        logging.getLogger("elemta.config").warning(
+            "%s is not an Elemta setting and is ignored (misspelt?)", name)
     app.config.update(openapi_settings(__version__))
     app.json.sort_keys = False  # keep the contract's field order (error, code, details)
 

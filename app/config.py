@@ -17,7 +17,7 @@ import math
 import os
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -283,6 +283,11 @@ def database_url(key: str, value: Any) -> str | None:
     if backend not in DATABASE_SCHEMES:
         raise ConfigError(f"ELEMTA_{key}: {redact_url(url)!r} is not a sqlite:// or "
                           "postgresql:// URL")
+    if backend == "sqlite" and sa.make_url(url).database in (None, "", ":memory:"):
+        # Every connection (and every process: API workers, worker, listener) would get its
+        # own empty database, and all of it is lost at exit: a queue cannot live there.
+        raise ConfigError(f"ELEMTA_{key}: {url!r} is an in-memory SQLite database; "
+                          "give a file (sqlite:////path/to/elemta.db)")
     return url
 
 
@@ -372,6 +377,19 @@ def load_config(app: Flask, overrides: dict[str, Any] | None) -> None:
     if overrides:
         app.config.from_mapping(overrides)
     validate(app)
+
+
+# ELEMTA_* variables that are not application settings: read by gunicorn.conf.py, the process
+# wrappers, the test suite and the benchmark.
+NOT_SETTINGS = frozenset({"API_LISTEN", "ACCESS_LOG", "PROCESS_ROLE", "STARTED_AT",
+                          "METRICS_DIR_OWNER", "ENV_FILE", "HOME", "TEST_DATABASE_URL",
+                          "BENCH_DATABASE_URL", "BENCH_PG_SERVER"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``ELEMTA_*`` names that nothing reads: usually a misspelt setting, silently ignored."""
+    return sorted(name for name in environ if name.startswith("ELEMTA_")
+                  and name[7:] not in SETTINGS and name[7:] not in NOT_SETTINGS)
 
 
 def validate(app: Flask) -> None:

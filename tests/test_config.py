@@ -102,6 +102,8 @@ def refused(load, **values: str) -> str:
     ("RATELIMIT_STORAGE_URI", "localhost:6379", "is not a storage URI"),
     ("DATABASE_URL", "mysql://elemta@db/elemta", "is not a sqlite:// or postgresql:// URL"),
     ("DATABASE_URL", "not a url", "ELEMTA_DATABASE_URL: 'not a url' is not a sqlite://"),
+    ("DATABASE_URL", "sqlite://", "is an in-memory SQLite database"),
+    ("DATABASE_URL", "sqlite:///:memory:", "is an in-memory SQLite database"),
     ("CORS_ORIGINS", '["https://a.example"]',
      "ELEMTA_CORS_ORIGINS: '[\"https://a.example\"]' is not an origin"),
     ("CORS_ORIGINS", "https://ok.example, ftp://files.example", "'ftp://files.example' is not"),
@@ -228,3 +230,14 @@ def test_gunicorn_halts_with_the_reason_in_its_log():
     assert "Error: ELEMTA_LOG_QUEUE_SIZE: 'lots' is not a whole number" in done.stderr
     assert "configuration refused: ELEMTA_LOG_QUEUE_SIZE" in done.stdout  # the JSON log
     assert "Traceback" not in output
+
+
+def test_a_misspelt_variable_is_named_in_a_warning(monkeypatch, caplog, tmp_path):
+    """An unknown ELEMTA_* name is almost always a typo of a setting that then silently keeps
+    its default: say so at start, as postconf warns of unused parameters."""
+    monkeypatch.setenv("ELEMTA_RELAY_HOTS", "smarthost.example:587")
+    monkeypatch.setenv("ELEMTA_API_LISTEN", "127.0.0.1:8025")  # gunicorn.conf.py's, not unknown
+    with caplog.at_level("WARNING", logger="elemta.config"):
+        create_app({"TESTING": True, "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
+    warned = [r.getMessage() for r in caplog.records if r.name == "elemta.config"]
+    assert warned == ["ELEMTA_RELAY_HOTS is not an Elemta setting and is ignored (misspelt?)"]
