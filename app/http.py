@@ -18,6 +18,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+SECURITY_HEADER_ITEMS = tuple(SECURITY_HEADERS.items())
 
 
 # CORS (SPEC 9): what a browser page on an allowed origin may send and read.
@@ -56,7 +57,11 @@ def answer_preflight() -> Response | None:
 
 
 def add_cors_headers(response: Response) -> None:
-    response.vary.add("Origin")
+    headers = response.headers
+    if "Vary" in headers:
+        response.vary.add("Origin")
+    else:  # the usual case, without parsing and re-serialising an empty header set
+        headers.add("Vary", "Origin")
     origin = request.headers.get("Origin")
     if origin and origin_allowed(origin) and "Access-Control-Allow-Origin" not in response.headers:
         response.headers["Access-Control-Allow-Origin"] = origin
@@ -136,10 +141,13 @@ def register_request_hooks(app: Flask) -> None:
 
     @app.after_request
     def _common_headers(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
+        headers = response.headers
+        headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+        # add() where the header is absent: setdefault() would search the headers twice.
+        for name, value in SECURITY_HEADER_ITEMS:
+            if name not in headers:
+                headers.add(name, value)
         if request.path.startswith("/api"):
-            response.headers["Cache-Control"] = "no-store"
+            headers["Cache-Control"] = "no-store"
         add_cors_headers(response)
         return response

@@ -209,13 +209,23 @@ def _start_timer() -> None:
         g.metrics_started = time.perf_counter()
 
 
+# The labelled histograms already used, by (endpoint, method, status): labels() checks and
+# converts its arguments and takes a lock on every call to find the same child again. As many
+# entries as prometheus_client keeps series itself.
+_request_series: dict[tuple[str, str, int], Histogram] = {}
+
+
 def _observe_request(response: Response) -> Response:
     started = g.pop("metrics_started", None)
     if started is not None:
         # The URL rule, not the path: one series per endpoint, whatever the ids in the URLs.
         endpoint = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        HTTP_REQUEST_DURATION.labels(endpoint, request.method, str(response.status_code)).observe(
-            time.perf_counter() - started)
+        key = (endpoint, request.method, response.status_code)
+        series = _request_series.get(key)
+        if series is None:
+            series = _request_series.setdefault(
+                key, HTTP_REQUEST_DURATION.labels(endpoint, request.method, str(key[2])))
+        series.observe(time.perf_counter() - started)
     return response
 
 
