@@ -132,7 +132,8 @@ def queue_show_cmd(message_id: str, raw: bool, as_json: bool) -> None:
         click.echo(f"  {r['address']:<40} {r['status']:<10} attempts={r['attempts']} "
                    f"{r['last_error'] or ''}")
     for e in detail["events"]:
-        click.echo(f"  {e['timestamp']} {e['event_type']:<10} {e['recipient'] or ''} {e['message'] or ''}")
+        click.echo(
+            f"  {e['timestamp']} {e['event_type']:<10} {e['recipient'] or ''} {e['message'] or ''}")
 
 
 @queue_cli.command("delete")

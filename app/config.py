@@ -383,7 +383,8 @@ def load_config(app: Flask, overrides: dict[str, Any] | None) -> None:
 # wrappers, the test suite and the benchmark.
 NOT_SETTINGS = frozenset({"API_LISTEN", "ACCESS_LOG", "PROCESS_ROLE", "STARTED_AT",
                           "METRICS_DIR_OWNER", "ENV_FILE", "HOME", "TEST_DATABASE_URL",
-                          "BENCH_DATABASE_URL", "BENCH_PG_SERVER"})
+                          "E2E_DATABASE_URL", "E2E_KEEP", "BENCH_DATABASE_URL",
+                          "BENCH_PG_SERVER"})
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

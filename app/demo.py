@@ -92,7 +92,8 @@ def seed_messages(session: so.Session, count: int, *, seed: int | None = None,
         made[state] += 1
         created = now - dt.timedelta(seconds=rng.randint(30, spread_hours * 3600))
         sender = f"{rng.choice(USERS)}@{rng.choice(DOMAINS)}"
-        rcpts = sorted({f"{rng.choice(USERS)}@{rng.choice(DOMAINS)}" for _ in range(rng.choice((1, 1, 1, 2, 3)))})
+        count = rng.choice((1, 1, 1, 2, 3))
+        rcpts = sorted({f"{rng.choice(USERS)}@{rng.choice(DOMAINS)}" for _ in range(count)})
         subject = rng.choice(SUBJECTS).format(n=rng.randint(1000, 99999))
         raw = _raw_message(rng, sender, rcpts, subject, created)
         message_id = "msg-" + secrets.token_urlsafe(16)

@@ -177,7 +177,8 @@ def rebuild_rollup(
     return result.rowcount
 
 
-def outcome_increments(events: Iterable[tuple[str, dt.datetime]]) -> Counter[tuple[dt.datetime, str]]:
+def outcome_increments(events: Iterable[tuple[str, dt.datetime]]
+                       ) -> Counter[tuple[dt.datetime, str]]:
     """Rollup increments for (event_type, timestamp) pairs of outcome events."""
     counter: Counter[tuple[dt.datetime, str]] = Counter()
     for event_type, timestamp in events:

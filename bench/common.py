@@ -65,7 +65,8 @@ def report(results: list[Result], title: str) -> str:
     lines = [f"## {title}", "", "| measurement | value | target | verdict | notes |",
              "|---|---|---|---|---|"]
     for r in results:
-        target = "-" if r.target is None else (f">= {r.target}" if r.higher_is_better else f"<= {r.target}")
+        target = "-" if r.target is None else (
+            f">= {r.target}" if r.higher_is_better else f"<= {r.target}")
         extra = ", ".join(f"{k} {v}" for k, v in r.extra.items())
         notes = "; ".join(x for x in (r.notes, extra) if x)
         lines.append(f"| {r.name} | {r.value} {r.unit} | {target} | {r.verdict} | {notes} |")

@@ -127,7 +127,8 @@ class Sink:
 
 
 def find_nginx() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if found:
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
@@ -138,9 +139,11 @@ def find_nginx() -> str:
                                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
             if done.returncode == 0 and args[1] == "install":
                 break
-        found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        found = shutil.which("nginx") or (
+            "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if not found:
-        raise Failed("nginx is not installed and could not be installed (apt-get install nginx-light)")
+        raise Failed("nginx is not installed and could not be installed "
+                     "(apt-get install nginx-light)")
     return found
 
 
@@ -206,7 +209,8 @@ class Processes:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, argv: list[str]) -> None:
-        with open(self.tmp / f"{name}.out", "wb") as out, open(self.tmp / f"{name}.err", "wb") as err:
+        with open(self.tmp / f"{name}.out", "wb") as out, \
+                open(self.tmp / f"{name}.err", "wb") as err:
             self.children[name] = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=out,
                                                    stderr=err, start_new_session=True)
 
@@ -235,9 +239,12 @@ class Processes:
         for name in self.children:
             for stream in ("out", "err"):
                 path = self.tmp / f"{name}.{stream}"
-                text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+                text = path.read_text(errors="replace").splitlines(
+                )[-lines:] if path.exists() else []
                 if text:
-                    parts.append(f"---- {name} {stream} (last {len(text)} lines)\n" + "\n".join(text))
+                    parts.append(
+                        f"---- {name} {stream} (last {len(text)} lines)\n" +
+                        "\n".join(text))
         for log in ("nginx-error.log",):
             path = self.tmp / log
             if path.exists():
@@ -344,7 +351,8 @@ def feature(argv: list[str], env: dict[str, str]) -> bool:
 
 
 def run(tmp: Path) -> None:
-    server = (os.environ.get("ELEMTA_E2E_DATABASE_URL") or os.environ.get("ELEMTA_TEST_DATABASE_URL")
+    server = (os.environ.get("ELEMTA_E2E_DATABASE_URL")
+              or os.environ.get("ELEMTA_TEST_DATABASE_URL")
               or DEFAULT_SERVER)
     server_url = sa.make_url(server.replace("postgresql://", "postgresql+psycopg://", 1))
     if server_url.get_backend_name() != "postgresql":
@@ -480,7 +488,8 @@ def _run_checks(tmp: Path, env: dict[str, str], nginx: str, cert: Path, key: Pat
     if queue_ws:
         wait_for(lambda: queue_ws.find(lambda f: f.get("type") == "queue_stats"),
                  "the queue_stats frame on /api/queue/ws")
-        say("WebSocket /api/queue/ws and /api/logs/ws connected through nginx (queue_stats received)")
+        say("WebSocket /api/queue/ws and /api/logs/ws connected through nginx "
+            "(queue_stats received)")
 
     # The message: SMTP in (or send-test when there is no listener yet).
     subject = f"e2e {secrets.token_hex(6)}"
@@ -503,7 +512,8 @@ def _run_checks(tmp: Path, env: dict[str, str], nginx: str, cert: Path, key: Pat
         message_id = found.group().decode()
         say(f"SMTP accepted the message: 250 {reply.decode()}")
     else:
-        check(client.admin_key is not None, "neither smtpd nor an admin key: nothing can queue mail")
+        check(client.admin_key is not None,
+              "neither smtpd nor an admin key: nothing can queue mail")
         status, _, body = client.call("POST", "/api/send-test", admin=True, body={
             "from": "alice@example.com", "to": "bob@example.net", "subject": subject})
         check(status == 200, f"POST /api/send-test answered {status}: {body}")
@@ -572,7 +582,8 @@ def _run_checks(tmp: Path, env: dict[str, str], nginx: str, cert: Path, key: Pat
     for state in ("pending", "deferred", "held", "failed"):
         check(metric_value(text, "elemta_queue_messages", state=state) is not None,
               f"no elemta_queue_messages{{state={state}}}")
-        check(metric_value(text, "elemta_queue_oldest_message_age_seconds", state=state) is not None,
+        age = metric_value(text, "elemta_queue_oldest_message_age_seconds", state=state)
+        check(age is not None,
               f"no oldest-age gauge for {state}")
     check(metric_value(text, "elemta_build_info") == 1, "no elemta_build_info")
     requests = metric_value(text, "elemta_http_request_duration_seconds_count",
@@ -591,7 +602,8 @@ def _run_checks(tmp: Path, env: dict[str, str], nginx: str, cert: Path, key: Pat
 
         latency = wait_for(latency_count, "elemta_delivery_latency_seconds_count >= 1 in /metrics")
         say(f"metrics: delivery latency histogram count {latency:.0f}")
-    say("metrics through nginx: queue depth and age per state, outcomes, HTTP durations, build info")
+    say("metrics through nginx: queue depth and age per state, outcomes, HTTP durations, "
+        "build info")
 
 
 def _check_json_logs(tmp: Path, processes: Processes) -> None:
@@ -607,7 +619,7 @@ def _check_json_logs(tmp: Path, processes: Processes) -> None:
                 raise Failed(f"{name} wrote a non-JSON line to stdout: {line[:200]}") from None
             check("level" in record and "message" in record, f"{name}: odd log line {line[:200]}")
         if name == "api":
-            check(any(json.loads(l).get("request_id") == "e2e-probe-1" for l in lines),
+            check(any(json.loads(line).get("request_id") == "e2e-probe-1" for line in lines),
                   "the API's logs do not carry the request id given through nginx")
     say("every process logs JSON lines to stdout; the API's carry the request id")
 

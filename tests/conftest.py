@@ -75,7 +75,8 @@ def migrate_database(url: str) -> None:
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A migrated, empty database of this test run, on each backend."""
     if request.param == "sqlite":
         path = tmp_path_factory.mktemp("db") / "elemta-test.db"
@@ -85,11 +86,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         return
     server = os.environ.get(PG_URL_ENV)
     if not server:
-        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
+        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} "
+                    "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
     name = f"elemta_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(_pg_admin_dsn(server), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(normalise_database_url(server)).set(database=name).render_as_string(hide_password=False)
+    url = sa.make_url(
+        normalise_database_url(server)).set(
+        database=name).render_as_string(
+            hide_password=False)
     try:
         migrate_database(url)
         yield url

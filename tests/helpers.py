@@ -48,7 +48,8 @@ def queue_message(session: so.Session, sender: str = "alice@example.com",
                         .values(queue_state="failed", attempts=1, next_attempt_at=None,
                                 last_error="550 no such user"))
     elif state == "held":
-        session.execute(sa.update(Message).where(Message.id == message_id).values(queue_state="held"))
+        session.execute(sa.update(Message).where(Message.id == message_id)
+                        .values(queue_state="held"))
     session.commit()
     return message_id
 

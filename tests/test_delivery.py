@@ -341,7 +341,6 @@ def test_delete_during_delivery_is_not_undone(relay_app, make_app):
         db.session.remove()
 
 
-
 def _latency_sample(suffix: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(f"elemta_delivery_latency_seconds_{suffix}", labels) or 0.0
 

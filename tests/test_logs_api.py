@@ -61,7 +61,7 @@ def test_minimum_level(client, session, level, expected):
     got = [item["level"] for item in body["logs"]]
     assert got == expected[::-1] * 2
     assert [item["id"] for item in body["logs"]] == sorted((i["id"] for i in body["logs"]),
-                                                          reverse=True)
+                                                           reverse=True)
 
 
 def test_limit_takes_the_newest(client, session):

@@ -88,7 +88,7 @@ def test_records_reach_the_table_through_the_api(logging_app):
     body = app.test_client().get("/api/logs?level=info").get_json()
     mine = [item for item in body["logs"] if item["logger"] == "elemta.test.api"]
     assert [(i["level"], i["message"]) for i in mine] == [("error", "second formatted"),
-                                                         ("info", "first")]
+                                                          ("info", "first")]
     assert {i["process"] for i in mine} == {f"{detect_role()}:{os.getpid()}"}
     set_process_role("smtpd")
     log.warning("third")

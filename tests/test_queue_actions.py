@@ -133,7 +133,8 @@ def test_path_tricks_never_reach_a_message(client, session):
                  "/api/queue/message/%2e%2e/%2e%2e/stats"):
         response = client.delete(path)
         assert response.status_code in (404, 405), path
-        assert response.get_json()["code"] in ("NOT_FOUND", "MESSAGE_NOT_FOUND", "METHOD_NOT_ALLOWED")
+        assert response.get_json()["code"] in (
+            "NOT_FOUND", "MESSAGE_NOT_FOUND", "METHOD_NOT_ALLOWED")
     assert state_of(session, message_id) == "pending"
 
 

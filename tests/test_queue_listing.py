@@ -47,7 +47,12 @@ def test_empty_queue_is_an_empty_array(client):
 
 def test_paging_neither_skips_nor_repeats_while_messages_arrive(client, session):
     base = utcnow() - dt.timedelta(hours=2)
-    expected = [queue_message(session, created_at=base + dt.timedelta(seconds=i)) for i in range(25)]
+    expected = [
+        queue_message(
+            session,
+            created_at=base +
+            dt.timedelta(
+                seconds=i)) for i in range(25)]
     seen: list[str] = []
     url: str | None = "/api/queue/all?limit=10"
     pages = 0

@@ -235,7 +235,7 @@ def test_malformed_addresses_are_refused_with_a_rejection_event(port, app):
     ("RCPT TO:<bob@exa\u009bmple.net>", 501, "bob@exa\\x9bmple.net"),
 ])
 def test_control_characters_in_envelope_addresses_are_refused(port, app, command, code,
-                                                                stored_address):
+                                                              stored_address):
     # Each refusal is recorded (on PostgreSQL a NUL made the event's INSERT fail: refused
     # silently), with the control characters written out; the session goes on, and the
     # message that follows holds only the valid addresses.

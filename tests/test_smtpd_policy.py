@@ -176,7 +176,7 @@ def test_starttls_with_a_generated_certificate(fresh_app, certificate):
 def test_starttls_lets_a_remote_client_authenticate(fresh_app, certificate):
     cert, key_file = certificate
     app = fresh_app(tls_cert=cert, tls_key=key_file, relay_networks="192.0.2.0/24",
-                   smtpd_proxy_protocol=True)
+                    smtpd_proxy_protocol=True)
     key = api_key(app)
     with running_listener(app) as port, ProxiedSMTP("127.0.0.1", port) as client:
         client.ehlo("remote.example")

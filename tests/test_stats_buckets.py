@@ -52,9 +52,9 @@ def history(draw: st.DrawFn) -> tuple[dt.datetime, list[tuple[dt.datetime, str]]
             unit = draw(st.sampled_from(["hour", "day", "week", "month"]))
             edge = start_of(unit, key_of(unit, now))
             back = draw(st.integers(0, 13)) * {"hour": dt.timedelta(hours=1),
-                                                "day": dt.timedelta(days=1),
-                                                "week": dt.timedelta(weeks=1),
-                                                "month": dt.timedelta(days=31)}[unit]
+                                               "day": dt.timedelta(days=1),
+                                               "week": dt.timedelta(weeks=1),
+                                               "month": dt.timedelta(days=31)}[unit]
             moment = edge - back + draw(st.sampled_from(
                 [dt.timedelta(0), dt.timedelta(microseconds=-1), dt.timedelta(seconds=1)]))
         else:

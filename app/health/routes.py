@@ -23,7 +23,8 @@ def _no_store(response: Response) -> Response:
 @blp.route("/api/health")
 class Health(MethodView):
     @blp.response(200, HealthSchema)
-    @blp.alt_response(503, schema=HealthSchema, description="Unhealthy: the database does not answer")
+    @blp.alt_response(503, schema=HealthSchema,
+                      description="Unhealthy: the database does not answer")
     def get(self) -> Response:
         """Service health: database, delivery worker, queue and this process"""
         report = service.health_report(db.session)

@@ -114,7 +114,7 @@ def database_latency_ms(session: so.Session) -> float:
 
 
 def worker_status(session: so.Session, now: dt.datetime) -> dict[str, Any]:
-    """``running`` when the newest heartbeat is at most 60 s old, ``stale`` older, else ``absent``."""
+    """``running``: newest heartbeat at most 60 s old; ``stale``: older; else ``absent``."""
     newest = session.scalar(sa.select(sa.func.max(WorkerHeartbeat.last_heartbeat)))
     if newest is None:
         return {"status": "absent", "last_heartbeat": None}
@@ -138,7 +138,7 @@ class HealthReport:
 
 
 def health_report(session: so.Session) -> HealthReport:
-    """The health document; ``unhealthy`` (with nulls for what needs the database) when it is down."""
+    """The health document; ``unhealthy`` (nulls for what needs the database) when it is down."""
     now = utcnow()
     started_at = service_started_at()
     uptime = max(0, int((now - started_at).total_seconds()))

@@ -83,7 +83,8 @@ def _bulk_view(action: str, summary: str) -> type[MethodView]:
         def post(self, queue_type: str, dry_run: bool, **filters: Any) -> dict[str, Any]:
             count = service.bulk_action(db.session, action, queue_type, _filters(filters),
                                         current_actor(), dry_run=dry_run)
-            done = "would be " + service.PAST_TENSE[action] if dry_run else service.PAST_TENSE[action]
+            past = service.PAST_TENSE[action]
+            done = f"would be {past}" if dry_run else past
             return {"status": "success", "message": f"{count} message(s) {done}", "count": count}
 
     BulkAction.post.__doc__ = summary
@@ -107,10 +108,10 @@ class QueueMessage(MethodView):
     # (an alt_response with the same status would replace the JSON one in the document).
     @blp.doc(responses={"200": {"description": "The message; with format=raw the raw message",
                                 "content": {
-            "application/json": {"schema": MessageDetailSchema},
-            "message/rfc822": {"schema": {"type": "string"}}}}})
+                                    "application/json": {"schema": MessageDetailSchema},
+                                    "message/rfc822": {"schema": {"type": "string"}}}}})
     def get(self, message_id: str, format: str) -> Any:
-        """A message with recipients, headers, content and events; format=raw for the message itself"""
+        """A message with recipients, headers, content and events; format=raw: the message"""
         if format == "raw":
             raw = service.message_raw(db.session, message_id)
             return Response(raw, mimetype="message/rfc822")
@@ -130,7 +131,8 @@ def _single_view(action: str, summary: str) -> type[MethodView]:
         @blp.response(200, StatusSchema)
         def post(self, message_id: str) -> dict[str, str]:
             act(db.session, message_id, current_actor())
-            return {"status": "success", "message": f"Message {message_id} {service.PAST_TENSE[action]}"}
+            return {"status": "success",
+                    "message": f"Message {message_id} {service.PAST_TENSE[action]}"}
 
     SingleAction.post.__doc__ = summary
     SingleAction.__name__ = f"QueueMessage{action.title()}"

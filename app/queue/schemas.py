@@ -16,8 +16,9 @@ class FilterQuerySchema(ma.Schema):
 
     sender = ma.fields.String(validate=ma.validate.Length(max=320),
                               metadata={"description": "Case-insensitive substring of the sender"})
-    recipient = ma.fields.String(validate=ma.validate.Length(max=320),
-                                 metadata={"description": "Case-insensitive substring of a recipient"})
+    recipient = ma.fields.String(
+        validate=ma.validate.Length(max=320),
+        metadata={"description": "Case-insensitive substring of a recipient"})
     domain = ma.fields.String(validate=ma.validate.Length(max=255),
                               metadata={"description": "Exact recipient domain"})
     before = Timestamp(metadata={"description": "created_at earlier than this"})
@@ -31,8 +32,9 @@ class ListQuerySchema(FilterQuerySchema):
 
 
 class BulkQuerySchema(FilterQuerySchema):
-    dry_run = ma.fields.Boolean(load_default=False,
-                                metadata={"description": "Count what would be affected, change nothing"})
+    dry_run = ma.fields.Boolean(
+        load_default=False,
+        metadata={"description": "Count what would be affected, change nothing"})
 
 
 class DetailQuerySchema(ma.Schema):
@@ -53,7 +55,10 @@ class MessageSchema(ma.Schema):
     id = ma.fields.String(required=True)
     queue = ma.fields.String(attribute="queue_state", required=True)
     from_ = ma.fields.String(attribute="sender", data_key="from", required=True)
-    to = ma.fields.Method("_to", required=True, metadata={"type": "array", "items": {"type": "string"}})
+    to = ma.fields.Method(
+        "_to", required=True, metadata={
+            "type": "array", "items": {
+                "type": "string"}})
     subject = ma.fields.String(required=True)
     size = ma.fields.Integer(required=True)
     priority = ma.fields.Integer(required=True)
@@ -80,10 +85,12 @@ class MessageDetailSchema(MessageSchema):
     """A message with its recipients, headers, content and timeline."""
 
     recipients = ma.fields.List(ma.fields.Nested(RecipientSchema), required=True)
-    headers = ma.fields.Method("_headers", required=True,
-                               metadata={"type": "array", "items": {"type": "array", "items": {"type": "string"}}})
+    headers = ma.fields.Method(
+        "_headers", required=True,
+        metadata={"type": "array", "items": {"type": "array", "items": {"type": "string"}}})
     content = ma.fields.Method("_content", required=True, metadata={"type": "string"})
-    events = ma.fields.List(ma.fields.Nested(MessageEventSchema), attribute="timeline", required=True)
+    events = ma.fields.List(ma.fields.Nested(MessageEventSchema), attribute="timeline",
+                            required=True)
 
     def _headers(self, message: Any) -> list[list[str]]:
         return headers_of(message.content.raw)

@@ -180,7 +180,8 @@ def queue_stats(session: so.Session) -> dict[str, int]:
 def _state_condition(queue_type: str) -> list[sa.ColumnElement[bool]]:
     if queue_type not in LIST_TYPES:
         raise ValidationFailed(
-            f"Unknown queue type {queue_type!r}", {"type": [f"Must be one of: {', '.join(LIST_TYPES)}."]}
+            f"Unknown queue type {queue_type!r}", {
+                "type": [f"Must be one of: {', '.join(LIST_TYPES)}."]}
         )
     return [] if queue_type == "all" else [Message.queue_state == queue_type]
 
@@ -198,7 +199,8 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
             raise ValueError("bad id")
         return parse_iso(created), message_id
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, json.JSONDecodeError):
-        raise ValidationFailed("Invalid cursor", {"cursor": ["Not a cursor from this API."]}) from None
+        raise ValidationFailed("Invalid cursor",
+                               {"cursor": ["Not a cursor from this API."]}) from None
 
 
 def list_messages(
@@ -389,7 +391,8 @@ def _apply(
     changed = [r["id"] for r in rows]
     if changed and action in ("retry", "release"):
         # Every recipient not yet delivered becomes due now; retry also revives failed ones.
-        revivable = ("pending", "deferred", "failed") if action == "retry" else ("pending", "deferred")
+        revivable = ("pending", "deferred", "failed") if action == "retry" \
+            else ("pending", "deferred")
         session.execute(
             sa.update(Recipient)
             .where(Recipient.message_id.in_(changed), Recipient.status.in_(revivable))
@@ -428,7 +431,8 @@ def _fail_released_without_open_recipients(session: so.Session, ids: Sequence[st
 # --------------------------------------------------------------------------- derived state
 
 
-def settle_message_state(session: so.Session, message: Message, now: dt.datetime | None = None) -> str | None:
+def settle_message_state(session: so.Session, message: Message,
+                         now: dt.datetime | None = None) -> str | None:
     """Recompute a message's queue state from its recipients after delivery outcomes.
 
     Returns the new state, or ``None`` when every recipient is delivered and the message left
@@ -461,7 +465,8 @@ def settle_message_state(session: so.Session, message: Message, now: dt.datetime
 def messages_by_ids(session: so.Session, ids: Iterable[str]) -> list[Message]:
     return list(
         session.scalars(
-            sa.select(Message).where(Message.id.in_(list(ids))).options(so.selectinload(Message.recipients))
+            sa.select(Message).where(Message.id.in_(list(ids)))
+            .options(so.selectinload(Message.recipients))
         )
     )
 

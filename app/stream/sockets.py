@@ -58,7 +58,7 @@ class StreamSpec:
             return self.only != "log" and (not self.event_type
                                            or item[1].event_type == self.event_type)
         return self.only != "message_event" and (not self.min_levelno
-                                                  or item[1].levelno >= self.min_levelno)
+                                                 or item[1].levelno >= self.min_levelno)
 
 
 def serve(spec: StreamSpec) -> Response:
