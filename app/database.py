@@ -101,10 +101,14 @@ def _check_idle_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> 
     pgconn = getattr(dbapi_connection, "pgconn", None)
     if pgconn is None:  # not psycopg (SQLite)
         return
-    if dbapi_connection.closed:
-        raise sa_exc.InvalidatePoolError("connection closed")
+    try:
+        if dbapi_connection.closed:
+            raise OSError("connection closed")
+        fd = pgconn.socket  # raises when libpq has already seen the connection fail
+    except Exception as exc:
+        raise sa_exc.InvalidatePoolError(f"connection unusable: {exc}") from exc
     poller = select.poll()  # not select.select: a descriptor may be above FD_SETSIZE
-    poller.register(pgconn.socket, select.POLLIN)
+    poller.register(fd, select.POLLIN)
     if not poller.poll(0):
         return
     # Something arrived on an idle connection: a FATAL before a close, the close itself, or a
