@@ -21,7 +21,9 @@ migrate: setup
 run: migrate
 	$(BIN)/python scripts/run_all.py
 
+# Lint first (seconds): style drift fails the suite like a broken test.
 test: setup
+	$(BIN)/flake8 app tests bench scripts migrations wsgi.py gunicorn.conf.py
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # gunicorn behind a real nginx, worker, listener, PostgreSQL: SMTP in -> sink out (scripts/e2e.py).

@@ -121,4 +121,3 @@ class Api(flask_smorest.Api):
 
     def handle_http_exception(self, error: typing.Any) -> flask.Response:
         return handle_http_exception(error)
-
