@@ -15,7 +15,7 @@ from .extensions import Api, db, migrate, sock
 from .http import register_request_hooks
 from .logging_setup import configure_logging
 from .logs.handler import install_database_logging
-from .openapi import openapi_settings, register_docs_assets
+from .openapi import document_metrics, openapi_settings, register_docs_assets
 
 __version__ = "0.1.0"
 
@@ -67,6 +67,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     api.register_blueprint(health_blp)
     init_metrics(app)
+    document_metrics(app, api)
 
     from .stream.routes import blp as stream_blp
 

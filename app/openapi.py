@@ -6,6 +6,8 @@ itself, so /api/docs works on an air-gapped mail host too.
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Flask, Response, send_from_directory
 from swagger_ui_bundle import swagger_ui_path
 
@@ -33,3 +35,18 @@ def openapi_settings(version: str) -> dict[str, str]:
 
 def register_docs_assets(app: Flask) -> None:
     app.register_blueprint(assets)
+
+
+def document_metrics(app: Flask, api: Any) -> None:
+    """``/metrics`` is a plain Flask route (Prometheus text, not JSON): listed here by hand so the
+    document and /api/docs show every endpoint."""
+    rule = next(r for r in app.url_map.iter_rules() if r.rule == "/metrics")
+    api.spec.path(rule=rule, operations={"get": {
+        "tags": ["health"],
+        "summary": "Prometheus metrics (text exposition format)",
+        "description": "Queue depth and oldest message age per state, delivery outcomes, the "
+                       "delivery latency histogram, HTTP request durations, build info; summed "
+                       "over every gunicorn worker (docs/OPERATIONS.md).",
+        "responses": {"200": {"description": "Prometheus text",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    }})

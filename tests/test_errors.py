@@ -70,6 +70,21 @@ def test_every_response_carries_request_id_and_security_headers(client, path):
     assert len(generated.headers["X-Request-ID"]) == 32
 
 
+def test_openapi_document_lists_every_route_of_the_application(app, client):
+    """Nothing the server answers is missing from /api/docs (the UI and its assets aside)."""
+    import re
+
+    documented = {(path, method) for path, item in
+                  client.get("/api/openapi.json").get_json()["paths"].items()
+                  for method in item if method != "parameters"}
+    for rule in app.url_map.iter_rules():
+        if rule.rule.startswith(("/api/docs", "/api/openapi.json", "/static")):
+            continue
+        path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert (path, method.lower()) in documented, (path, method)
+
+
 def test_openapi_document_lists_every_queue_endpoint(client):
     spec = client.get("/api/openapi.json").get_json()
     paths = spec["paths"]
