@@ -4,13 +4,48 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import psycopg
+import sqlalchemy as sa
+
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+DEFAULT_PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _admin_dsn(url: str) -> str:
+    return sa.make_url(url).set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False)
+
+
+@contextmanager
+def postgres_database(given: str | None, label: str) -> Iterator[str]:
+    """``given``, or a database created for the run (``ELEMTA_BENCH_PG_SERVER``) and dropped."""
+    if given:
+        yield given
+        return
+    server = os.environ.get("ELEMTA_BENCH_PG_SERVER", DEFAULT_PG_SERVER)
+    name = f"elemta_bench_{label}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(_admin_dsn(server), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(_admin_dsn(server), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass

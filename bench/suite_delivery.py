@@ -15,55 +15,24 @@ PostgreSQL: ``--database-url`` / ``ELEMTA_BENCH_DATABASE_URL``, else a fresh dat
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import psycopg
 import sqlalchemy as sa
 
-from bench.common import Result
+from bench.common import Result, free_port, postgres_database
 
 SIZES = {"small": 2000, "full": 10000}
 TARGET = 300.0
-DEFAULT_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 def log(text: str) -> None:
     print(f"[delivery] {text}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _admin_dsn(url: str) -> str:
-    return sa.make_url(url).set(drivername="postgresql", database="postgres").render_as_string(
-        hide_password=False)
-
-
-@contextmanager
-def postgres_database(given: str | None) -> Iterator[str]:
-    if given:
-        yield given
-        return
-    server = os.environ.get("ELEMTA_BENCH_PG_SERVER", DEFAULT_SERVER)
-    name = f"elemta_bench_delivery_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(_admin_dsn(server), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(_admin_dsn(server), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
@@ -159,6 +128,6 @@ def run(options: Any) -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp:
         results.append(measure(f"sqlite:///{tmp}/bench.db", count, "SQLite"))
     given = getattr(options, "database_url", None) or os.environ.get("ELEMTA_BENCH_DATABASE_URL")
-    with postgres_database(given) as url:
+    with postgres_database(given, "delivery") as url:
         results.append(measure(url, count, "PostgreSQL"))
     return results

@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,14 +50,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-import sqlalchemy as sa
 
-from bench.common import Result, percentile
+from bench.common import Result, free_port, percentile, postgres_database
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-DEFAULT_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 CONNECTIONS = 32
 RATIO_TARGET = 0.5
 RSS_TARGET_MB = 150.0
@@ -78,33 +74,6 @@ SIZES = {
 
 def log(text: str) -> None:
     print(f"[http] {text}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _admin_dsn(url: str) -> str:
-    return sa.make_url(url).set(drivername="postgresql", database="postgres").render_as_string(
-        hide_password=False)
-
-
-@contextmanager
-def postgres_database(given: str | None) -> Iterator[str]:
-    if given:
-        yield given
-        return
-    server = os.environ.get("ELEMTA_BENCH_PG_SERVER", DEFAULT_SERVER)
-    name = f"elemta_bench_http_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(_admin_dsn(server), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(_admin_dsn(server), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def base_env(url: str) -> dict[str, str]:
@@ -598,7 +567,7 @@ def run(options: Any) -> list[Result]:
     results = []
     # SPEC 13 names PostgreSQL; SQLite is reported for information.
     given = getattr(options, "database_url", None) or os.environ.get("ELEMTA_BENCH_DATABASE_URL")
-    with postgres_database(given) as url:
+    with postgres_database(given, "http") as url:
         results.extend(measure("PostgreSQL", url, sizes, primary=True))
     with tempfile.TemporaryDirectory(prefix="elemta-bench-http-db-") as tmp:
         results.extend(measure("SQLite", f"sqlite:///{tmp}/bench.db", sizes, primary=False))
