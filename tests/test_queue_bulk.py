@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.models import DeliveryEvent, Message, Recipient
-from app.queue import service
+from app.queue import actions, service
 from tests.helpers import assert_error, queue_message, state_of
 
 
@@ -97,7 +97,7 @@ def test_bulk_action_skips_messages_that_moved_on(app, session):
     """A message whose state changed after selection is not acted on wrongly."""
     ids = [queue_message(session, state="deferred") for _ in range(3)]
     service.hold_message(session, ids[0], "someone")
-    changed = service._apply(session, "retry", ids, "test", queue_type="deferred")
+    changed = actions._apply(session, "retry", ids, "test", queue_type="deferred")
     session.commit()
     assert sorted(changed) == sorted(ids[1:])
     assert state_of(session, ids[0]) == "held"

@@ -1,0 +1,182 @@
+"""Operator actions on queued mail: delete, retry, hold, release and flush, one or in bulk.
+
+Each public function is one unit of work: it changes the rows, records a ``system`` event per
+message with the actor, and commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from ..errors import Conflict, ValidationFailed
+from ..events import record_event, record_system_events
+from ..models import Message, Recipient
+from ..timeutil import utcnow
+from .reading import LIST_TYPES, MessageFilters, state_condition, get_message
+
+BULK_TYPES = {
+    "flush": LIST_TYPES,
+    "retry": ("deferred", "failed", "all"),
+    "hold": ("pending", "deferred", "all"),
+    "release": ("held",),
+}
+# Which queue states each action applies to (its 409 otherwise).
+ACTION_FROM_STATES = {
+    "retry": ("pending", "deferred", "failed"),
+    "hold": ("pending", "deferred"),
+    "release": ("held",),
+}
+BULK_CHUNK = 1000
+
+
+def delete_message(session: so.Session, message_id: str, actor: str) -> None:
+    message = get_message(session, message_id)
+    record_event(session, "system", message_id=message.id, sender=message.sender,
+                 message=f"Message {message.id} deleted by {actor}", action="deleted",
+                 queue_state=None)
+    session.delete(message)
+    session.commit()
+
+
+def retry_message(session: so.Session, message_id: str, actor: str) -> Message:
+    return _act_on_one(session, "retry", message_id, actor)
+
+
+def hold_message(session: so.Session, message_id: str, actor: str) -> Message:
+    return _act_on_one(session, "hold", message_id, actor)
+
+
+def release_message(session: so.Session, message_id: str, actor: str) -> Message:
+    return _act_on_one(session, "release", message_id, actor)
+
+
+PAST_TENSE = {"retry": "retried", "hold": "held", "release": "released", "flush": "flushed"}
+
+
+def _act_on_one(session: so.Session, action: str, message_id: str, actor: str) -> Message:
+    message = get_message(session, message_id)
+    if action == "hold" and message.queue_state == "held":
+        return message  # already where the operator wants it: nothing to change or record
+    if message.queue_state not in ACTION_FROM_STATES[action]:
+        raise Conflict(f"Cannot {action} message {message_id}: it is {message.queue_state}")
+    affected = _apply(session, action, [message.id], actor)
+    if not affected:  # changed state between our read and our write
+        session.rollback()
+        raise Conflict(f"Cannot {action} message {message_id}: its state changed")
+    session.commit()
+    session.refresh(message)
+    return message
+
+
+def bulk_action(
+    session: so.Session,
+    action: str,
+    queue_type: str,
+    filters: MessageFilters,
+    actor: str,
+    *,
+    dry_run: bool = False,
+) -> int:
+    """Apply an action to every matching message; returns how many were (or would be) affected.
+
+    Works in chunks of ids, each its own short transaction, so a flush of a million messages
+    never holds one giant lock. Each write re-checks the state, so a message that moved on
+    in the meantime is skipped, not wrongly acted on.
+    """
+    allowed = BULK_TYPES[action]
+    if queue_type not in allowed:
+        raise ValidationFailed(
+            f"Cannot {action} queue {queue_type!r}",
+            {"type": [f"Must be one of: {', '.join(allowed)}."]},
+        )
+    conds = state_condition(queue_type) + filters.conditions()
+    if action != "flush":
+        conds.append(Message.queue_state.in_(ACTION_FROM_STATES[action]))
+    if dry_run:
+        return session.scalar(sa.select(sa.func.count()).select_from(Message).where(*conds)) or 0
+    ids = list(session.scalars(sa.select(Message.id).where(*conds).order_by(Message.created_at)))
+    session.commit()  # end the read transaction; every chunk below is its own
+    total = 0
+    for start in range(0, len(ids), BULK_CHUNK):
+        chunk = ids[start : start + BULK_CHUNK]
+        total += len(_apply(session, action, chunk, actor, queue_type=queue_type))
+        session.commit()
+    return total
+
+
+def _apply(
+    session: so.Session,
+    action: str,
+    ids: Sequence[str],
+    actor: str,
+    *,
+    queue_type: str = "all",
+) -> list[str]:
+    """The state change itself, for a set of ids; returns the ids it changed. No commit."""
+    now = utcnow()
+    where = [Message.id.in_(ids)]
+    if queue_type != "all":
+        where.append(Message.queue_state == queue_type)
+    if action == "flush":
+        stmt = sa.delete(Message).where(*where).returning(Message.id, Message.sender)
+        rows = session.execute(stmt).mappings().all()
+        record_system_events(session, rows,
+                             f"Message {{id}} flushed from the {queue_type} queue by {actor}",
+                             action="flushed", queue_state=None, timestamp=now)
+        return [r["id"] for r in rows]
+
+    where.append(Message.queue_state.in_(ACTION_FROM_STATES[action]))
+    if action == "hold":
+        values: dict[str, Any] = {"queue_state": "held", "updated_at": now}
+    else:  # retry, release: due now
+        values = {"queue_state": "pending", "updated_at": now, "next_attempt_at": now}
+    stmt = (
+        sa.update(Message)
+        .where(*where)
+        .values(**values)
+        .returning(Message.id, Message.sender)
+        .execution_options(synchronize_session=False)
+    )
+    rows = session.execute(stmt).mappings().all()
+    changed = [r["id"] for r in rows]
+    if changed and action in ("retry", "release"):
+        # Every recipient not yet delivered becomes due now; retry also revives failed ones.
+        revivable = ("pending", "deferred", "failed") if action == "retry" \
+            else ("pending", "deferred")
+        session.execute(
+            sa.update(Recipient)
+            .where(Recipient.message_id.in_(changed), Recipient.status.in_(revivable))
+            .values(status="pending", next_attempt_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    failed_ids = _fail_released_without_open_recipients(session, changed) \
+        if action == "release" else set()
+    for state, group in ((values["queue_state"], [r for r in rows if r["id"] not in failed_ids]),
+                         ("failed", [r for r in rows if r["id"] in failed_ids])):
+        if group:
+            record_system_events(session, group, f"Message {{id}} {PAST_TENSE[action]} by {actor}",
+                                 action=PAST_TENSE[action], queue_state=state, timestamp=now)
+    return changed
+
+
+def _fail_released_without_open_recipients(session: so.Session, ids: Sequence[str]) -> set[str]:
+    """Released messages with nothing left to deliver go to ``failed``, not ``pending``.
+
+    While a message is held, deliveries under way finish: their permanent failures are recorded
+    and the message stays held (settle_message_state). If none of its recipients is still
+    pending or deferred, "pending" would be a message no worker ever claims.
+    """
+    open_recipient = sa.exists().where(Recipient.message_id == Message.id,
+                                       Recipient.status.in_(("pending", "deferred")))
+    stmt = (
+        sa.update(Message)
+        .where(Message.id.in_(ids), ~open_recipient)
+        .values(queue_state="failed", next_attempt_at=None)
+        .returning(Message.id)
+        .execution_options(synchronize_session=False)
+    )
+    return set(session.scalars(stmt))

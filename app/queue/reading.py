@@ -1,0 +1,194 @@
+"""Reading the queue: stats, filtered keyset pages, one message with its content and timeline."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from ..errors import NotFound, ValidationFailed
+from ..models import DeliveryEvent, Message, MessageContent, Recipient
+from ..sqltypes import UTCDateTime
+from ..timeutil import parse_iso
+from . import counters
+
+MESSAGE_ID = re.compile(r"^msg-[A-Za-z0-9_-]{8,60}$")
+LIST_TYPES = ("pending", "deferred", "held", "failed", "all")
+TIMELINE_LIMIT = 1000
+
+
+@dataclass
+class MessageFilters:
+    """The listing filters of SPEC 2.2; every one optional, combined with AND."""
+
+    sender: str | None = None
+    recipient: str | None = None
+    domain: str | None = None
+    before: dt.datetime | None = None
+    after: dt.datetime | None = None
+
+    def is_empty(self) -> bool:
+        return not any((self.sender, self.recipient, self.domain, self.before, self.after))
+
+    def conditions(self) -> list[sa.ColumnElement[bool]]:
+        conds: list[sa.ColumnElement[bool]] = []
+        if self.sender:
+            conds.append(
+                sa.func.lower(Message.sender).contains(self.sender.lower(), autoescape=True)
+            )
+        if self.recipient:
+            conds.append(
+                sa.exists().where(
+                    Recipient.message_id == Message.id,
+                    sa.func.lower(Recipient.address).contains(
+                        self.recipient.lower(), autoescape=True
+                    ),
+                )
+            )
+        if self.domain:
+            conds.append(
+                sa.exists().where(
+                    Recipient.message_id == Message.id,
+                    Recipient.domain == self.domain.lower(),
+                )
+            )
+        if self.before:
+            conds.append(Message.created_at < self.before)
+        if self.after:
+            conds.append(Message.created_at > self.after)
+        return conds
+
+
+@dataclass
+class Page:
+    items: list[Message]
+    total: int
+    next_cursor: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def queue_stats(session: so.Session) -> dict[str, int]:
+    return counters.counts_folding(session)
+
+
+def state_condition(queue_type: str) -> list[sa.ColumnElement[bool]]:
+    if queue_type not in LIST_TYPES:
+        raise ValidationFailed(
+            f"Unknown queue type {queue_type!r}", {
+                "type": [f"Must be one of: {', '.join(LIST_TYPES)}."]}
+        )
+    return [] if queue_type == "all" else [Message.queue_state == queue_type]
+
+
+def encode_cursor(message: Message) -> str:
+    payload = json.dumps([message.created_at.isoformat(), message.id]).encode()
+    return base64.urlsafe_b64encode(payload).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, message_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if not isinstance(message_id, str) or not MESSAGE_ID.match(message_id):
+            raise ValueError("bad id")
+        return parse_iso(created), message_id
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, json.JSONDecodeError):
+        raise ValidationFailed("Invalid cursor",
+                               {"cursor": ["Not a cursor from this API."]}) from None
+
+
+def list_messages(
+    session: so.Session,
+    queue_type: str,
+    filters: MessageFilters,
+    *,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> Page:
+    """One page of messages, oldest first, by keyset on (created_at, id)."""
+    conds = state_condition(queue_type) + filters.conditions()
+    query = sa.select(Message).where(*conds)
+    if cursor:
+        created, last_id = decode_cursor(cursor)
+        # A row-value comparison is an index range on (queue_state, created_at, id): a deep
+        # page costs what the first does. The equivalent OR form is only a filter and makes
+        # PostgreSQL walk every earlier entry of the queue (40 ms at 30k deep, seconds at 1M).
+        query = query.where(
+            sa.tuple_(Message.created_at, Message.id) > sa.tuple_(
+                sa.literal(created, UTCDateTime()), sa.literal(last_id, Message.id.type))
+        )
+    query = (
+        query.order_by(Message.created_at, Message.id)
+        .limit(limit + 1)
+        .options(so.selectinload(Message.recipients))
+    )
+    rows = list(session.scalars(query))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return Page(items=rows[:limit], total=count_messages(session, queue_type, filters),
+                next_cursor=next_cursor)
+
+
+def count_messages(session: so.Session, queue_type: str, filters: MessageFilters) -> int:
+    """Messages matching the filters; without filters, from the O(1) counters."""
+    if filters.is_empty():
+        stats = queue_stats(session)
+        return stats["total" if queue_type == "all" else queue_type]
+    conds = state_condition(queue_type) + filters.conditions()
+    return session.scalar(sa.select(sa.func.count()).select_from(Message).where(*conds)) or 0
+
+
+def get_message(session: so.Session, message_id: str) -> Message:
+    """The message with its recipients; 404 ``MESSAGE_NOT_FOUND`` when unknown or malformed."""
+    if not MESSAGE_ID.match(message_id or ""):
+        raise NotFound(f"Message {message_id} not found", "MESSAGE_NOT_FOUND")
+    message = session.scalar(
+        sa.select(Message)
+        .where(Message.id == message_id)
+        .options(so.selectinload(Message.recipients))
+    )
+    if message is None:
+        raise NotFound(f"Message {message_id} not found", "MESSAGE_NOT_FOUND")
+    return message
+
+
+def message_raw(session: so.Session, message_id: str) -> bytes:
+    get_message(session, message_id)
+    return session.scalar(
+        sa.select(MessageContent.raw).where(MessageContent.message_id == message_id)
+    ) or b""
+
+
+def message_timeline(session: so.Session, message_id: str) -> list[DeliveryEvent]:
+    """This message's events, newest first."""
+    return list(
+        session.scalars(
+            sa.select(DeliveryEvent)
+            .where(DeliveryEvent.message_id == message_id)
+            .order_by(DeliveryEvent.id.desc())
+            .limit(TIMELINE_LIMIT)
+        )
+    )
+
+
+def messages_by_ids(session: so.Session, ids: Iterable[str]) -> list[Message]:
+    return list(
+        session.scalars(
+            sa.select(Message).where(Message.id.in_(list(ids)))
+            .options(so.selectinload(Message.recipients))
+        )
+    )
+
+
+def message_detail(session: so.Session, message_id: str) -> Message:
+    """The message with recipients and its timeline (``.timeline``, newest first)."""
+    message = get_message(session, message_id)
+    message.timeline = message_timeline(session, message.id)  # type: ignore[attr-defined]
+    return message
