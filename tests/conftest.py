@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import psycopg
 import pytest
@@ -74,6 +76,36 @@ def migrate_database(url: str) -> None:
         db.engine.dispose()
 
 
+@dataclass(frozen=True)
+class ScratchDatabase:
+    url: str  # postgresql+psycopg://.../name
+    admin: str  # libpq DSN of the server's maintenance database
+    name: str
+
+
+@contextmanager
+def scratch_postgresql_database(prefix: str, *, migrate: bool = True,
+                                server: str | None = None) -> Iterator[ScratchDatabase]:
+    """A PostgreSQL database of its own on the test server, dropped (forcibly) afterwards.
+
+    The server is shared and not reset between runs: the name is unique and nothing is left.
+    """
+    server = server or os.environ[PG_URL_ENV]
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = _pg_admin_dsn(server)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = sa.make_url(normalise_database_url(server)).set(database=name)
+    try:
+        scratch = ScratchDatabase(url.render_as_string(hide_password=False), admin, name)
+        if migrate:
+            migrate_database(scratch.url)
+        yield scratch
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
 def database_url(request: pytest.FixtureRequest,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -88,19 +120,8 @@ def database_url(request: pytest.FixtureRequest,
     if not server:
         pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} "
                     "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
-    name = f"elemta_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(_pg_admin_dsn(server), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(
-        normalise_database_url(server)).set(
-        database=name).render_as_string(
-            hide_password=False)
-    try:
-        migrate_database(url)
-        yield url
-    finally:
-        with psycopg.connect(_pg_admin_dsn(server), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_postgresql_database("elemta_test", server=server) as scratch:
+        yield scratch.url
 
 
 def empty_database(app: Flask) -> None:

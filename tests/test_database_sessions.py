@@ -7,9 +7,7 @@ connection (a restart, pg_terminate_backend) succeeds instead of failing.
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 
 import psycopg
 import pytest
@@ -20,7 +18,7 @@ from app.database import writable
 from app.extensions import db
 from app.models import QueueCountDelta
 from app.queue import counters
-from tests.conftest import PG_URL_ENV, _pg_admin_dsn, migrate_database
+from tests.conftest import scratch_postgresql_database
 from tests.helpers import queue_message
 
 
@@ -90,19 +88,8 @@ def own_postgresql_database(database_url):
     """A database of this test alone: its backends are terminated without hurting others."""
     if not database_url.startswith("postgresql"):
         pytest.skip("terminates PostgreSQL backends")
-    server = os.environ[PG_URL_ENV]
-    name = f"elemta_drop_{uuid.uuid4().hex[:8]}"
-    admin = _pg_admin_dsn(server)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(_pg_admin_dsn(server, name)).set(drivername="postgresql+psycopg")
-    try:
-        url_text = url.render_as_string(hide_password=False)
-        migrate_database(url_text)
-        yield url_text, admin, name
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_postgresql_database("elemta_drop") as scratch:
+        yield scratch.url, scratch.admin, scratch.name
 
 
 def _terminate_backends(admin: str, name: str) -> None:

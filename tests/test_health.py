@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import socket
-import uuid
 
 import psycopg
 import pytest
@@ -16,7 +15,7 @@ import sqlalchemy as sa
 from app.health.service import format_uptime
 from app.models import WorkerHeartbeat
 from app.timeutil import isoformat_z, utcnow
-from tests.conftest import PG_URL_ENV, _pg_admin_dsn, migrate_database
+from tests.conftest import scratch_postgresql_database
 from tests.helpers import assert_error, queue_message
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -162,36 +161,24 @@ def _sqlite_outage_and_return(make_app, database_url, tmp_path):
 
 
 def _postgresql_outage_and_return(make_app):
-    server = os.environ[PG_URL_ENV]
-    name = f"elemta_health_{uuid.uuid4().hex[:8]}"
-    admin = _pg_admin_dsn(server)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(_pg_admin_dsn(server, name)).set(drivername="postgresql+psycopg")
-    url_text = url.render_as_string(hide_password=False)
-    try:
-        migrate_database(url_text)
-        app = make_app(database_url=url_text)
-        client = app.test_client()
+    with scratch_postgresql_database("elemta_health") as scratch:
+        client = make_app(database_url=scratch.url).test_client()
         assert client.get("/api/health").status_code == 200  # the pool now holds connections
 
         # The database goes away: new connections refused, pooled ones killed.
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        with psycopg.connect(scratch.admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{scratch.name}" ALLOW_CONNECTIONS false')
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE datname = %s", (name,))
+                         "WHERE datname = %s", (scratch.name,))
         _assert_unhealthy(client)
 
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        with psycopg.connect(scratch.admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{scratch.name}" ALLOW_CONNECTIONS true')
         assert client.get("/readyz").status_code == 200
         response = client.get("/api/health")
         assert response.status_code == 200
         assert response.get_json()["database"]["status"] == "ok"
         return response.get_json()
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -200,17 +187,8 @@ def empty_database_url(database_url, tmp_path):
     if database_url.startswith("sqlite"):
         yield f"sqlite:///{tmp_path}/never-migrated.db"
         return
-    server = os.environ[PG_URL_ENV]
-    name = f"elemta_empty_{uuid.uuid4().hex[:8]}"
-    admin = _pg_admin_dsn(server)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(_pg_admin_dsn(server, name)).set(drivername="postgresql+psycopg")
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_postgresql_database("elemta_empty", migrate=False) as scratch:
+        yield scratch.url
 
 
 def test_not_ready_on_a_database_without_the_schema(make_app, empty_database_url) -> None:
