@@ -16,8 +16,7 @@ from .http import register_request_hooks
 from .logging_setup import configure_logging
 from .logs.handler import install_database_logging
 from .openapi import document_metrics, openapi_settings, register_docs_assets
-
-__version__ = "0.1.0"
+from .version import __version__
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "migrations")

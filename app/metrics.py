@@ -15,72 +15,82 @@ Two kinds of figures:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import platform
 import time
 from collections.abc import Iterator
 
-log = logging.getLogger("elemta.metrics")
-
-
-def _check_multiprocess_dir() -> None:
-    """Make sure the multiprocess directory is usable *before* prometheus_client is imported.
-
-    prometheus_client picks its value storage at import time from the environment; a directory
-    that cannot be written would make every process crash at its first metric. A delivery worker
-    may also start before the API that usually creates it. An unusable directory falls back to
-    per-process metrics, loudly.
-    """
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not path:
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-        usable = os.access(path, os.W_OK | os.X_OK)
-    except OSError:
-        usable = False
-    if not usable:
-        log.warning("PROMETHEUS_MULTIPROC_DIR=%s is not writable: metrics of this process are "
-                    "its own only", path)
-        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-
-
-_check_multiprocess_dir()
-
-import sqlalchemy as sa  # noqa: E402
-from flask import Flask, Response, current_app, g, request  # noqa: E402
-from prometheus_client import (  # noqa: E402
+import sqlalchemy as sa
+from flask import Flask, Response, current_app, g, request
+from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Histogram,
     generate_latest,
+    values,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric  # noqa: E402
-from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
-from prometheus_client.registry import Collector  # noqa: E402
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
-from .errors import is_database_unavailable  # noqa: E402
-from .extensions import db  # noqa: E402
-from .models import OUTCOMES, QUEUE_STATES, DeliveryRollup, Message, WorkerHeartbeat  # noqa: E402
-from .queue.counters import queue_counts  # noqa: E402
-from .timeutil import UTC, parse_iso, utcnow  # noqa: E402
+from .errors import is_database_unavailable
+from .extensions import db
+from .models import OUTCOMES, QUEUE_STATES, DeliveryRollup, Message, WorkerHeartbeat
+from .queue.counters import queue_counts
+from .timeutil import UTC, parse_iso, utcnow
+from .version import __version__
+
+log = logging.getLogger("elemta.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-HTTP_REQUEST_DURATION = Histogram(
-    "elemta_http_request_duration_seconds",
-    "HTTP request duration by endpoint (URL rule), method and status",
-    ["endpoint", "method", "status"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
 
-DELIVERY_LATENCY = Histogram(
-    "elemta_delivery_latency_seconds",
-    "Time from acceptance into the queue to delivery, per delivered recipient",
-    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 10800, 43200, 86400, 432000),
-)
+@functools.cache
+def multiprocess_dir() -> str | None:
+    """This process's usable ``PROMETHEUS_MULTIPROC_DIR``, or None: metrics of its own only.
+
+    prometheus_client picks its value storage when it is imported, from the environment; a
+    directory that cannot be written would make every process crash at its first metric, and a
+    delivery worker may start before the API that usually creates it. So the directory is
+    checked (and created) before the first metric exists; an unusable one falls back to
+    per-process values, loudly, without touching the environment.
+    """
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+        usable = os.access(path, os.W_OK | os.X_OK)
+    except OSError:
+        usable = False
+    if usable:
+        return path
+    log.warning("PROMETHEUS_MULTIPROC_DIR=%s is not writable: metrics of this process are "
+                "its own only", path)
+    values.ValueClass = values.MutexValue  # what prometheus_client picks without the variable
+    return None
+
+
+@functools.cache
+def _histograms() -> tuple[Histogram, Histogram]:
+    """(HTTP request durations, delivery latency), made on first use (``multiprocess_dir``)."""
+    multiprocess_dir()
+    return (
+        Histogram(
+            "elemta_http_request_duration_seconds",
+            "HTTP request duration by endpoint (URL rule), method and status",
+            ["endpoint", "method", "status"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        ),
+        Histogram(
+            "elemta_delivery_latency_seconds",
+            "Time from acceptance into the queue to delivery, per delivered recipient",
+            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 10800, 43200, 86400, 432000),
+        ),
+    )
 
 
 def observe_delivery_latency(seconds: float) -> None:
@@ -89,13 +99,7 @@ def observe_delivery_latency(seconds: float) -> None:
     Visible in the API's ``/metrics`` when the worker runs on the same host with the same
     ``PROMETHEUS_MULTIPROC_DIR`` as gunicorn (see docs/OPERATIONS.md).
     """
-    DELIVERY_LATENCY.observe(max(0.0, float(seconds)))
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
+    _histograms()[1].observe(max(0.0, float(seconds)))
 
 
 class DatabaseCollector(Collector):
@@ -107,7 +111,7 @@ class DatabaseCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         build = GaugeMetricFamily("elemta_build_info", "Elemta build information",
                                   labels=["version", "python_version"])
-        build.add_metric([_version(), platform.python_version()], 1)
+        build.add_metric([__version__, platform.python_version()], 1)
         yield build
         up = GaugeMetricFamily("elemta_database_up",
                                "1 when the database answered this scrape's queries")
@@ -195,8 +199,9 @@ class _ProcessCollector(Collector):
 def render_metrics(app: Flask) -> bytes:
     """The Prometheus text exposition of everything above."""
     registry = CollectorRegistry(auto_describe=False)
-    if os.environ.get(MULTIPROC_ENV):
-        MultiProcessCollector(registry)
+    path = multiprocess_dir()
+    if path:
+        MultiProcessCollector(registry, path)
     else:
         registry.register(_ProcessCollector())
     registry.register(DatabaseCollector(app))
@@ -224,7 +229,7 @@ def _observe_request(response: Response) -> Response:
         series = _request_series.get(key)
         if series is None:
             series = _request_series.setdefault(
-                key, HTTP_REQUEST_DURATION.labels(endpoint, request.method, str(key[2])))
+                key, _histograms()[0].labels(endpoint, request.method, str(key[2])))
         series.observe(time.perf_counter() - started)
     return response
 
@@ -236,6 +241,7 @@ def metrics_view() -> Response:
 
 def init_metrics(app: Flask) -> None:
     """Time every request and serve ``/metrics``."""
+    _histograms()  # before the first request: an unusable metrics directory is reported now
     app.before_request(_start_timer)
     app.after_request(_observe_request)
     app.add_url_rule("/metrics", "metrics", metrics_view, methods=["GET"])
