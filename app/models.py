@@ -13,13 +13,14 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from .extensions import db
+from .queue.states import QueueState, RecipientStatus
 from .sqltypes import UTCDateTime
 
 BigID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 # Queue states of a message (SPEC 2.1) and states of one recipient.
-QUEUE_STATES = ("pending", "deferred", "held", "failed")
-RECIPIENT_STATES = ("pending", "deferred", "delivered", "failed")
+QUEUE_STATES: tuple[str, ...] = tuple(state.value for state in QueueState)
+RECIPIENT_STATES: tuple[str, ...] = tuple(status.value for status in RecipientStatus)
 
 # Delivery event types (SPEC 4.2); the ones that are delivery outcomes map to a stats outcome.
 EVENT_TYPES = ("reception", "delivery", "tempfail", "rejection", "system")

@@ -17,18 +17,19 @@ from ..events import record_event, record_system_events
 from ..models import Message, Recipient
 from ..timeutil import utcnow
 from .reading import LIST_TYPES, MessageFilters, state_condition, get_message
+from .states import OPEN_STATES, QueueState, RecipientStatus
 
 BULK_TYPES = {
     "flush": LIST_TYPES,
-    "retry": ("deferred", "failed", "all"),
-    "hold": ("pending", "deferred", "all"),
-    "release": ("held",),
+    "retry": (QueueState.DEFERRED.value, QueueState.FAILED.value, "all"),
+    "hold": (QueueState.PENDING.value, QueueState.DEFERRED.value, "all"),
+    "release": (QueueState.HELD.value,),
 }
 # Which queue states each action applies to (its 409 otherwise).
 ACTION_FROM_STATES = {
-    "retry": ("pending", "deferred", "failed"),
-    "hold": ("pending", "deferred"),
-    "release": ("held",),
+    "retry": (QueueState.PENDING, QueueState.DEFERRED, QueueState.FAILED),
+    "hold": (QueueState.PENDING, QueueState.DEFERRED),
+    "release": (QueueState.HELD,),
 }
 BULK_CHUNK = 1000
 
@@ -59,7 +60,7 @@ PAST_TENSE = {"retry": "retried", "hold": "held", "release": "released", "flush"
 
 def _act_on_one(session: so.Session, action: str, message_id: str, actor: str) -> Message:
     message = get_message(session, message_id)
-    if action == "hold" and message.queue_state == "held":
+    if action == "hold" and message.queue_state == QueueState.HELD:
         return message  # already where the operator wants it: nothing to change or record
     if message.queue_state not in ACTION_FROM_STATES[action]:
         raise Conflict(f"Cannot {action} message {message_id}: it is {message.queue_state}")
@@ -131,9 +132,9 @@ def _apply(
 
     where.append(Message.queue_state.in_(ACTION_FROM_STATES[action]))
     if action == "hold":
-        values: dict[str, Any] = {"queue_state": "held", "updated_at": now}
+        values: dict[str, Any] = {"queue_state": QueueState.HELD, "updated_at": now}
     else:  # retry, release: due now
-        values = {"queue_state": "pending", "updated_at": now, "next_attempt_at": now}
+        values = {"queue_state": QueueState.PENDING, "updated_at": now, "next_attempt_at": now}
     stmt = (
         sa.update(Message)
         .where(*where)
@@ -145,18 +146,17 @@ def _apply(
     changed = [r["id"] for r in rows]
     if changed and action in ("retry", "release"):
         # Every recipient not yet delivered becomes due now; retry also revives failed ones.
-        revivable = ("pending", "deferred", "failed") if action == "retry" \
-            else ("pending", "deferred")
+        revivable = (*OPEN_STATES, RecipientStatus.FAILED) if action == "retry" else OPEN_STATES
         session.execute(
             sa.update(Recipient)
             .where(Recipient.message_id.in_(changed), Recipient.status.in_(revivable))
-            .values(status="pending", next_attempt_at=now)
+            .values(status=RecipientStatus.PENDING, next_attempt_at=now)
             .execution_options(synchronize_session=False)
         )
     failed_ids = _fail_released_without_open_recipients(session, changed) \
         if action == "release" else set()
     for state, group in ((values["queue_state"], [r for r in rows if r["id"] not in failed_ids]),
-                         ("failed", [r for r in rows if r["id"] in failed_ids])):
+                         (QueueState.FAILED, [r for r in rows if r["id"] in failed_ids])):
         if group:
             record_system_events(session, group, f"Message {{id}} {PAST_TENSE[action]} by {actor}",
                                  action=PAST_TENSE[action], queue_state=state, timestamp=now)
@@ -171,11 +171,11 @@ def _fail_released_without_open_recipients(session: so.Session, ids: Sequence[st
     pending or deferred, "pending" would be a message no worker ever claims.
     """
     open_recipient = sa.exists().where(Recipient.message_id == Message.id,
-                                       Recipient.status.in_(("pending", "deferred")))
+                                       Recipient.status.in_(OPEN_STATES))
     stmt = (
         sa.update(Message)
         .where(Message.id.in_(ids), ~open_recipient)
-        .values(queue_state="failed", next_attempt_at=None)
+        .values(queue_state=QueueState.FAILED, next_attempt_at=None)
         .returning(Message.id)
         .execution_options(synchronize_session=False)
     )

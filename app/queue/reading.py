@@ -19,9 +19,11 @@ from ..models import DeliveryEvent, Message, MessageContent, Recipient
 from ..sqltypes import UTCDateTime
 from ..timeutil import parse_iso
 from . import counters
+from .states import QueueState
 
 MESSAGE_ID = re.compile(r"^msg-[A-Za-z0-9_-]{8,60}$")
-LIST_TYPES = ("pending", "deferred", "held", "failed", "all")
+# The queues an operator names (plain words: click and marshmallow take them as choices).
+LIST_TYPES: tuple[str, ...] = (*(state.value for state in QueueState), "all")
 TIMELINE_LIMIT = 1000
 
 

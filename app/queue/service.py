@@ -24,6 +24,7 @@ from ..events import record_event
 from ..models import Message, MessageContent, Recipient
 from ..timeutil import utcnow
 from .content import subject_of
+from .states import OPEN_STATES, QueueState, RecipientStatus
 from .actions import (  # noqa: F401  (re-exported: the queue's one service interface)
     ACTION_FROM_STATES, BULK_CHUNK, BULK_TYPES, PAST_TENSE, bulk_action, delete_message,
     hold_message, release_message, retry_message)
@@ -68,7 +69,7 @@ def accept_message(
         subject=subject_of(raw)[:998],
         size=len(raw),
         priority=priority,
-        queue_state="pending",
+        queue_state=QueueState.PENDING,
         attempts=0,
         origin=origin,
         created_at=now,
@@ -85,7 +86,7 @@ def accept_message(
             Recipient(
                 address=address,
                 domain=domain_of(address),
-                status="pending",
+                status=RecipientStatus.PENDING,
                 attempts=0,
                 next_attempt_at=now,
             )
@@ -100,7 +101,7 @@ def accept_message(
         message=reception_note or f"Message accepted ({origin}, {len(raw)} bytes)",
         timestamp=now,
         action="queued",
-        queue_state="pending",
+        queue_state=QueueState.PENDING,
         **(event_fields or {}),
     )
     session.commit()
@@ -118,11 +119,12 @@ def settle_message_state(session: so.Session, message: Message,
     the queue. A held message stays held (the operator's action wins). No commit.
     """
     now = now or utcnow()
-    open_recipients = [r for r in message.recipients if r.status in ("pending", "deferred")]
-    failed = [r for r in message.recipients if r.status == "failed"]
+    open_recipients = [r for r in message.recipients if r.status in OPEN_STATES]
+    failed = [r for r in message.recipients if r.status == RecipientStatus.FAILED]
     message.attempts = max((r.attempts for r in message.recipients), default=0)
     message.updated_at = now
-    errors = [r.last_error for r in message.recipients if r.last_error and r.status != "delivered"]
+    errors = [r.last_error for r in message.recipients if r.last_error
+              and r.status != RecipientStatus.DELIVERED]
     message.last_error = errors[-1] if errors else None
     if not open_recipients and not failed:
         session.delete(message)
@@ -131,11 +133,11 @@ def settle_message_state(session: so.Session, message: Message,
         message.next_attempt_at = min(
             (r.next_attempt_at for r in open_recipients if r.next_attempt_at), default=now
         )
-        if message.queue_state != "held":
-            due_now = any(r.status == "pending" for r in open_recipients)
-            message.queue_state = "pending" if due_now else "deferred"
+        if message.queue_state != QueueState.HELD:
+            due_now = any(r.status == RecipientStatus.PENDING for r in open_recipients)
+            message.queue_state = QueueState.PENDING if due_now else QueueState.DEFERRED
     else:
         message.next_attempt_at = None
-        if message.queue_state != "held":
-            message.queue_state = "failed"
+        if message.queue_state != QueueState.HELD:
+            message.queue_state = QueueState.FAILED
     return message.queue_state
