@@ -36,7 +36,7 @@ import flask_sqlalchemy.session
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
 import sqlalchemy.orm as so
-from flask import has_request_context, request
+from flask import Flask, has_request_context, request
 
 AUTOCOMMIT_METHODS = frozenset({"GET", "HEAD"})
 
@@ -93,6 +93,28 @@ def writable(session: so.Session | so.scoped_session[Any]) -> Iterator[so.Sessio
                 yield writer
             return
     yield session
+
+
+@contextlib.contextmanager
+def unit_of_work(app: Flask) -> Iterator[so.scoped_session[Any]]:
+    """One unit of work outside a request: the app context and its ``db.session``.
+
+    Commits when the block ends, rolls back when it raises, and removes the session either
+    way, so a failure leaves nothing half-written and no connection checked out. The worker,
+    the SMTP listener's storage threads and the metrics scrape run their database work in one.
+    Services called inside commit or not as their docstrings say; the final commit is the
+    wrapper's, for the services that leave it to their caller.
+    """
+    with app.app_context():
+        session = app.extensions["sqlalchemy"].session
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.remove()
 
 
 @sa.event.listens_for(sa.pool.Pool, "checkout")

@@ -22,6 +22,7 @@ from typing import Any
 import sqlalchemy.orm as so
 from flask import Flask
 
+from ..database import unit_of_work
 from ..extensions import db
 from .stamping import Trace
 from .storage import Storage, queue_message
@@ -67,30 +68,10 @@ def accept_batch(app: Flask, jobs: Sequence[Job]) -> list[str | Exception]:
     return results
 
 
-class BatchSession(so.Session):
-    """A session whose ``commit()`` waits for the batch: the service's per-message commit
-    becomes a no-op, and the whole batch is flushed once (multi-row INSERTs) and committed
-    once by ``_in_one_transaction``."""
-
-    def commit(self) -> None:
-        pass
-
-
 def _in_one_transaction(app: Flask, jobs: Sequence[Job]) -> list[str]:
-    with app.app_context(), db.engine.connect() as connection:
-        transaction = connection.begin()
-        session = BatchSession(bind=connection, join_transaction_mode="rollback_only")
-        try:
-            ids = [job.queue(session) for job in jobs]
-            session.flush()
-            transaction.commit()
-            return ids
-        except BaseException:
-            if transaction.is_active:
-                transaction.rollback()
-            raise
-        finally:
-            session.close()
+    """Add every job's message, then commit once: one flush (multi-row INSERTs), one commit."""
+    with unit_of_work(app) as session:
+        return [job.queue(session) for job in jobs]
 
 
 class Acceptor:

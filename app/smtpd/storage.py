@@ -1,7 +1,8 @@
 """The listener's database work, done in worker threads so the event loop never waits on it.
 
-Every call gets its own application context, hence its own SQLAlchemy session, and either
-commits completely or rolls back: a failure leaves nothing half-written.
+Every call is one unit of work (``database.unit_of_work``): its own application context and
+SQLAlchemy session, committed completely at the end or rolled back: a failure leaves nothing
+half-written. The functions run here do not commit; the unit of work does.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any, TypeVar
 import sqlalchemy.orm as so
 from flask import Flask
 
+from ..database import unit_of_work
 from ..events import record_event
-from ..extensions import db
-from ..queue.service import accept_message
+from ..queue.service import add_message
 from .stamping import Trace, stamp
 
 log = logging.getLogger("elemta.smtpd")
@@ -45,14 +46,8 @@ class Storage:
         return await loop.run_in_executor(self.executor, func, *args)
 
     def _call(self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-        with self.app.app_context():
-            try:
-                return func(db.session, *args, **kwargs)
-            except BaseException:
-                db.session.rollback()
-                raise
-            finally:
-                db.session.remove()
+        with unit_of_work(self.app) as session:
+            return func(session, *args, **kwargs)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -60,9 +55,10 @@ class Storage:
 
 def queue_message(session: so.Session, *, sender: str, recipients: Sequence[str], raw: bytes,
                   trace: Trace) -> str:
-    """Stamp the message and queue it (one transaction, committed); returns its queue id."""
+    """Stamp the message and add it to the queue; returns its queue id. No commit: the caller's
+    unit of work commits it (alone, or with the rest of a group commit)."""
     stamped = stamp(raw, trace)
-    message = accept_message(
+    message = add_message(
         session,
         sender=sender,
         recipients=list(recipients),
@@ -95,7 +91,8 @@ def _safe(text: str | None, limit: int) -> str | None:
 
 def record_refusal(session: so.Session, *, stage: str, reply: str, client_ip: str, helo: str,
                    sender: str | None, recipient: str | None) -> None:
-    """A ``rejection`` event for a refused command; not a delivery outcome (no rollup)."""
+    """A ``rejection`` event for a refused command; not a delivery outcome (no rollup).
+    No commit (``Storage.run``'s unit of work commits)."""
     code, enhanced, text = split_reply(reply)
     record_event(
         session,
@@ -109,4 +106,3 @@ def record_refusal(session: so.Session, *, stage: str, reply: str, client_ip: st
         delivery_host=_safe(helo, 255) or None,
         counts_as_outcome=False,
     )
-    session.commit()
