@@ -11,10 +11,12 @@ import pytest
 import sqlalchemy as sa
 
 from app.delivery import maintenance
-from app.delivery.claim import claim_due, release_claims
 from app.delivery.outcomes import OutcomePolicy, retry_delay
 from app.delivery.worker import Worker
 from app.models import DeliveryEvent, Message, Recipient, WorkerHeartbeat
+from app.queue.leases import lease_due
+from app.queue.leases import release_leases
+from app.queue.retention import purge_expired_failed
 from app.timeutil import utcnow
 from tests.delivery_helpers import Peer
 from tests.helpers import queue_message, state_of
@@ -28,12 +30,12 @@ def _lease_owners(session) -> dict[str, str | None]:
 def test_claims_of_two_workers_are_disjoint_and_take_whole_messages(session):
     for n in range(4):
         queue_message(session, recipients=(f"a{n}@example.net", f"b{n}@example.org"))
-    first = claim_due(session, "w1", max_messages=2, lease_seconds=60)
-    second = claim_due(session, "w2", max_messages=10, lease_seconds=60)
+    first = lease_due(session, "w1", max_messages=2, lease_seconds=60)
+    second = lease_due(session, "w2", max_messages=10, lease_seconds=60)
     assert len(first) == 4 and len(second) == 4
     assert {c.id for c in first}.isdisjoint({c.id for c in second})
     assert len({c.message_id for c in first}) == 2  # both recipients of each message
-    assert claim_due(session, "w3", max_messages=10, lease_seconds=60) == []
+    assert lease_due(session, "w3", max_messages=10, lease_seconds=60) == []
 
 
 def test_only_due_recipients_of_pending_or_deferred_messages_are_claimed(session):
@@ -41,17 +43,17 @@ def test_only_due_recipients_of_pending_or_deferred_messages_are_claimed(session
     queue_message(session, recipients=("held@example.net",), state="held")
     queue_message(session, recipients=("failed@example.net",), state="failed")
     queue_message(session, recipients=("later@example.net",), state="deferred")  # due in 1 h
-    claimed = claim_due(session, "w1", max_messages=10, lease_seconds=60)
+    claimed = lease_due(session, "w1", max_messages=10, lease_seconds=60)
     assert [(c.message_id, c.address) for c in claimed] == [(due, "due@example.net")]
 
 
 def test_an_expired_lease_is_taken_over_and_a_live_one_is_not(session):
     queue_message(session)
     now = utcnow()
-    assert len(claim_due(session, "dead", max_messages=10, lease_seconds=30, now=now)) == 1
-    assert claim_due(session, "w2", max_messages=10, lease_seconds=30,
+    assert len(lease_due(session, "dead", max_messages=10, lease_seconds=30, now=now)) == 1
+    assert lease_due(session, "w2", max_messages=10, lease_seconds=30,
                      now=now + dt.timedelta(seconds=29)) == []
-    taken = claim_due(session, "w2", max_messages=10, lease_seconds=30,
+    taken = lease_due(session, "w2", max_messages=10, lease_seconds=30,
                       now=now + dt.timedelta(seconds=31))
     assert [c.address for c in taken] == ["bob@example.net"]
     assert _lease_owners(session) == {"bob@example.net": "w2"}
@@ -60,13 +62,13 @@ def test_an_expired_lease_is_taken_over_and_a_live_one_is_not(session):
 def test_release_gives_back_only_this_workers_claims(session):
     queue_message(session, recipients=("a@example.net",))
     queue_message(session, recipients=("b@example.net",))
-    [mine] = claim_due(session, "w1", max_messages=1, lease_seconds=60)
-    claim_due(session, "w2", max_messages=1, lease_seconds=60)
-    assert release_claims(session, "w1", [mine.id]) == 1
+    [mine] = lease_due(session, "w1", max_messages=1, lease_seconds=60)
+    lease_due(session, "w2", max_messages=1, lease_seconds=60)
+    assert release_leases(session, "w1", [mine.id]) == 1
     owners = _lease_owners(session)
     assert owners[mine.address] is None
     assert set(owners.values()) == {None, "w2"}
-    again = claim_due(session, "w3", max_messages=10, lease_seconds=60)
+    again = lease_due(session, "w3", max_messages=10, lease_seconds=60)
     assert [c.address for c in again] == [mine.address]
 
 
@@ -101,7 +103,7 @@ def test_purge_removes_only_failed_messages_past_the_retention(session):
     session.execute(sa.update(Message).where(Message.id.in_([old_failed, old_deferred]))
                     .values(updated_at=long_ago))
     session.commit()
-    assert maintenance.purge_failed(session, 7 * 86400) == 1
+    assert purge_expired_failed(session, 7 * 86400) == 1
     assert state_of(session, old_failed) is None
     assert state_of(session, new_failed) == "failed"
     assert state_of(session, old_deferred) == "deferred"

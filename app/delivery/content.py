@@ -33,6 +33,12 @@ def prefetch(session: so.Session, message_ids: Iterable[str],
     return {row[0]: (row[1], row[2]) for row in rows}
 
 
+def raw(session: so.Session, message_id: str) -> bytes:
+    """The raw content of one message, in the caller's transaction (a bounce's); no commit."""
+    return session.scalar(sa.select(MessageContent.raw)
+                          .where(MessageContent.message_id == message_id)) or b""
+
+
 def load(session: so.Session, message_id: str) -> tuple[str, bytes] | None:
     """The sender and raw content of one message, ``None`` once it is deleted; commits."""
     row = session.execute(

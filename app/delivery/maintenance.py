@@ -1,4 +1,7 @@
-"""Worker housekeeping: the liveness heartbeat and the purge of expired failed messages."""
+"""Worker housekeeping: the liveness heartbeat (``worker_heartbeats``, which delivery owns).
+
+The purge of expired failed mail is the queue's (``queue.retention.purge_expired_failed``).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,9 @@ import socket
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from ..events import record_system_events
-from ..models import Message, WorkerHeartbeat
+from ..models import WorkerHeartbeat
+from ..sqltypes import UTCDateTime
 from ..timeutil import utcnow
-
-PURGE_CHUNK = 1000
 
 
 def beat(session: so.Session, worker_id: str, started_at: dt.datetime) -> None:
@@ -35,35 +36,7 @@ def remove_heartbeat(session: so.Session, worker_id: str) -> None:
     session.commit()
 
 
-def purge_failed(session: so.Session, retention_seconds: int,
-                 now: dt.datetime | None = None) -> int:
-    """Delete failed messages untouched for longer than the retention; a ``system`` event
-    (action ``purged``) for each. Chunked, each chunk its own transaction; commits."""
-    now = now or utcnow()
-    cutoff = now - dt.timedelta(seconds=retention_seconds)
-    total = 0
-    while True:
-        ids = list(session.scalars(
-            sa.select(Message.id).where(Message.queue_state == "failed",
-                                        Message.updated_at < cutoff)
-            .order_by(Message.updated_at).limit(PURGE_CHUNK)))
-        if not ids:
-            session.commit()
-            return total
-        # The state is re-checked in the DELETE: a message retried meanwhile is kept.
-        rows = session.execute(
-            sa.delete(Message)
-            .where(Message.id.in_(ids), Message.queue_state == "failed",
-                   Message.updated_at < cutoff)
-            .returning(Message.id, Message.sender)
-            .execution_options(synchronize_session=False)
-        ).mappings().all()
-        record_system_events(
-            session, rows,
-            f"Message {{id}} purged: failed and kept longer than the retention "
-            f"({retention_seconds} s)",
-            action="purged", queue_state=None, timestamp=now)
-        session.commit()
-        total += len(rows)
-        if len(ids) < PURGE_CHUNK:
-            return total
+def newest_heartbeat(session: so.Session) -> dt.datetime | None:
+    """When the most recently alive worker last beat (None without any worker); no commit."""
+    return session.scalar(sa.select(
+        sa.type_coerce(sa.func.max(WorkerHeartbeat.last_heartbeat), UTCDateTime())))

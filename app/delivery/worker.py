@@ -29,13 +29,15 @@ from dataclasses import dataclass
 import sqlalchemy.exc
 from flask import Flask
 
-from ..extensions import db
+from ..database import unit_of_work
 from ..mail.service import local_hostname
 from ..queue import counters
+from ..queue.leases import ClaimedRecipient, lease_due, release_leases
+from ..queue.outcomes import Attempt
+from ..queue.retention import purge_expired_failed
 from ..timeutil import utcnow
 from . import content, maintenance
-from .claim import ClaimedRecipient, claim_due, release_claims
-from .outcomes import Attempt, OutcomePolicy, record_outcomes
+from .outcomes import OutcomePolicy, record_outcomes
 from .routing import Resolver, Router, RoutingError
 from .smtp_client import ConnectionPool, RecipientResult, SmtpClient
 
@@ -119,7 +121,7 @@ class Worker:
                     self._housekeeping(counters.maybe_fold)
                     next_fold = now + FOLD_EVERY
                 if now >= next_purge:
-                    self._housekeeping(maintenance.purge_failed, self.failed_retention)
+                    self._housekeeping(purge_expired_failed, self.failed_retention)
                     next_purge = now + PURGE_EVERY
 
                 # Claim in batches (one claim statement per batch, not per message), and claim
@@ -156,7 +158,7 @@ class Worker:
         executor.shutdown(wait=False, cancel_futures=True)
         if unstarted:
             ids = [r.id for job in unstarted for r in job.recipients]
-            self._housekeeping(release_claims, self.worker_id, ids)
+            self._housekeeping(release_leases, self.worker_id, ids)
             log.info("gave back %d unstarted claim(s)", len(ids))
         running = [f for f in inflight if not f.cancelled()]
         _, late = cf.wait(running, timeout=SHUTDOWN_GRACE)
@@ -170,40 +172,32 @@ class Worker:
         self._housekeeping(maintenance.remove_heartbeat, self.worker_id)
 
     def _housekeeping(self, func, *args) -> None:  # type: ignore[no-untyped-def]
-        """Run a maintenance step in its own app context; a failure is logged, not fatal."""
-        with self.app.app_context():
-            try:
-                func(db.session, *args)
-            except Exception:
-                db.session.rollback()
-                log.exception("%s failed", getattr(func, "__name__", func))
-            finally:
-                db.session.remove()
+        """Run a maintenance step in its own unit of work; a failure is logged, not fatal."""
+        try:
+            with unit_of_work(self.app) as session:
+                func(session, *args)
+        except Exception:
+            log.exception("%s failed", getattr(func, "__name__", func))
 
     # ----------------------------------------------------------------- claiming
 
     def _claim(self, max_messages: int) -> list[Job]:
-        with self.app.app_context():
-            try:
-                claimed = claim_due(db.session, self.worker_id, max_messages=max_messages,
+        try:
+            with unit_of_work(self.app) as session:
+                claimed = lease_due(session, self.worker_id, max_messages=max_messages,
                                     lease_seconds=self.lease_seconds)
-            except Exception:
-                db.session.rollback()
-                log.exception("claiming due recipients failed")
-                return []
-            finally:
-                db.session.remove()
-            if not claimed:
-                return []
-            try:
-                contents = content.prefetch(db.session, {c.message_id for c in claimed},
+        except Exception:
+            log.exception("claiming due recipients failed")
+            return []
+        if not claimed:
+            return []
+        try:
+            with unit_of_work(self.app) as session:
+                contents = content.prefetch(session, {c.message_id for c in claimed},
                                             PREFETCH_MAX_BYTES)
-            except Exception:
-                db.session.rollback()
-                log.exception("reading claimed messages failed")
-                contents = {}
-            finally:
-                db.session.remove()
+        except Exception:
+            log.exception("reading claimed messages failed")
+            contents = {}
         now = time.monotonic()
         groups: dict[tuple[str, str], list[ClaimedRecipient]] = defaultdict(list)
         for recipient in claimed:
@@ -222,7 +216,7 @@ class Worker:
         """Deliver one job over SMTP and hand its results to the recorder."""
         try:
             if time.monotonic() - job.claimed_at > self.lease_seconds * LEASE_MARGIN:
-                self._housekeeping(release_claims, self.worker_id, [r.id for r in job.recipients])
+                self._housekeeping(release_leases, self.worker_id, [r.id for r in job.recipients])
                 return
             if job.raw is None and not self._load_content(job):
                 return  # deleted since the claim; its recipients went with it
@@ -237,11 +231,8 @@ class Worker:
         self._recorder.put(Attempt(job.message_id, job.sender, results))
 
     def _load_content(self, job: Job) -> bool:
-        with self.app.app_context():
-            try:
-                row = content.load(db.session, job.message_id)
-            finally:
-                db.session.remove()
+        with unit_of_work(self.app) as session:
+            row = content.load(session, job.message_id)
         if row is None:
             return False
         job.sender, job.raw = row
@@ -275,16 +266,13 @@ class Worker:
                 return
 
     def _record(self, batch: list[Attempt]) -> None:
-        with self.app.app_context():
-            try:
-                record_outcomes(db.session, self.worker_id, batch, self.policy)
-                self.recorded_attempts += len(batch)  # only this thread writes it
-            except Exception:
-                db.session.rollback()
-                # The leases stay: the recipients come back when they expire.
-                log.exception("recording %d delivery outcomes failed", len(batch))
-            finally:
-                db.session.remove()
+        try:
+            with unit_of_work(self.app) as session:
+                record_outcomes(session, self.worker_id, batch, self.policy)
+            self.recorded_attempts += len(batch)  # only this thread writes it
+        except Exception:
+            # The leases stay: the recipients come back when they expire.
+            log.exception("recording %d delivery outcomes failed", len(batch))
 
     def _attempt(self, job: Job, sender: str, raw: bytes) -> list[RecipientResult]:
         pairs = [(r.id, r.address) for r in job.recipients]

@@ -1,5 +1,8 @@
 """Leases on due recipients: which worker delivers what, and until when.
 
+The queue's side of delivery: the worker asks for work (``lease_due``) and gives back what it
+will not deliver (``release_leases``); only this module writes the lease columns.
+
 A claim picks messages whose queue state is ``pending`` or ``deferred`` (never ``held`` or
 ``failed``) that have due, unleased recipients (pending oldest first, deferred most overdue
 first), and leases those recipients (one statement per queue state).
@@ -21,9 +24,8 @@ import sqlalchemy.orm as so
 
 from ..models import Message, Recipient
 from ..timeutil import utcnow
+from .states import CLAIMABLE_STATES, OPEN_STATES, QueueState
 
-CLAIMABLE_QUEUE_STATES = ("pending", "deferred")
-OPEN_RECIPIENT_STATES = ("pending", "deferred")
 CLAIM_TRIES = 5
 
 
@@ -44,13 +46,13 @@ def _due(now: dt.datetime, by_message: bool = False) -> list[sa.ColumnElement[bo
     """
     status = sa.func.lower(Recipient.status) if by_message else Recipient.status
     return [
-        status.in_(OPEN_RECIPIENT_STATES),
+        status.in_(OPEN_STATES),
         Recipient.next_attempt_at <= now,
         sa.or_(Recipient.lease_owner.is_(None), Recipient.lease_expires_at < now),
     ]
 
 
-def claim_due(session: so.Session, worker_id: str, *, max_messages: int, lease_seconds: int,
+def lease_due(session: so.Session, worker_id: str, *, max_messages: int, lease_seconds: int,
               now: dt.datetime | None = None) -> list[ClaimedRecipient]:
     """Lease the due recipients of up to ``max_messages`` messages; commits.
 
@@ -64,12 +66,12 @@ def claim_due(session: so.Session, worker_id: str, *, max_messages: int, lease_s
         # statement's snapshot predates another worker's claim, whose messages it then
         # locked after that worker committed, and whose recipients the lease re-check then
         # (rightly) refused. A fresh statement tells which it was.
-        if claimed or not has_claimable(session, now):
+        if claimed or not has_due(session, now):
             return claimed
     return []
 
 
-def has_claimable(session: so.Session, now: dt.datetime) -> bool:
+def has_due(session: so.Session, now: dt.datetime) -> bool:
     """Whether any recipient is due and unleased in a claimable message; commits.
 
     Asked per queue state in the claim's own order, so it reads what a claim would read: an
@@ -78,7 +80,7 @@ def has_claimable(session: so.Session, now: dt.datetime) -> bool:
     """
     found = any(
         session.scalar(_due_messages(state, now).limit(1)) is not None
-        for state in CLAIMABLE_QUEUE_STATES
+        for state in CLAIMABLE_STATES
     )
     session.commit()
     return found
@@ -89,7 +91,7 @@ def _claim_once(session: so.Session, worker_id: str, max_messages: int, lease_se
     claimed: list[ClaimedRecipient] = []
     messages: set[str] = set()
     # Mail due now first (new, released, retried), then deferred mail whose time came.
-    for state in CLAIMABLE_QUEUE_STATES:
+    for state in CLAIMABLE_STATES:
         room = max_messages - len(messages)
         if room <= 0:
             break
@@ -103,7 +105,7 @@ def _claim_once(session: so.Session, worker_id: str, max_messages: int, lease_se
     return claimed
 
 
-def _due_messages(state: str, now: dt.datetime) -> sa.Select[tuple[str]]:
+def _due_messages(state: QueueState, now: dt.datetime) -> sa.Select[tuple[str]]:
     """Ids of messages in ``state`` with a due, unleased recipient, in the order claims take them.
 
     ``pending`` mail (new, released, retried: all of it due) is taken oldest first along
@@ -123,7 +125,7 @@ def _due_messages(state: str, now: dt.datetime) -> sa.Select[tuple[str]]:
         .offset(0)
         .exists()
     )
-    order = (Message.created_at, Message.id) if state == "pending" \
+    order = (Message.created_at, Message.id) if state == QueueState.PENDING \
         else (Message.next_attempt_at, Message.id)
     return (
         sa.select(Message.id)
@@ -132,7 +134,7 @@ def _due_messages(state: str, now: dt.datetime) -> sa.Select[tuple[str]]:
     )
 
 
-def _claim_statement(session: so.Session, state: str, worker_id: str, limit: int,
+def _claim_statement(session: so.Session, state: QueueState, worker_id: str, limit: int,
                      lease_seconds: int, now: dt.datetime) -> sa.Update:
     """UPDATE the due recipients of the first ``limit`` claimable messages in ``state``."""
     picked = _due_messages(state, now).limit(limit)
@@ -147,7 +149,7 @@ def _claim_statement(session: so.Session, state: str, worker_id: str, limit: int
     )
 
 
-def release_claims(session: so.Session, worker_id: str,
+def release_leases(session: so.Session, worker_id: str,
                    recipient_ids: Iterable[int] | None = None) -> int:
     """Give back leases of this worker (all of them, or the given recipients); commits.
 

@@ -81,6 +81,20 @@ def queue_stats(session: so.Session) -> dict[str, int]:
     return counters.counts_folding(session)
 
 
+def oldest_per_state(session: so.Session) -> dict[str, dt.datetime | None]:
+    """When the oldest message of each queue state was accepted (None for an empty state).
+
+    One indexed MIN per state (``ix_messages_queue_state_created``): four index probes.
+    """
+    oldest = sa.select(*[
+        sa.type_coerce(sa.select(sa.func.min(Message.created_at))
+                       .where(Message.queue_state == state).scalar_subquery(),
+                       UTCDateTime()).label(state.value)
+        for state in QueueState
+    ])
+    return dict(session.execute(oldest).one()._mapping)
+
+
 def state_condition(queue_type: str) -> list[sa.ColumnElement[bool]]:
     if queue_type not in LIST_TYPES:
         raise ValidationFailed(

@@ -2,8 +2,9 @@
 
 Views, CLI commands, the SMTP listener and the delivery worker all call these functions; none of
 them writes a message, recipient or queue state by itself. Each public function is one unit of
-work: it changes rows, records the events, and commits (``settle_message_state``: no commit,
-it is part of the delivery outcome's transaction).
+work: it changes rows, records the events, and commits. Functions meant to be combined into a
+caller's transaction say "no commit" (``add_message``, ``settle_message_state``); their caller
+commits.
 
 This module holds acceptance and the state derived from recipients; reading and the operator
 actions live beside it (``reading.py``, ``actions.py``) and are re-exported here, so callers
@@ -31,7 +32,7 @@ from .actions import (  # noqa: F401  (re-exported: the queue's one service inte
 from .reading import (  # noqa: F401  (re-exported, as above)
     LIST_TYPES, MESSAGE_ID, TIMELINE_LIMIT, MessageFilters, Page, count_messages, decode_cursor,
     encode_cursor, get_message, list_messages, message_detail, message_raw, message_timeline,
-    messages_by_ids, queue_stats)
+    messages_by_ids, oldest_per_state, queue_stats)
 
 
 def new_message_id() -> str:
@@ -56,9 +57,32 @@ def accept_message(
     reception_note: str | None = None,
     event_fields: dict[str, Any] | None = None,
 ) -> Message:
-    """Queue a message for every recipient and record its ``reception``; commits.
+    """Queue a message and record its ``reception`` (``add_message``); commits.
 
     The message is durable once this returns: the SMTP listener answers 250 only after it.
+    """
+    message = add_message(session, sender=sender, recipients=recipients, raw=raw, origin=origin,
+                          priority=priority, reception_note=reception_note,
+                          event_fields=event_fields)
+    session.commit()
+    return message
+
+
+def add_message(
+    session: so.Session,
+    *,
+    sender: str,
+    recipients: Sequence[str],
+    raw: bytes,
+    origin: str,
+    priority: int = 0,
+    reception_note: str | None = None,
+    event_fields: dict[str, Any] | None = None,
+) -> Message:
+    """Queue a message for every recipient and record its ``reception``; no commit.
+
+    For callers that combine it with more in one transaction: a bounce with its delivery
+    outcome, a batch of messages of the SMTP listener's group commit.
     """
     if not recipients:
         raise ValidationFailed("A message needs at least one recipient")
@@ -104,7 +128,6 @@ def accept_message(
         queue_state=QueueState.PENDING,
         **(event_fields or {}),
     )
-    session.commit()
     return message
 
 
