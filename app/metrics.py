@@ -14,7 +14,6 @@ Two kinds of figures:
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import logging
 import os
@@ -22,7 +21,7 @@ import platform
 import time
 from collections.abc import Iterator
 
-import sqlalchemy as sa
+import sqlalchemy.orm as so
 from flask import Flask, Response, current_app, g, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,11 +35,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from .database import unit_of_work
+from .delivery.maintenance import newest_heartbeat
 from .errors import is_database_unavailable
-from .extensions import db
-from .models import OUTCOMES, QUEUE_STATES, DeliveryRollup, Message, WorkerHeartbeat
+from .models import QUEUE_STATES
 from .queue.counters import queue_counts
-from .timeutil import UTC, parse_iso, utcnow
+from .queue.service import oldest_per_state
+from .stats.service import outcome_totals
+from .timeutil import utcnow
 from .version import __version__
 
 log = logging.getLogger("elemta.metrics")
@@ -115,24 +117,21 @@ class DatabaseCollector(Collector):
         yield build
         up = GaugeMetricFamily("elemta_database_up",
                                "1 when the database answered this scrape's queries")
-        with self.app.app_context():
-            try:
-                figures = list(self._database_figures())
-            except Exception as exc:
-                db.session.rollback()
-                if not is_database_unavailable(exc):
-                    raise
-                up.add_metric([], 0)
-                yield up
-                return
-            finally:
-                db.session.remove()
+        try:
+            with unit_of_work(self.app) as session:
+                figures = list(self._database_figures(session))
+        except Exception as exc:
+            if not is_database_unavailable(exc):
+                raise
+            up.add_metric([], 0)
+            yield up
+            return
         up.add_metric([], 1)
         yield up
         yield from figures
 
-    def _database_figures(self) -> Iterator[Metric]:
-        session = db.session
+    def _database_figures(self, session: so.Session) -> Iterator[Metric]:
+        """Read through the services of the areas that own the figures."""
         now = utcnow()
         depth = GaugeMetricFamily("elemta_queue_messages", "Messages in the queue per state",
                                   labels=["state"])
@@ -141,52 +140,27 @@ class DatabaseCollector(Collector):
                 depth.add_metric([state], n)
         yield depth
 
-        # One indexed MIN per state ((queue_state, created_at) index): four index probes.
-        oldest_per_state = sa.select(*[
-            sa.select(sa.func.min(Message.created_at))
-            .where(Message.queue_state == state).scalar_subquery().label(state)
-            for state in QUEUE_STATES
-        ])
-        oldest = session.execute(oldest_per_state).one()
         age = GaugeMetricFamily("elemta_queue_oldest_message_age_seconds",
                                 "Age of the oldest message per queue state (0 when empty)",
                                 labels=["state"])
-        for state, created in zip(QUEUE_STATES, oldest):
-            created = _aware(created)
+        for state, created in oldest_per_state(session).items():
             age.add_metric([state], max(0.0, (now - created).total_seconds()) if created else 0.0)
         yield age
 
         outcomes = CounterMetricFamily(
             "elemta_delivery_outcomes", "Recipient delivery outcomes (from the hourly rollup)",
             labels=["outcome"])
-        totals = dict.fromkeys(OUTCOMES, 0)
-        for outcome, count in session.execute(
-            sa.select(DeliveryRollup.outcome, sa.func.sum(DeliveryRollup.count))
-            .group_by(DeliveryRollup.outcome)
-        ):
-            if outcome in totals:
-                totals[outcome] = int(count or 0)
-        for outcome, count in totals.items():
+        for outcome, count in outcome_totals(session).items():
             outcomes.add_metric([outcome], count)
         yield outcomes
 
-        newest = _aware(session.scalar(sa.select(sa.func.max(WorkerHeartbeat.last_heartbeat))))
+        newest = newest_heartbeat(session)
         heartbeat = GaugeMetricFamily(
             "elemta_worker_heartbeat_age_seconds",
             "Seconds since the newest delivery worker heartbeat (absent without any worker)")
         if newest is not None:
             heartbeat.add_metric([], max(0.0, (now - newest).total_seconds()))
             yield heartbeat
-        session.commit()
-
-
-def _aware(value: dt.datetime | str | None) -> dt.datetime | None:
-    """Aggregates (MIN/MAX) bypass the column type: SQLite gives text or naive datetimes."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return parse_iso(value)
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class _ProcessCollector(Collector):

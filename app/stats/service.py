@@ -146,6 +146,18 @@ def delivery_stats(session: so.Session, time_scale: str = "hour",
     }
 
 
+def outcome_totals(session: so.Session) -> dict[str, int]:
+    """Every recipient outcome ever counted, per outcome (summed over the hourly rollup)."""
+    totals = dict.fromkeys(OUTCOMES, 0)
+    for outcome, count in session.execute(
+        sa.select(DeliveryRollup.outcome, sa.func.sum(DeliveryRollup.count))
+        .group_by(DeliveryRollup.outcome)
+    ):
+        if outcome in totals:
+            totals[outcome] = int(count or 0)
+    return totals
+
+
 def rebuild(session: so.Session, since: dt.datetime | None = None,
             until: dt.datetime | None = None) -> int:
     """Recount the hourly rollup from the events (repair tool) and commit: one unit of work.

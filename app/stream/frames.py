@@ -14,15 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
 import sqlalchemy.orm as so
 
+from ..logs import feed
 from ..logs.schemas import MessageEventSchema, SystemLogSchema
-from ..models import DeliveryEvent, SystemLog
 from ..queue import counters
 
 ROW_BATCH = 1000
-IDS_PER_QUERY = 1000
 
 
 # The same item shapes as GET /api/logs and GET /api/logs/messages.
@@ -76,48 +74,28 @@ def stats_json(stats: dict[str, int]) -> str:
 
 
 # --------------------------------------------------------------------------- reads
-
-_EVENTS = DeliveryEvent.__table__
-_LOGS = SystemLog.__table__
+# Through the logs area's reads (``logs.feed``) and the queue's counters.
 
 
 def max_ids(session: so.Session) -> tuple[int, int]:
     """The newest delivery event id and system log id (0 when empty)."""
-    event_max = session.scalar(sa.select(sa.func.max(_EVENTS.c.id))) or 0
-    log_max = session.scalar(sa.select(sa.func.max(_LOGS.c.id))) or 0
-    return int(event_max), int(log_max)
+    return feed.newest_ids(session)
 
 
 def events_after(session: so.Session, after: int, limit: int = ROW_BATCH) -> list[EventRow]:
-    rows = session.execute(
-        sa.select(_EVENTS).where(_EVENTS.c.id > after).order_by(_EVENTS.c.id).limit(limit)
-    )
-    return [event_row(r) for r in rows]
+    return [event_row(r) for r in feed.event_rows(session, after, limit)]
 
 
 def logs_after(session: so.Session, after: int, limit: int = ROW_BATCH) -> list[LogRow]:
-    rows = session.execute(
-        sa.select(_LOGS).where(_LOGS.c.id > after).order_by(_LOGS.c.id).limit(limit)
-    )
-    return [log_row(r) for r in rows]
+    return [log_row(r) for r in feed.log_rows(session, after, limit)]
 
 
 def events_by_ids(session: so.Session, ids: Iterable[int]) -> list[EventRow]:
-    return [event_row(r) for r in _rows_by_ids(session, _EVENTS, ids)]
+    return [event_row(r) for r in feed.event_rows_by_ids(session, ids)]
 
 
 def logs_by_ids(session: so.Session, ids: Iterable[int]) -> list[LogRow]:
-    return [log_row(r) for r in _rows_by_ids(session, _LOGS, ids)]
-
-
-def _rows_by_ids(session: so.Session, table: sa.Table, ids: Iterable[int]) -> list[Any]:
-    wanted = sorted(ids)
-    rows: list[Any] = []
-    for start in range(0, len(wanted), IDS_PER_QUERY):
-        chunk = wanted[start : start + IDS_PER_QUERY]
-        rows.extend(session.execute(sa.select(table).where(table.c.id.in_(chunk))))
-    rows.sort(key=lambda r: r.id)
-    return rows
+    return [log_row(r) for r in feed.log_rows_by_ids(session, ids)]
 
 
 def event_page(
@@ -131,13 +109,8 @@ def event_page(
 ) -> tuple[list[EventRow], int | None]:
     """Matching events with ``after < id <= upto``, oldest first; and the id to continue after
     (None when this was the last page)."""
-    conds = [_EVENTS.c.id > after, _EVENTS.c.id <= upto]
-    if event_type:
-        conds.append(_EVENTS.c.event_type == event_type)
-    if queue_changes_only:
-        conds.append(_EVENTS.c.action.is_not(None))
-    query = sa.select(_EVENTS).where(*conds).order_by(_EVENTS.c.id).limit(limit)
-    rows = list(session.execute(query))
+    rows = feed.event_rows(session, after, limit, upto=upto, event_type=event_type,
+                           queue_changes_only=queue_changes_only)
     following = rows[-1].id if len(rows) == limit else None
     return [event_row(r) for r in rows], following
 
@@ -151,10 +124,7 @@ def log_page(
     limit: int = ROW_BATCH,
 ) -> tuple[list[LogRow], int | None]:
     """Matching log records with ``after < id <= upto``, oldest first; and where to continue."""
-    conds = [_LOGS.c.id > after, _LOGS.c.id <= upto]
-    if min_levelno:
-        conds.append(_LOGS.c.levelno >= min_levelno)
-    rows = list(session.execute(sa.select(_LOGS).where(*conds).order_by(_LOGS.c.id).limit(limit)))
+    rows = feed.log_rows(session, after, limit, upto=upto, min_levelno=min_levelno)
     following = rows[-1].id if len(rows) == limit else None
     return [log_row(r) for r in rows], following
 
