@@ -90,8 +90,8 @@ def estimated_rows(session: Any, table: str) -> int:
 
 def seed(app: Flask, url: str, sizes: dict[str, int]) -> dict[str, float]:
     """Seed through the demo machinery unless the database already holds the data."""
-    from app.demo import seed_messages
-    from app.demo_history import seed_history
+    from app.demo.messages import seed_messages
+    from app.demo.history import seed_history
     from app.extensions import db
 
     took: dict[str, float] = {}

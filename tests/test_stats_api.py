@@ -253,7 +253,7 @@ def test_bulk_queue_seed_on_postgresql(session) -> None:
         pytest.skip("the bulk generator is PostgreSQL-only (SQLite uses the Python path)")
     from email import message_from_bytes
 
-    from app.demo_bulk import seed_messages_postgresql
+    from app.demo.bulk import seed_messages_postgresql
     from app.models import Message, MessageContent, Recipient
     from app.queue.service import MESSAGE_ID, queue_stats
 

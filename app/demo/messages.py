@@ -1,7 +1,8 @@
 """Realistic demo data: queued messages in every state with their history.
 
-Set-based inserts in chunks, so a few hundred messages take well under a second and a million
-stay feasible for benchmarks. Events and rollup are written together and stay consistent.
+The messages are handed to the queue's bulk entry (``queue.bulk.accept_bulk``: set-based
+inserts in chunks), so a few hundred messages take well under a second and a million stay
+feasible for benchmarks. Their events and the rollup are written together and stay consistent.
 """
 
 from __future__ import annotations
@@ -17,37 +18,22 @@ from typing import Any
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from .events import bump_rollup, outcome_increments
-from .models import DeliveryEvent, Message, MessageContent, Recipient
-from .queue import counters
-from .timeutil import utcnow
+from ..events import bump_rollup, outcome_increments
+from ..models import DeliveryEvent
+from ..queue import counters
+from ..queue.bulk import accept_bulk
+from ..queue.states import QueueState, RecipientStatus
+from ..timeutil import utcnow
+from .bulk import seed_messages_postgresql
+from .vocabulary import DOMAINS, PERM_ERRORS, STATE_WEIGHTS, SUBJECTS, TEMP_ERRORS, USERS
 
-DOMAINS = ["example.com", "example.net", "example.org", "mail.example", "corp.example",
-           "shop.example", "news.example", "partners.example"]
-USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
-         "mallory", "niaj", "olivia", "peggy", "rupert", "sybil", "trent", "victor", "walter"]
-SUBJECTS = ["Your invoice {n}", "Weekly report #{n}", "Password reset request",
-            "Order {n} has shipped", "Meeting notes", "Welcome to the team",
-            "Re: project timeline", "Newsletter: November edition", "Ticket {n} updated"]
-TEMP_ERRORS = [
-    (451, "4.7.1", "451 4.7.1 Greylisted, please try again later"),
-    (421, "4.4.2", "421 4.4.2 Connection timed out"),
-    (452, "4.2.2", "452 4.2.2 Mailbox full"),
-    (None, None, "Connection refused by mx.{domain}"),
-]
-PERM_ERRORS = [
-    (550, "5.1.1", "550 5.1.1 User unknown"),
-    (554, "5.7.1", "554 5.7.1 Message rejected as spam"),
-    (553, "5.1.3", "553 5.1.3 Bad destination mailbox address syntax"),
-]
 # What a delivery outcome does to the queue entry: the event's action and queue_state columns.
 EVENT_EFFECT = {
-    "tempfail": {"action": "deferred", "queue_state": "deferred"},
-    "rejection": {"action": "failed", "queue_state": "failed"},
+    "tempfail": {"action": "deferred", "queue_state": QueueState.DEFERRED},
+    "rejection": {"action": "failed", "queue_state": QueueState.FAILED},
 }
-STATE_WEIGHTS = {"pending": 20, "deferred": 50, "held": 10, "failed": 20}
 CHUNK = 5000
-# From this many messages on, PostgreSQL generates them in the server (demo_bulk).
+# From this many messages on, PostgreSQL generates them in the server (bulk.py).
 BULK_THRESHOLD = 20_000
 
 
@@ -75,8 +61,6 @@ def seed_messages(session: so.Session, count: int, *, seed: int | None = None,
     """Insert ``count`` queued messages across every state, with recipients and events."""
     now = now or utcnow()
     if count >= BULK_THRESHOLD and session.get_bind().dialect.name == "postgresql":
-        from .demo_bulk import seed_messages_postgresql
-
         return seed_messages_postgresql(session, count, seed=seed, now=now,
                                         spread_hours=spread_hours)
     rng = random.Random(seed)
@@ -97,28 +81,28 @@ def seed_messages(session: so.Session, count: int, *, seed: int | None = None,
         subject = rng.choice(SUBJECTS).format(n=rng.randint(1000, 99999))
         raw = _raw_message(rng, sender, rcpts, subject, created)
         message_id = "msg-" + secrets.token_urlsafe(16)
-        attempts = 0 if state in ("pending",) else rng.randint(1, 6)
+        attempts = 0 if state == QueueState.PENDING else rng.randint(1, 6)
         error: str | None = None
         next_attempt: dt.datetime | None = created
         events.append(dict(timestamp=created, event_type="reception", message_id=message_id,
                            sender=sender, recipient=", ".join(rcpts), threats=[],
                            message=f"Message accepted (demo, {len(raw)} bytes)",
-                           action="queued", queue_state="pending"))
+                           action="queued", queue_state=QueueState.PENDING))
         for address in rcpts:
             domain = address.rpartition("@")[2]
-            r_status, r_error, r_next = "pending", None, created
-            if state in ("deferred", "held") and attempts:
+            r_status, r_error, r_next = RecipientStatus.PENDING, None, created
+            if state in (QueueState.DEFERRED, QueueState.HELD) and attempts:
                 code, enhanced, text = rng.choice(TEMP_ERRORS)
-                r_status, r_error = "deferred", text.format(domain=domain)
+                r_status, r_error = RecipientStatus.DEFERRED, text.format(domain=domain)
                 r_next = now + dt.timedelta(seconds=rng.randint(60, 6 * 3600))
-            elif state == "failed":
+            elif state == QueueState.FAILED:
                 code, enhanced, text = rng.choice(PERM_ERRORS)
-                r_status, r_error, r_next = "failed", text, None
+                r_status, r_error, r_next = RecipientStatus.FAILED, text, None
             for attempt in range(attempts):
                 at = created + dt.timedelta(seconds=(attempt + 1) * rng.randint(60, 900))
                 at = min(at, now)
                 last = attempt == attempts - 1
-                etype = "rejection" if (state == "failed" and last) else "tempfail"
+                etype = "rejection" if (state == QueueState.FAILED and last) else "tempfail"
                 ecode, eenh, etext = (code, enhanced, text) if last else rng.choice(TEMP_ERRORS)
                 events.append(dict(timestamp=at, event_type=etype, message_id=message_id,
                                    sender=sender, recipient=address, smtp_code=ecode,
@@ -131,12 +115,12 @@ def seed_messages(session: so.Session, count: int, *, seed: int | None = None,
                                    status=r_status, attempts=attempts, last_error=r_error,
                                    last_attempt_at=(created if attempts else None),
                                    next_attempt_at=r_next))
-            if r_next is not None and state != "failed":
+            if r_next is not None and state != QueueState.FAILED:
                 next_attempt = r_next
         messages.append(dict(id=message_id, sender=sender, subject=subject, size=len(raw),
                              priority=0, queue_state=state, attempts=attempts, origin="demo",
                              created_at=created, updated_at=created,
-                             next_attempt_at=None if state == "failed" else next_attempt,
+                             next_attempt_at=None if state == QueueState.FAILED else next_attempt,
                              last_error=error))
         contents.append(dict(message_id=message_id, raw=raw))
         if len(messages) >= CHUNK:
@@ -150,9 +134,7 @@ def _flush(session: so.Session, messages: list[dict[str, Any]], recipients: list
            contents: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
     if not messages:
         return
-    session.execute(sa.insert(Message), messages)
-    session.execute(sa.insert(Recipient), recipients)
-    session.execute(sa.insert(MessageContent), contents)
+    accept_bulk(session, messages, recipients, contents)
     events.sort(key=lambda e: e["timestamp"])  # ids grow with time, as in a real history
     for chunk in _chunks(events):
         session.execute(sa.insert(DeliveryEvent), chunk)

@@ -1,32 +1,53 @@
-"""Queued demo messages in bulk on PostgreSQL: a million in minutes, generated in the server.
+"""The queue's bulk entry: messages inserted as they stand, for demo data and benchmarks.
 
-The Python path of ``demo.seed_messages`` builds every message with ``EmailMessage`` and sends it
-over the wire (about 2 ms a message); a million would take most of an hour. Here one statement
-per chunk of ``CHUNK`` messages draws every random value once in a materialised CTE and fills
-messages, recipients, contents and events from it (data-modifying CTEs; recipients are taken from
-the messages' RETURNING, so their foreign key is satisfied). The shape is the Python path's:
-every queue state by ``STATE_WEIGHTS``, one to three recipients, a ``reception`` event and, for
-messages that were tried, the last outcome of each recipient, with action/queue_state filled.
-The triggers keep the queue counts; the rollup of the touched hours is recounted at the end.
+``accept_message`` is how mail enters the queue: fresh, pending, now. Demo data and benchmark
+fixtures need a queue as it looks after days of traffic (messages in every state, backdated,
+with attempts and errors), thousands at a time. These functions are the one other way into the
+``messages``, ``recipients`` and ``message_contents`` tables, set-based and without checks:
+nothing a client sends ever reaches them (``flask demo seed`` and ``bench/`` call them).
+The counting triggers see these rows like any others.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from .demo import DOMAINS, PERM_ERRORS, STATE_WEIGHTS, SUBJECTS, TEMP_ERRORS, USERS
-from .demo_history import _run_tag
-from .events import rebuild_rollup
-from .queue import counters
+from ..models import Message, MessageContent, Recipient
 
-CHUNK = 50_000
 
-_STATEMENT = sa.text("""
+def accept_bulk(session: so.Session, messages: Sequence[Mapping[str, Any]],
+                recipients: Sequence[Mapping[str, Any]],
+                contents: Sequence[Mapping[str, Any]]) -> None:
+    """Insert rows of ``messages``, ``recipients`` and ``message_contents`` (column -> value,
+    states as ``QueueState``/``RecipientStatus`` words) with multi-row INSERTs; no events (the
+    caller writes the history it wants), no commit."""
+    if messages:
+        session.execute(sa.insert(Message), list(messages))
+    if recipients:
+        session.execute(sa.insert(Recipient), list(recipients))
+    if contents:
+        session.execute(sa.insert(MessageContent), list(contents))
+
+
+def generate_postgresql(session: so.Session, params: Mapping[str, Any]) -> None:
+    """Generate the messages ``first..last`` in the server, from the vocabulary in ``params``
+    (see ``_GENERATE``'s parameters; ``app/demo/bulk.py`` fills them); no commit.
+
+    One statement draws every random value once in a materialised CTE and fills messages,
+    recipients, contents and events from it (data-modifying CTEs; recipients are taken from the
+    messages' RETURNING, so their foreign key is satisfied). The shape is the demo's Python
+    path's: every queue state by its share, one to three recipients, a ``reception`` event and,
+    for messages that were tried, the last outcome of each recipient, with action and
+    queue_state filled.
+    """
+    session.execute(_GENERATE, dict(params))
+
+
+_GENERATE = sa.text("""
 WITH draws AS MATERIALIZED (
     SELECT g,
            'msg-b' || :tag || lpad(to_hex(g), 10, '0') AS id,
@@ -125,42 +146,3 @@ SELECT * FROM (
 ) AS events
 ORDER BY 1
 """)
-
-
-def seed_messages_postgresql(session: so.Session, count: int, *, seed: int | None = None,
-                             now: dt.datetime, spread_hours: int = 72,
-                             progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
-    """Insert ``count`` queued messages set-based; commits per chunk. Returns counts per state."""
-    if seed is not None:
-        session.execute(sa.text("SELECT setseed(:s)"), {"s": ((seed * 7919) % 1000) / 1000})
-    total = sum(STATE_WEIGHTS.values())
-    cuts, running = {}, 0
-    for state, weight in STATE_WEIGHTS.items():
-        running += weight
-        cuts[f"cut_{state}"] = running / total
-    params: dict[str, Any] = {
-        "tag": _run_tag(None), "now": now, "spread": spread_hours * 3600 - 30,
-        "users": USERS, "n_users": len(USERS), "domains": DOMAINS, "n_domains": len(DOMAINS),
-        "subjects": SUBJECTS, "n_subjects": len(SUBJECTS),
-        "temp_codes": [e[0] for e in TEMP_ERRORS], "temp_enh": [e[1] for e in TEMP_ERRORS],
-        "temp_text": [e[2] for e in TEMP_ERRORS], "n_temp": len(TEMP_ERRORS),
-        "perm_codes": [e[0] for e in PERM_ERRORS], "perm_enh": [e[1] for e in PERM_ERRORS],
-        "perm_text": [e[2] for e in PERM_ERRORS], "n_perm": len(PERM_ERRORS),
-        **{k: cuts[k] for k in ("cut_pending", "cut_deferred", "cut_held")},
-    }
-    before = counters.queue_counts(session)
-    for first in range(1, count + 1, CHUNK):
-        last = min(count, first + CHUNK - 1)
-        session.execute(_STATEMENT, params | {"first": first, "last": last})
-        session.commit()
-        if progress:
-            progress(last, count)
-    rebuild_rollup(session, now - dt.timedelta(hours=spread_hours + 1), now)
-    session.commit()
-    counters.fold_deltas(session)
-    session.execute(sa.text("ANALYZE messages"))
-    session.execute(sa.text("ANALYZE recipients"))
-    session.execute(sa.text("ANALYZE delivery_events"))
-    session.commit()
-    after = counters.queue_counts(session)
-    return {state: after[state] - before[state] for state in STATE_WEIGHTS}

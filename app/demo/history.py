@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-import secrets
 from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from .demo import DOMAINS, PERM_ERRORS, TEMP_ERRORS, USERS
-from .events import rebuild_rollup
-from .models import DeliveryEvent
-from .timeutil import utcnow
+from ..events import rebuild_rollup
+from ..models import DeliveryEvent
+from ..timeutil import utcnow
+from .vocabulary import DOMAINS, PERM_ERRORS, TEMP_ERRORS, USERS, run_tag
 
 PG_CHUNK = 500_000
 SQLITE_CHUNK = 5000
@@ -49,7 +48,7 @@ def seed_history(session: so.Session, count: int, *, days: int = 365, seed: int 
     since = now - dt.timedelta(days=days)
     if count <= 0:
         return {"events": 0, "rollup_rows": 0}
-    tag = _run_tag(seed)
+    tag = run_tag(seed)
     if session.get_bind().dialect.name == "postgresql":
         _insert_postgresql(session, count, since, now, tag, seed, progress)
     else:
@@ -60,13 +59,6 @@ def seed_history(session: so.Session, count: int, *, days: int = 365, seed: int 
         session.execute(sa.text("ANALYZE delivery_events"))
         session.commit()
     return {"events": count, "rollup_rows": rows, "since": since, "until": now}
-
-
-def _run_tag(seed: int | None) -> str:
-    """Six characters distinguishing this run's message ids from another run's."""
-    if seed is None:
-        return secrets.token_hex(3)
-    return f"{random.Random(seed).getrandbits(24):06x}"
 
 
 def _insert_python(session: so.Session, count: int, since: dt.datetime, now: dt.datetime,
