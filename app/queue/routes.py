@@ -76,28 +76,43 @@ class QueueFlush(MethodView):
         return {"status": "success", "message": f"Queue {queue_type} {verb}", "count": count}
 
 
-def _bulk_view(action: str, summary: str) -> type[MethodView]:
-    class BulkAction(MethodView):
-        @blp.arguments(BulkQuerySchema, location="query", as_kwargs=True)
-        @blp.response(200, CountedStatusSchema)
-        def post(self, queue_type: str, dry_run: bool, **filters: Any) -> dict[str, Any]:
-            count = service.bulk_action(db.session, action, queue_type, _filters(filters),
-                                        current_actor(), dry_run=dry_run)
-            past = service.PAST_TENSE[action]
-            done = f"would be {past}" if dry_run else past
-            return {"status": "success", "message": f"{count} message(s) {done}", "count": count}
-
-    BulkAction.post.__doc__ = summary
-    BulkAction.__name__ = f"QueueBulk{action.title()}"
-    return BulkAction
+def _bulk_done(action: str, count: int, dry_run: bool) -> dict[str, Any]:
+    past = service.PAST_TENSE[action]
+    done = f"would be {past}" if dry_run else past
+    return {"status": "success", "message": f"{count} message(s) {done}", "count": count}
 
 
-blp.route("/<string:queue_type>/retry")(
-    _bulk_view("retry", "Retry every matching message now (deferred, failed or all)"))
-blp.route("/<string:queue_type>/hold")(
-    _bulk_view("hold", "Hold every matching message (pending, deferred or all)"))
-blp.route("/<string:queue_type>/release")(
-    _bulk_view("release", "Release every matching held message (type must be held)"))
+@blp.route("/<string:queue_type>/retry")
+class QueueBulkRetry(MethodView):
+    @blp.arguments(BulkQuerySchema, location="query", as_kwargs=True)
+    @blp.response(200, CountedStatusSchema)
+    def post(self, queue_type: str, dry_run: bool, **filters: Any) -> dict[str, Any]:
+        """Retry every matching message now (deferred, failed or all)"""
+        count = service.bulk_action(db.session, "retry", queue_type, _filters(filters),
+                                    current_actor(), dry_run=dry_run)
+        return _bulk_done("retry", count, dry_run)
+
+
+@blp.route("/<string:queue_type>/hold")
+class QueueBulkHold(MethodView):
+    @blp.arguments(BulkQuerySchema, location="query", as_kwargs=True)
+    @blp.response(200, CountedStatusSchema)
+    def post(self, queue_type: str, dry_run: bool, **filters: Any) -> dict[str, Any]:
+        """Hold every matching message (pending, deferred or all)"""
+        count = service.bulk_action(db.session, "hold", queue_type, _filters(filters),
+                                    current_actor(), dry_run=dry_run)
+        return _bulk_done("hold", count, dry_run)
+
+
+@blp.route("/<string:queue_type>/release")
+class QueueBulkRelease(MethodView):
+    @blp.arguments(BulkQuerySchema, location="query", as_kwargs=True)
+    @blp.response(200, CountedStatusSchema)
+    def post(self, queue_type: str, dry_run: bool, **filters: Any) -> dict[str, Any]:
+        """Release every matching held message (type must be held)"""
+        count = service.bulk_action(db.session, "release", queue_type, _filters(filters),
+                                    current_actor(), dry_run=dry_run)
+        return _bulk_done("release", count, dry_run)
 
 
 @blp.route("/message/<string:message_id>")
@@ -124,24 +139,32 @@ class QueueMessage(MethodView):
         return {"status": "success", "message": f"Message {message_id} deleted"}
 
 
-def _single_view(action: str, summary: str) -> type[MethodView]:
-    act = getattr(service, f"{action}_message")
-
-    class SingleAction(MethodView):
-        @blp.response(200, StatusSchema)
-        def post(self, message_id: str) -> dict[str, str]:
-            act(db.session, message_id, current_actor())
-            return {"status": "success",
-                    "message": f"Message {message_id} {service.PAST_TENSE[action]}"}
-
-    SingleAction.post.__doc__ = summary
-    SingleAction.__name__ = f"QueueMessage{action.title()}"
-    return SingleAction
+def _done(message_id: str, action: str) -> dict[str, str]:
+    return {"status": "success", "message": f"Message {message_id} {service.PAST_TENSE[action]}"}
 
 
-blp.route("/message/<string:message_id>/retry")(
-    _single_view("retry", "Make a message due now; failed recipients get another chance"))
-blp.route("/message/<string:message_id>/hold")(
-    _single_view("hold", "Put a message on hold"))
-blp.route("/message/<string:message_id>/release")(
-    _single_view("release", "Release a held message; it becomes due now"))
+@blp.route("/message/<string:message_id>/retry")
+class QueueMessageRetry(MethodView):
+    @blp.response(200, StatusSchema)
+    def post(self, message_id: str) -> dict[str, str]:
+        """Make a message due now; failed recipients get another chance"""
+        service.retry_message(db.session, message_id, current_actor())
+        return _done(message_id, "retry")
+
+
+@blp.route("/message/<string:message_id>/hold")
+class QueueMessageHold(MethodView):
+    @blp.response(200, StatusSchema)
+    def post(self, message_id: str) -> dict[str, str]:
+        """Put a message on hold"""
+        service.hold_message(db.session, message_id, current_actor())
+        return _done(message_id, "hold")
+
+
+@blp.route("/message/<string:message_id>/release")
+class QueueMessageRelease(MethodView):
+    @blp.response(200, StatusSchema)
+    def post(self, message_id: str) -> dict[str, str]:
+        """Release a held message; it becomes due now"""
+        service.release_message(db.session, message_id, current_actor())
+        return _done(message_id, "release")
