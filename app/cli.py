@@ -1,31 +1,22 @@
-"""Operator commands: ``flask queue …`` and ``flask demo …``.
+"""What every ``flask`` command group shares: one-line errors, JSON output, ISO 8601 options.
 
-Each command calls the same service function as the matching endpoint, exits non-zero with a
-one-line message on error, and offers ``--json`` where its output is data.
+The groups live with their areas (``queue/cli.py``, ``demo/cli.py``, ``logs/cli.py``, ...);
+``create_app`` registers them all (``register_cli``). Each command calls the same service
+function as the matching endpoint, exits non-zero with a one-line message on error, and offers
+``--json`` where its output is data.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
-from flask import Flask
-from flask.cli import AppGroup
 
 from .errors import ApiError
-from .extensions import db
-from .queue import service
-from .queue.schemas import MessageDetailSchema, MessageSchema
 from .timeutil import parse_iso
-
-CLI_ACTOR = "cli"
-
-queue_cli = AppGroup("queue", help="Inspect and act on the mail queue.")
-demo_cli = AppGroup("demo", help="Demo data for a first look and for benchmarks.")
 
 
 def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,192 +44,3 @@ def iso_timestamp(_ctx: Any, _param: Any, value: str | None) -> Any:
         return parse_iso(value)
     except ValueError:
         raise click.BadParameter(f"not an ISO 8601 timestamp: {value}") from None
-
-
-def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed([
-        click.option("--sender", help="Case-insensitive substring of the sender."),
-        click.option("--recipient", help="Case-insensitive substring of a recipient."),
-        click.option("--domain", help="Exact recipient domain."),
-        click.option("--before", callback=iso_timestamp, help="Created before (ISO 8601)."),
-        click.option("--after", callback=iso_timestamp, help="Created after (ISO 8601)."),
-    ]):
-        func = option(func)
-    return func
-
-
-def _filters(kwargs: dict[str, Any]) -> service.MessageFilters:
-    return service.MessageFilters(**{k: kwargs.pop(k) for k in
-                                     ("sender", "recipient", "domain", "before", "after")})
-
-
-@queue_cli.command("stats")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@reports_errors
-def queue_stats_cmd(as_json: bool) -> None:
-    """Number of messages per queue state."""
-    stats = service.queue_stats(db.session)
-    if as_json:
-        emit_json(stats)
-        return
-    for state, count in stats.items():
-        click.echo(f"{state:<10}{count:>10}")
-
-
-@queue_cli.command("list")
-@click.argument("queue_type", metavar="TYPE",
-                type=click.Choice(service.LIST_TYPES))
-@filter_options
-@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
-@click.option("--cursor", help="Continue from the cursor printed by a previous page.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@reports_errors
-def queue_list_cmd(queue_type: str, limit: int, cursor: str | None, as_json: bool,
-                   **kwargs: Any) -> None:
-    """List messages of a queue, oldest first."""
-    page = service.list_messages(db.session, queue_type, _filters(kwargs), limit=limit,
-                                 cursor=cursor)
-    if as_json:
-        emit_json({"messages": MessageSchema(many=True).dump(page.items), "total": page.total,
-                   "next_cursor": page.next_cursor})
-        return
-    for m in page.items:
-        to = ",".join(r.address for r in m.recipients)
-        click.echo(f"{m.id}  {m.queue_state:<8} {m.created_at:%Y-%m-%d %H:%M:%S}  "
-                   f"{m.sender or '<>'} -> {to}  {m.subject[:40]}")
-    click.echo(f"-- {len(page.items)} of {page.total}", err=True)
-    if page.next_cursor:
-        click.echo(f"-- next page: --cursor {page.next_cursor}", err=True)
-
-
-@queue_cli.command("show")
-@click.argument("message_id")
-@click.option("--raw", is_flag=True, help="Print the raw message.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@reports_errors
-def queue_show_cmd(message_id: str, raw: bool, as_json: bool) -> None:
-    """Show one message: envelope, recipients and timeline."""
-    if raw:
-        sys.stdout.buffer.write(service.message_raw(db.session, message_id))
-        return
-    detail = MessageDetailSchema().dump(service.message_detail(db.session, message_id))
-    if as_json:
-        emit_json(detail)
-        return
-    for key in ("id", "queue", "from", "subject", "size", "attempts", "created_at",
-                "next_attempt_at", "last_error"):
-        click.echo(f"{key + ':':<17}{detail[key]}")
-    for r in detail["recipients"]:
-        click.echo(f"  {r['address']:<40} {r['status']:<10} attempts={r['attempts']} "
-                   f"{r['last_error'] or ''}")
-    for e in detail["events"]:
-        click.echo(
-            f"  {e['timestamp']} {e['event_type']:<10} {e['recipient'] or ''} {e['message'] or ''}")
-
-
-@queue_cli.command("delete")
-@click.argument("message_ids", nargs=-1, required=True, metavar="ID...")
-@reports_errors
-def queue_delete_cmd(message_ids: tuple[str, ...]) -> None:
-    """Delete messages from the queue."""
-    for message_id in message_ids:
-        service.delete_message(db.session, message_id, CLI_ACTOR)
-        click.echo(f"Message {message_id} deleted")
-
-
-@queue_cli.command("flush")
-@click.argument("queue_type", metavar="TYPE", type=click.Choice(service.LIST_TYPES))
-@filter_options
-@click.option("--dry-run", is_flag=True, help="Only count what would be flushed.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@reports_errors
-def queue_flush_cmd(queue_type: str, dry_run: bool, as_json: bool, **kwargs: Any) -> None:
-    """Delete every (matching) message of a queue."""
-    count = service.bulk_action(db.session, "flush", queue_type, _filters(kwargs), CLI_ACTOR,
-                                dry_run=dry_run)
-    _report_bulk("flush", queue_type, count, dry_run, as_json)
-
-
-def _report_bulk(action: str, queue_type: str, count: int, dry_run: bool, as_json: bool) -> None:
-    done = service.PAST_TENSE[action]
-    if as_json:
-        emit_json({"action": action, "queue": queue_type, "count": count, "dry_run": dry_run})
-    else:
-        click.echo(f"{count} message(s) {'would be ' if dry_run else ''}{done}")
-
-
-def _action_command(action: str, help_text: str) -> None:
-    types = service.BULK_TYPES[action]
-
-    @queue_cli.command(action, help=help_text)
-    @click.argument("message_ids", nargs=-1, metavar="[ID...]")
-    @click.option("--queue", "queue_type", type=click.Choice(types),
-                  help="Act on every matching message of this queue instead of on IDs.")
-    @filter_options
-    @click.option("--dry-run", is_flag=True, help="Only count what would be affected.")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @reports_errors
-    def command(message_ids: tuple[str, ...], queue_type: str | None, dry_run: bool,
-                as_json: bool, **kwargs: Any) -> None:
-        filters = _filters(kwargs)
-        if bool(message_ids) == bool(queue_type):
-            raise click.UsageError("give message IDs or --queue TYPE (not both)")
-        if queue_type:
-            count = service.bulk_action(db.session, action, queue_type, filters, CLI_ACTOR,
-                                        dry_run=dry_run)
-            _report_bulk(action, queue_type, count, dry_run, as_json)
-            return
-        act = getattr(service, f"{action}_message")
-        for message_id in message_ids:
-            act(db.session, message_id, CLI_ACTOR)
-            click.echo(f"Message {message_id} {service.PAST_TENSE[action]}")
-
-
-_action_command("retry", "Make messages due now (failed recipients get another chance).")
-_action_command("hold", "Put messages on hold.")
-_action_command("release", "Release held messages; they become due now.")
-
-
-@demo_cli.command("seed")
-@click.option("--messages", type=click.IntRange(0), default=300, show_default=True,
-              help="Queued messages to create, spread over every state.")
-@click.option("--events", type=click.IntRange(0), default=5000, show_default=True,
-              help="History events spread over the past year (10 million: minutes on PostgreSQL).")
-@click.option("--days", type=click.IntRange(1, 3660), default=365, show_default=True,
-              help="How far back the history events go.")
-@click.option("--seed", type=int, default=None, help="Random seed, for repeatable data.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def demo_seed_cmd(messages: int, events: int, days: int, seed: int | None, as_json: bool) -> None:
-    """Fill the database with realistic queued messages and a year of delivery history."""
-    from .demo import seed_messages
-    from .demo_history import seed_history
-
-    def progress(done: int, total: int) -> None:
-        if not as_json and total >= 1_000_000:
-            click.echo(f"  history events: {done}/{total}", err=True)
-
-    history = seed_history(db.session, events, days=days, seed=seed, progress=progress)
-    made = seed_messages(db.session, messages, seed=seed)
-    if as_json:
-        emit_json({"messages": made, "events": history["events"],
-                   "rollup_rows": history["rollup_rows"]})
-    else:
-        click.echo(f"Seeded history: {history['events']} events over {days} days")
-        click.echo("Seeded messages: " + ", ".join(f"{k} {v}" for k, v in made.items()))
-
-
-def register_cli(app: Flask) -> None:
-    app.cli.add_command(queue_cli)
-    app.cli.add_command(demo_cli)
-    from .delivery.cli import worker_cmd
-
-    app.cli.add_command(worker_cmd)
-    from .stats.cli import stats_cli
-
-    app.cli.add_command(stats_cli)
-    from .smtpd.cli import smtpd_cmd
-
-    app.cli.add_command(smtpd_cmd)
-    from .logs.cli import logs_cli
-
-    app.cli.add_command(logs_cli)

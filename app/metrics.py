@@ -214,8 +214,7 @@ def metrics_view() -> Response:
 
 
 def init_metrics(app: Flask) -> None:
-    """Time every request and serve ``/metrics``."""
+    """Time every request (``/metrics`` itself is served by ``metrics_view``)."""
     _histograms()  # before the first request: an unusable metrics directory is reported now
     app.before_request(_start_timer)
     app.after_request(_observe_request)
-    app.add_url_rule("/metrics", "metrics", metrics_view, methods=["GET"])
