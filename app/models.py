@@ -60,7 +60,7 @@ class Message(db.Model):
         # Keyset paging per queue and over all queues (SPEC 2.2, oldest first).
         sa.Index("ix_messages_queue_state_created", "queue_state", "created_at", "id"),
         sa.Index("ix_messages_created", "created_at", "id"),
-        # Claims of deferred mail: only the due part of the range is read (delivery/claim.py).
+        # Claims of deferred mail: only the due part of the range is read (queue/leases.py).
         sa.Index("ix_messages_queue_state_due", "queue_state", "next_attempt_at", "id"),
         sa.CheckConstraint(
             "queue_state IN ('pending', 'deferred', 'held', 'failed')", name="queue_state"
