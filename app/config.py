@@ -353,6 +353,12 @@ SETTINGS: dict[str, Setting] = {
     "SMTPD_MAX_SESSIONS": Setting(100, integer(1)),  # listener: concurrent sessions; more: 421
     "SMTPD_IDLE_TIMEOUT": Setting(300, integer(1)),  # listener: idle seconds (RFC 5321 4.5.3.2.7)
     "SMTPD_PROXY_PROTOCOL": Setting(False, boolean),  # listener: expect a PROXY header
+    # Listener connection limits (docs/SMTPD.md, app/smtpd/admission.py). The reserve and the
+    # per-client count default to a fifth and a half of SMTPD_MAX_SESSIONS (app/smtpd/server.py).
+    "SMTPD_TRUSTED_RESERVE": Setting(OPTIONAL, integer(0)),
+    "SMTPD_CLIENT_CONNECTION_COUNT_LIMIT": Setting(OPTIONAL, integer(0)),  # 0: no limit
+    "SMTPD_CLIENT_CONNECTION_RATE_LIMIT": Setting(120, integer(0)),  # per minute; 0: no limit
+    "SMTPD_STRESS_IDLE_TIMEOUT": Setting(10, integer(1)),  # idle seconds near the session cap
     # WebSocket streams (docs/STREAMS.md); the defaults live in app/stream/.
     "STREAM_POLL_INTERVAL": Setting(OPTIONAL, positive_number),
     "STREAM_HOLE_TIMEOUT": Setting(OPTIONAL, positive_number),
@@ -402,6 +408,7 @@ def validate(app: Flask) -> None:
         if key in cfg:
             cfg[key] = setting.parse(key, cfg[key])
     _check_tls_pair(cfg["TLS_CERT"], cfg["TLS_KEY"])
+    _check_trusted_reserve(cfg)
 
     url = cfg["DATABASE_URL"] or _default_sqlite_url(app)
     cfg["SQLALCHEMY_DATABASE_URI"] = normalise_database_url(url)
@@ -421,6 +428,14 @@ def validate(app: Flask) -> None:
     # Flask's own request-size limit produces the 413 of the contract.
     cfg["MAX_CONTENT_LENGTH"] = cfg["MAX_REQUEST_BYTES"]
     cfg["SQLALCHEMY_TRACK_MODIFICATIONS"] = False
+
+
+def _check_trusted_reserve(cfg: Mapping[str, Any]) -> None:
+    """Untrusted clients must keep at least one session, or the listener refuses them all."""
+    reserve = cfg.get("SMTPD_TRUSTED_RESERVE")
+    if reserve is not None and reserve >= cfg["SMTPD_MAX_SESSIONS"]:
+        raise _refuse("SMTPD_TRUSTED_RESERVE", reserve,
+                      f"must be below ELEMTA_SMTPD_MAX_SESSIONS ({cfg['SMTPD_MAX_SESSIONS']})")
 
 
 def _check_tls_pair(cert: str, key: str) -> None:

@@ -79,6 +79,11 @@ def refused(load, **values: str) -> str:
     ("LOG_QUEUE_SIZE", "-3", "ELEMTA_LOG_QUEUE_SIZE: '-3' must be at least 1"),
     ("STREAM_QUEUE_SIZE", "many", "is not a whole number"),
     ("API_THREADS", "0", "must be at least 1"),
+    ("SMTPD_CLIENT_CONNECTION_COUNT_LIMIT", "-1", "must be at least 0"),
+    ("SMTPD_CLIENT_CONNECTION_RATE_LIMIT", "lots", "is not a whole number"),
+    ("SMTPD_TRUSTED_RESERVE", "100", "ELEMTA_SMTPD_TRUSTED_RESERVE: 100 must be below "
+                                     "ELEMTA_SMTPD_MAX_SESSIONS (100)"),
+    ("SMTPD_STRESS_IDLE_TIMEOUT", "0", "must be at least 1"),
     # seconds
     ("LOG_FLUSH_INTERVAL", "0", "ELEMTA_LOG_FLUSH_INTERVAL: '0' must be a number above 0"),
     ("LOG_PRUNE_INTERVAL", "soon", "ELEMTA_LOG_PRUNE_INTERVAL: 'soon' is not a number"),

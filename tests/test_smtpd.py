@@ -30,6 +30,15 @@ def test_ehlo_advertises_the_extensions(port, app):
         assert not client.has_extn("starttls")  # no certificate configured
 
 
+def test_help_lists_every_command_including_the_ones_elemta_overrides(port):
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        code, text = client.docmd("HELP")
+        assert code == 250
+        assert {"MAIL", "RCPT", "DATA", "RSET", "EHLO", "QUIT"} <= set(text.decode().split())
+        assert client.docmd("HELP", "MAIL")[0] == 250
+
+
 def test_plain_message_is_queued_before_the_250_with_its_id(port, app):
     msg = email_message(subject="Plain")
     with smtplib.SMTP("127.0.0.1", port) as client:

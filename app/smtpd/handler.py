@@ -55,7 +55,8 @@ class QueueHandler:
     async def handle_PROXY(self, server: ElemtaSMTP, session: Session, envelope: Envelope,
                            proxy_data: Any) -> bool:
         # Only called when ELEMTA_SMTPD_PROXY_PROTOCOL is on: the port is behind a proxy.
-        return bool(proxy_data.valid)
+        # The header named the client: only now can its connection limits be applied.
+        return bool(proxy_data.valid) and await server.admit()
 
     async def handle_EHLO(self, server: ElemtaSMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:

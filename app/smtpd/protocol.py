@@ -3,9 +3,12 @@
 - Every refusal of MAIL, RCPT or DATA is recorded as a ``rejection`` event *before* the reply
   is sent (so whoever saw the reply also finds the event).
 - A session that collects ``HARD_ERROR_LIMIT`` error replies is disconnected (as Postfix does).
-- Sessions beyond ``ELEMTA_SMTPD_MAX_SESSIONS`` are answered 421 and closed.
+- A connection is admitted or answered 421 and closed before the greeting (``admission.py``:
+  the session cap, room kept for the relay networks, per-client count and rate); behind a
+  PROXY header, once the header named the client (``handler.handle_PROXY``).
 - The idle timeout also restarts on incoming DATA bytes: a large message on a slow link is not
-  cut off because its upload takes longer than one idle period.
+  cut off because its upload takes longer than one idle period. Outside a mail transaction,
+  while the listener is near its session cap, it is ``ELEMTA_SMTPD_STRESS_IDLE_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope
 
+from .admission import Refusal, Ticket
 from .policy import IPAddress, client_ip
 from .storage import record_refusal
 
@@ -36,6 +40,17 @@ COMMAND_CALL_LIMITS = {
 MAIL_COMMAND_SIZE = SMTP.command_size_limit + 26 + 10
 
 
+def same_help(base: Any) -> Any:
+    """Keep aiosmtpd's HELP text (set by its ``@syntax``) on a command we override."""
+    def decorate(method: Any) -> Any:
+        for name in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
+            if hasattr(base, name):
+                setattr(method, name, getattr(base, name))
+        return method
+
+    return decorate
+
+
 class TransactionEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
@@ -54,6 +69,7 @@ class ElemtaSMTP(SMTP):
         self._data_started = False
         self._errors = 0
         self._registered = False
+        self._ticket: Ticket | None = None
 
     def _create_envelope(self) -> Envelope:
         return TransactionEnvelope()
@@ -82,6 +98,12 @@ class ElemtaSMTP(SMTP):
         """Receiving or queueing a message: shutdown waits for these sessions."""
         return self._command == "DATA"
 
+    @property
+    def in_transaction(self) -> bool:
+        """Between an accepted MAIL FROM and the end of its DATA (or RSET)."""
+        envelope = self.envelope
+        return self.in_data or (envelope is not None and envelope.mail_from is not None)
+
     # ------------------------------------------------------------------ connection lifecycle
 
     def connection_made(self, transport: Any) -> None:
@@ -93,23 +115,57 @@ class ElemtaSMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.listener.sessions.discard(self)
+        if self._ticket is not None:
+            self.listener.leave(self._ticket)
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
-        listener = self.listener
-        if listener.closing or len(listener.sessions) > listener.settings.max_sessions:
-            log.warning("Refused SMTP connection from %s: %s", self.client_ip,
-                        "shutting down" if listener.closing else "too many sessions")
-            await super().push("421 4.3.2 Too many connections, try again later")
+        # Behind a proxy the client is known only from the PROXY header: handle_PROXY admits.
+        if self.listener.settings.proxy_protocol or await self.admit():
+            await super()._handle_client()
+
+    async def admit(self) -> bool:
+        """Take a session slot for this client, or refuse it (421) and close."""
+        decision = await self.listener.admit(self)
+        if isinstance(decision, Refusal):
             if self.transport is not None:
+                await super().push(decision.reply)
                 self.transport.close()
-            return
-        await super()._handle_client()
+            return False
+        if self.transport is None:  # gone already (the admission never waits, but be sure)
+            self.listener.leave(decision)
+            return False
+        self._ticket = decision
+        self._reset_timeout()  # the listener may just have come under stress
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._command == "DATA" and self.transport is not None:
             self._reset_timeout()
         super().data_received(data)
+
+    # ------------------------------------------------------------------ idle timeouts
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd re-arms the idle timer at connect and at every command; near the session
+        cap, a session outside a mail transaction gets the short (stress) timeout."""
+        if duration is None and not self.in_transaction and self.listener.admission.stressed:
+            duration = self.listener.settings.stress_idle_timeout
+        super()._reset_timeout(duration)
+
+    def shorten_idle_timer(self, seconds: float) -> None:
+        """At most ``seconds`` more of idleness, unless a mail transaction is under way."""
+        handle = self._timeout_handle
+        if handle is None or self.transport is None or self.in_transaction:
+            return
+        if handle.when() - self.loop.time() > seconds:
+            super()._reset_timeout(seconds)
+
+    def _rearm_idle_timer(self) -> None:
+        """The transaction state changed (MAIL accepted, DATA or RSET done): the idle time
+        from now on is the one of the new state."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._reset_timeout()
 
     def goodbye(self) -> None:
         """Close the session at shutdown, telling the client why."""
@@ -126,14 +182,24 @@ class ElemtaSMTP(SMTP):
         finally:
             self._command = self._command_arg = None
 
+    @same_help(SMTP.smtp_MAIL)
     async def smtp_MAIL(self, arg: str | None) -> None:
         await self._in_command("MAIL", arg, super().smtp_MAIL)
+        self._rearm_idle_timer()
 
+    @same_help(SMTP.smtp_RCPT)
     async def smtp_RCPT(self, arg: str | None) -> None:
         await self._in_command("RCPT", arg, super().smtp_RCPT)
 
+    @same_help(SMTP.smtp_DATA)
     async def smtp_DATA(self, arg: str) -> None:
         await self._in_command("DATA", arg, super().smtp_DATA)
+        self._rearm_idle_timer()
+
+    @same_help(SMTP.smtp_RSET)
+    async def smtp_RSET(self, arg: str) -> None:
+        await super().smtp_RSET(arg)
+        self._rearm_idle_timer()
 
     # ------------------------------------------------------------------ replies
 

@@ -20,10 +20,12 @@ from typing import Any
 from flask import Flask
 
 from .acceptor import Acceptor
+from .admission import (REPLY_SHUTTING_DOWN, Admission, AdmissionLimits, Refusal,
+                        RefusalThrottle, Ticket)
 from .handler import QueueHandler
-from .policy import IPNetwork
+from .policy import IPNetwork, RelayPolicy
 from .protocol import ElemtaSMTP
-from .storage import Storage
+from .storage import Storage, record_refusal
 
 log = logging.getLogger("elemta.smtpd")
 
@@ -48,6 +50,17 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def default_trusted_reserve(max_sessions: int) -> int:
+    """A fifth of the sessions stays for the relay networks (20 of the default 100)."""
+    return max_sessions // 5
+
+
+def default_client_count_limit(max_sessions: int) -> int:
+    """Half the sessions per untrusted client, as Postfix's 50 is half its default 100
+    processes."""
+    return max(1, max_sessions // 2)
+
+
 @dataclass(frozen=True)
 class ListenerSettings:
     host: str
@@ -61,24 +74,49 @@ class ListenerSettings:
     tls_cert: str = ""
     tls_key: str = ""
     proxy_protocol: bool = False
+    # Connection limits (admission.py); the defaults follow Postfix's (docs/SMTPD.md).
+    trusted_reserve: int = 0
+    client_count_limit: int = 0
+    client_rate_limit: int = 0
+    stress_timeout: int = 10
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> ListenerSettings:
         host, port = parse_listen(str(config["SMTP_LISTEN"]))
+        max_sessions = max(1, int(config["SMTPD_MAX_SESSIONS"]))
         settings = cls(
             host=host,
             port=port,
             hostname=str(config.get("SMTP_HOSTNAME") or socket.getfqdn()),
             max_message_bytes=int(config["MAX_MESSAGE_BYTES"]),
             max_recipients=max(1, int(config["MAX_RECIPIENTS"])),
-            max_sessions=max(1, int(config["SMTPD_MAX_SESSIONS"])),
+            max_sessions=max_sessions,
             timeout=max(1, int(config["SMTPD_IDLE_TIMEOUT"])),
             relay_networks=tuple(config["RELAY_NETWORKS"]),
             tls_cert=str(config.get("TLS_CERT") or ""),
             tls_key=str(config.get("TLS_KEY") or ""),
             proxy_protocol=bool(config["SMTPD_PROXY_PROTOCOL"]),
+            trusted_reserve=int(config.get("SMTPD_TRUSTED_RESERVE",
+                                           default_trusted_reserve(max_sessions))),
+            client_count_limit=int(config.get("SMTPD_CLIENT_CONNECTION_COUNT_LIMIT",
+                                              default_client_count_limit(max_sessions))),
+            client_rate_limit=int(config["SMTPD_CLIENT_CONNECTION_RATE_LIMIT"]),
+            stress_timeout=max(1, int(config["SMTPD_STRESS_IDLE_TIMEOUT"])),
         )
         return replace(settings, **overrides)
+
+    @property
+    def limits(self) -> AdmissionLimits:
+        return AdmissionLimits(
+            max_sessions=self.max_sessions,
+            trusted_reserve=min(self.trusted_reserve, self.max_sessions - 1),
+            client_count_limit=self.client_count_limit,
+            client_rate_limit=self.client_rate_limit,
+        )
+
+    @property
+    def stress_idle_timeout(self) -> int:
+        return min(self.stress_timeout, self.timeout)
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not self.tls_cert and not self.tls_key:
@@ -103,6 +141,9 @@ class Listener:
         self.closing = False
         self.storage: Storage | None = None
         self.acceptor: Acceptor | None = None
+        self.admission = Admission(settings.limits)
+        self.policy = RelayPolicy(tuple(settings.relay_networks))
+        self._refusals = RefusalThrottle()
         self._server: asyncio.AbstractServer | None = None
         self._tls = settings.tls_context()  # fail at start, not at the first STARTTLS
 
@@ -140,9 +181,61 @@ class Listener:
             raise ListenerConfigError(
                 f"Cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}"
             ) from None
-        log.info("SMTP listener on %s:%d (max %d sessions, %s)", self.settings.host,
-                 self.settings.port, self.settings.max_sessions,
+        limits = self.settings.limits
+        log.info("SMTP listener on %s:%d (max %d sessions, %d kept for the relay networks; "
+                 "per untrusted client %s at once, %s per minute; %s)", self.settings.host,
+                 self.settings.port, limits.max_sessions, limits.trusted_reserve,
+                 limits.client_count_limit or "any number",
+                 limits.client_rate_limit or "any number",
                  "STARTTLS" if self._tls else "no TLS")
+
+    # ------------------------------------------------------------------ admission
+
+    async def admit(self, session: ElemtaSMTP) -> Ticket | Refusal:
+        """A ticket for a new session, or the refusal to answer (already logged/recorded)."""
+        ip = session.client_ip
+        if self.closing:
+            decision: Ticket | Refusal = Refusal("shutting-down", REPLY_SHUTTING_DOWN, str(ip))
+        else:
+            was_stressed = self.admission.stressed
+            decision = self.admission.admit(ip, self.policy.trusted(ip))
+            if isinstance(decision, Ticket):
+                if not was_stressed and self.admission.stressed:
+                    self._enter_stress()
+                return decision
+        await self._report_refusal(decision, ip)
+        return decision
+
+    def leave(self, ticket: Ticket) -> None:
+        self.admission.leave(ticket)
+
+    def _enter_stress(self) -> None:
+        """Near the cap, idle sessions outside a mail transaction get the short timeout:
+        those connected before keep a long timer otherwise, so shorten theirs now."""
+        seconds = self.settings.stress_idle_timeout
+        log.warning("SMTP listener near its session limit (%d of %d): idle timeout before "
+                    "MAIL FROM is now %d s", self.admission.sessions,
+                    self.settings.max_sessions, seconds)
+        for session in self.sessions:
+            session.shorten_idle_timer(seconds)
+
+    async def _report_refusal(self, refusal: Refusal, ip: object) -> None:
+        """Log and record a refused connection (throttled: admission.RefusalThrottle), then
+        refuse it; as for refused commands, the event is written before the reply."""
+        silenced = self._refusals.due(refusal)
+        if silenced is None:
+            return
+        more = f" ({silenced} more refused since the last report)" if silenced else ""
+        log.warning("Refused SMTP connection from %s: %s%s", ip or "unknown", refusal.reply,
+                    more)
+        if self.storage is None or refusal.reason == "shutting-down":
+            return
+        try:
+            await self.storage.run(record_refusal, stage="CONNECT", reply=refusal.reply + more,
+                                   client_ip=str(ip or "unknown"), helo="", sender=None,
+                                   recipient=None)
+        except Exception:  # the refusal stands even when it cannot be recorded
+            log.exception("Could not record a refused SMTP connection (%s)", refusal.reply)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop accepting, let messages under way finish (up to ``grace``), close the rest."""
