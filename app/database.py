@@ -21,22 +21,31 @@ and the ``ROLLBACK`` at teardown (docs/PERFORMANCE.md). Two changes leave one:
   a database restart gets a fresh connection instead of an error.
 
 SQLite is untouched: pysqlite begins no transaction before a SELECT, and nothing is remote.
+
+The end of the module says what a database error means (a transient conflict, a database that
+cannot be reached, anything else), names it for the logs, and retries a transaction that met
+a transient conflict (``retry_on_conflict``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import random
 import select
 import threading
+import time
 import weakref
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import flask_sqlalchemy.session
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
 import sqlalchemy.orm as so
 from flask import Flask, has_request_context, request
+
+log = logging.getLogger("elemta.database")
 
 AUTOCOMMIT_METHODS = frozenset({"GET", "HEAD"})
 
@@ -146,3 +155,101 @@ def _check_idle_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> 
         # As pool_pre_ping does: a server that dropped one connection most likely dropped them
         # all (a restart), so every pooled connection older than now is replaced.
         raise sa_exc.InvalidatePoolError(f"pre-checkout ping failed: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- error classes
+# What a database error means for the caller (docs/OPERATIONS.md, "Database errors"):
+#  - a transient conflict (deadlock, serialization failure, lock timeout; SQLite busy): the
+#    database is healthy, the same transaction run again will most likely succeed;
+#  - unavailable: the server cannot be reached or cannot work at all (connection lost or
+#    refused, shutting down, out of disk or connections): the API answers 503;
+#  - anything else: a bug or bad data, 500.
+
+CONFLICT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+# SQLSTATE classes of a server that cannot serve: 08 connection exception, 53 insufficient
+# resources, 58 system error; 57P01-57P05: shut down, crashed, starting, dropped, idle timeout.
+UNAVAILABLE_SQLSTATE_CLASSES = frozenset({"08", "53", "58"})
+UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05"})
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6
+
+
+def error_code(error: BaseException) -> tuple[str, str] | None:
+    """The driver's code for a database error: ``("SQLSTATE", "40P01")`` from PostgreSQL,
+    ``("SQLite", "SQLITE_BUSY")`` from SQLite, None when the driver gave none."""
+    origin = getattr(error, "orig", None) or error
+    state = getattr(origin, "sqlstate", None)
+    if state:
+        return "SQLSTATE", str(state)
+    name = getattr(origin, "sqlite_errorname", None)
+    if name:
+        return "SQLite", str(name)
+    return None
+
+
+def is_transient_conflict(error: BaseException) -> bool:
+    """A deadlock, serialization failure or lock timeout: run the transaction again."""
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    origin = error.orig
+    if getattr(origin, "sqlstate", None) in CONFLICT_SQLSTATES:
+        return True
+    code = getattr(origin, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """The database cannot be reached or cannot work at all (not: it refused this statement)."""
+    if isinstance(error, sa_exc.InterfaceError):
+        return True
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    if not isinstance(error, sa_exc.OperationalError) or is_transient_conflict(error):
+        return False
+    state = getattr(error.orig, "sqlstate", None)
+    if state is None:  # no server answer at all (psycopg), or SQLite's own I/O, open, full
+        return True
+    return state[:2] in UNAVAILABLE_SQLSTATE_CLASSES or state in UNAVAILABLE_SQLSTATES
+
+
+def describe_error(error: BaseException) -> str:
+    """For logs: the error's class, the driver's class and code, and the first line of the
+    driver's message (without the SQL and parameters SQLAlchemy appends)."""
+    origin = getattr(error, "orig", None) or error
+    lines = str(origin).strip().splitlines()
+    code = error_code(error)
+    driver = f"{type(origin).__module__}.{type(origin).__qualname__}"
+    if code is not None:
+        driver += f", {code[0]} {code[1]}"
+    text = f"{type(error).__name__} ({driver})" if origin is not error else type(error).__name__
+    return f"{text}: {lines[0]}" if lines else text
+
+
+# Tries of one transaction that meets transient conflicts, and the pause before the next try
+# (doubled each time, with jitter, so two transactions that deadlocked do not meet again).
+CONFLICT_TRIES = 5
+CONFLICT_FIRST_PAUSE = 0.02
+
+T = TypeVar("T")
+
+
+def retry_on_conflict(session: so.Session, work: Callable[[], T], *, what: str,
+                      tries: int = CONFLICT_TRIES) -> T:
+    """Run ``work()`` and commit, as one transaction; on a transient conflict roll back and run
+    it again (``tries`` times in all). Other errors, and the last conflict, are raised after
+    the rollback. ``work`` must do everything the transaction does (it starts afresh)."""
+    for attempt in range(1, tries + 1):
+        try:
+            result = work()
+            session.commit()
+            return result
+        except Exception as exc:
+            session.rollback()
+            if attempt == tries or not is_transient_conflict(exc):
+                raise
+            pause = CONFLICT_FIRST_PAUSE * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            log.info("%s: %s; trying again in %.0f ms (%d of %d)", what, describe_error(exc),
+                     pause * 1000, attempt + 1, tries)
+            time.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -4,8 +4,8 @@
 
 Every path that can fail ends here: ``ApiError`` raised by services and views, werkzeug's HTTP
 exceptions (routing, 405, 413, ...), flask-smorest/webargs validation (400, never 422), the rate
-limiter's 429, a database that is down (503) and anything unexpected (500, logged, no internals
-in the body).
+limiter's 429, a database that is down (503), a conflict with concurrent work that outlasted the
+retries (409) and anything unexpected (500, logged, no internals in the body).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 import sqlalchemy.exc as sa_exc
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
+
+from .database import describe_error, is_transient_conflict, is_unreachable
 
 log = logging.getLogger("elemta.errors")
 
@@ -127,26 +129,31 @@ def handle_http_exception(error: HTTPException) -> Response:
 
 
 def handle_unexpected(error: Exception) -> Response:
-    """Anything not foreseen: a database outage is 503, the rest 500 without internals."""
+    """Anything not foreseen: a database outage is 503, a conflict with concurrent work that
+    outlasted the retries 409, the rest 500; never internals in the body."""
     if isinstance(error, HTTPException):  # pragma: no cover - routed to the handler above
         return handle_http_exception(error)
+    if is_transient_conflict(error):
+        log.warning("database conflict: %s", describe_error(error))
+        return error_response(409, "CONFLICT", CONFLICT_MESSAGE, None)
     if is_database_unavailable(error):
-        log.error("database unavailable: %s", type(error).__name__)
+        log.error("database unavailable: %s", describe_error(error))
         return error_response(503, "SERVICE_UNAVAILABLE", "Database unavailable", None)
     log.exception("unhandled error")
     return error_response(500, "INTERNAL_ERROR", "Internal server error", None)
 
 
+CONFLICT_MESSAGE = "The request conflicted with concurrent changes; try again"
+
+
 def is_database_unavailable(error: BaseException) -> bool:
-    """True for errors that mean 'cannot reach or use the database right now'.
+    """True for errors that mean 'cannot reach or use the database right now' (503).
 
     A database without the schema (not migrated yet) counts: the request cannot be served
-    there, it is not a bug in it.
+    there, it is not a bug in it. A deadlock or a busy SQLite file does not: the database is
+    healthy, and the transaction can be run again (``database.is_transient_conflict``).
     """
-    if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)):
-        return True
-    return isinstance(error, sa_exc.DBAPIError) and (error.connection_invalidated
-                                                     or is_missing_schema(error))
+    return is_unreachable(error) or is_missing_schema(error)
 
 
 def is_missing_schema(error: BaseException) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from tests.helpers import assert_error, queue_message, state_of
@@ -47,14 +49,41 @@ def test_unexpected_exception_is_500_without_internals(make_app):
     assert body["details"] is None
 
 
-def test_database_unreachable_is_503(database_url):
+def test_database_unreachable_is_503(database_url, caplog):
     from app import create_app
 
     app = create_app({"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:1/nowhere",
                       "TESTING": True, "AUTH_MODE": "off"})
-    response = app.test_client().get("/api/queue/stats")
+    with caplog.at_level(logging.ERROR, logger="elemta.errors"):
+        response = app.test_client().get("/api/queue/stats")
     assert_error(response, 503, "SERVICE_UNAVAILABLE")
     assert "127.0.0.1" not in response.get_data(as_text=True)
+    # The log names the error's class and the driver's (no SQLSTATE: the server never answered).
+    [line] = [r.getMessage() for r in caplog.records if r.name == "elemta.errors"]
+    assert line.startswith("database unavailable: OperationalError (psycopg.OperationalError): "
+                           "connection failed:"), line
+
+
+def test_a_conflict_that_escapes_a_request_is_409_not_503(make_app, caplog):
+    """A deadlock means a healthy database: the client may simply try again."""
+    import psycopg
+    import sqlalchemy.exc as sa_exc
+
+    app = make_app()
+
+    @app.post("/api/_deadlock")
+    def deadlocked():
+        raise sa_exc.OperationalError("UPDATE messages ...", {},
+                                      psycopg.errors.DeadlockDetected("deadlock detected"))
+
+    with caplog.at_level(logging.WARNING, logger="elemta.errors"):
+        response = app.test_client().post("/api/_deadlock")
+    body = assert_error(response, 409, "CONFLICT")
+    assert body["error"] == "The request conflicted with concurrent changes; try again"
+    assert "deadlock" not in response.get_data(as_text=True)
+    assert [r.getMessage() for r in caplog.records if r.name == "elemta.errors"] == [
+        "database conflict: OperationalError (psycopg.errors.DeadlockDetected, "
+        "SQLSTATE 40P01): deadlock detected"]
 
 
 @pytest.mark.parametrize("path", ["/api/queue/stats", "/api/nowhere"])

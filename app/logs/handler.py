@@ -41,6 +41,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from ..config import DEFAULTS
+from ..database import is_transient_conflict
 from ..errors import is_database_unavailable
 from ..logging_setup import detect_role
 from ..models import SystemLog
@@ -310,7 +311,7 @@ class DatabaseLogHandler(logging.Handler):
             return "ok"
         except Exception as exc:
             reason = _short_reason(exc)
-            if is_database_unavailable(exc):
+            if is_database_unavailable(exc) or is_transient_conflict(exc):  # try again later
                 if first_failure:
                     log.warning("database logging paused, database unavailable: %s", reason)
                 return "retry"

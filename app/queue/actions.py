@@ -6,16 +6,19 @@ message with the actor, and commits.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from ..errors import Conflict, ValidationFailed
+from ..database import describe_error, is_transient_conflict, retry_on_conflict
+from ..errors import ApiError, Conflict, ValidationFailed, is_database_unavailable
 from ..events import record_event, record_system_events
 from ..models import Message, Recipient
 from ..timeutil import utcnow
+from .locking import lock_in_id_order, locks_rows
 from .reading import LIST_TYPES, MessageFilters, state_condition, get_message
 from .states import OPEN_STATES, QueueState, RecipientStatus
 
@@ -32,6 +35,8 @@ ACTION_FROM_STATES = {
     "release": (QueueState.HELD,),
 }
 BULK_CHUNK = 1000
+
+log = logging.getLogger("elemta.queue")
 
 
 def delete_message(session: so.Session, message_id: str, actor: str) -> None:
@@ -86,7 +91,10 @@ def bulk_action(
 
     Works in chunks of ids, each its own short transaction, so a flush of a million messages
     never holds one giant lock. Each write re-checks the state, so a message that moved on
-    in the meantime is skipped, not wrongly acted on.
+    in the meantime is skipped, not wrongly acted on. A chunk that meets a deadlock or another
+    transient conflict is rolled back and run again (``retry_on_conflict``); a chunk that still
+    fails ends the action with ``BulkActionIncomplete``, which says how many messages the
+    committed chunks changed.
     """
     allowed = BULK_TYPES[action]
     if queue_type not in allowed:
@@ -104,9 +112,42 @@ def bulk_action(
     total = 0
     for start in range(0, len(ids), BULK_CHUNK):
         chunk = ids[start : start + BULK_CHUNK]
-        total += len(_apply(session, action, chunk, actor, queue_type=queue_type))
-        session.commit()
+        try:
+            total += len(retry_on_conflict(
+                session, lambda: _apply(session, action, chunk, actor, queue_type=queue_type),
+                what=f"bulk {action} of {queue_type}"))
+        except Exception as exc:
+            raise BulkActionIncomplete(action, queue_type, total, len(ids), exc) from exc
     return total
+
+
+class BulkActionIncomplete(ApiError):
+    """A bulk action stopped by a database error after ``count`` of ``matched`` messages.
+
+    The status follows the cause: 503 when the database became unreachable, 409 when
+    concurrent work kept conflicting beyond the retries, 500 otherwise. ``details`` always
+    carries the counts, so a client knows what was done; running the same request again acts
+    on the rest (the messages already changed no longer match it). docs/OPERATIONS.md.
+    """
+
+    def __init__(self, action: str, queue_type: str, count: int, matched: int,
+                 cause: Exception) -> None:
+        if is_database_unavailable(cause):
+            status, code, why = 503, "SERVICE_UNAVAILABLE", "the database became unavailable"
+        elif is_transient_conflict(cause):
+            status, code, why = 409, "CONFLICT", "concurrent changes kept conflicting"
+        else:
+            status, code, why = 500, "INTERNAL_ERROR", "an internal error occurred"
+        super().__init__(
+            status, code,
+            f"Bulk {action} of queue {queue_type} stopped: {why} after {count} of {matched} "
+            f"matching message(s) were {PAST_TENSE[action]}; the others are unchanged. Repeat "
+            "the request to act on them.",
+            {"count": count, "matched": matched})
+        level = logging.ERROR if status != 409 else logging.WARNING
+        log.log(level, "bulk %s of %s stopped after %d of %d message(s): %s", action,
+                queue_type, count, matched, describe_error(cause),
+                exc_info=cause if status == 500 else None)
 
 
 def _apply(
@@ -122,6 +163,13 @@ def _apply(
     where = [Message.id.in_(ids)]
     if queue_type != "all":
         where.append(Message.queue_state == queue_type)
+    if action != "flush":
+        where.append(Message.queue_state.in_(ACTION_FROM_STATES[action]))
+    if locks_rows(session):  # PostgreSQL: lock in a fixed order first (locking.py)
+        ids = lock_in_id_order(session, where, for_delete=action == "flush")
+        if not ids:
+            return []
+        where = [Message.id.in_(ids)]  # locked, and still in a state the action applies to
     if action == "flush":
         stmt = sa.delete(Message).where(*where).returning(Message.id, Message.sender)
         rows = session.execute(stmt).mappings().all()
@@ -130,7 +178,6 @@ def _apply(
                              action="flushed", queue_state=None, timestamp=now)
         return [r["id"] for r in rows]
 
-    where.append(Message.queue_state.in_(ACTION_FROM_STATES[action]))
     if action == "hold":
         values: dict[str, Any] = {"queue_state": QueueState.HELD, "updated_at": now}
     else:  # retry, release: due now
