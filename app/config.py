@@ -291,6 +291,41 @@ def database_url(key: str, value: Any) -> str | None:
     return url
 
 
+def ip_addresses(key: str, value: Any) -> list[str]:
+    """Comma-separated IPv4/IPv6 addresses (no networks), in their compressed form."""
+    parts = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
+    result = []
+    for part in parts:
+        item = str(part).strip()
+        if not item:
+            continue
+        try:
+            result.append(str(ipaddress.ip_address(item)))
+        except ValueError:
+            raise _refuse(key, item, "is not an IP address") from None
+    return result
+
+
+def dns_servers(key: str, value: Any) -> list[tuple[str, int]]:
+    """Comma-separated name servers ``ip``, ``ip:port`` or ``[v6]:port``; empty: the system's."""
+    parts = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
+    result = []
+    for part in parts:
+        if isinstance(part, tuple):
+            result.append(part)
+            continue
+        item = str(part).strip()
+        if not item:
+            continue
+        try:
+            host, port = parse_host_port(item, 53)
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise _refuse(key, item, "is not a name server address (ip or ip:port)") from None
+        result.append((host, port))
+    return result
+
+
 def readable_file(key: str, value: Any) -> str:
     path = text(key, value)
     if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
@@ -335,6 +370,8 @@ SETTINGS: dict[str, Setting] = {
     "RELAY_USERNAME": Setting("", secret),
     "RELAY_PASSWORD": Setting("", secret),
     "RELAY_TLS": Setting("none", choice(RELAY_TLS_MODES)),
+    # A private CA (PEM) trusted for the relay's certificate, instead of the system's CAs.
+    "RELAY_TLS_CA_FILE": Setting("", readable_file),
     "RETRY_SCHEDULE": Setting("60,300,900,3600,10800,21600", retry_schedule),
     "MAX_QUEUE_LIFETIME": Setting(432000, integer(0)),
     "SEND_BOUNCES": Setting(True, boolean),
@@ -343,6 +380,12 @@ SETTINGS: dict[str, Setting] = {
     "SMTP_TIMEOUT": Setting(60, integer(1)),
     "SMTP_PORT": Setting(25, integer(1, 65535)),
     "DNS_TIMEOUT": Setting(10, integer(1)),
+    # Name servers for MX routing and the domain check; empty: /etc/resolv.conf.
+    "DNS_SERVERS": Setting("", dns_servers),
+    # The public addresses mail leaves this host from (domain check: SPF, reverse DNS).
+    "SENDING_IPS": Setting("", ip_addresses),
+    # Seconds a domain check report is reused before DNS is asked again (docs/DKIM.md).
+    "DOMAIN_CHECK_CACHE": Setting(300, integer(0)),
     "SMTP_LISTEN": Setting("127.0.0.1:2525", listen_address),
     "SMTP_HOSTNAME": Setting("", hostname),
     "MAX_MESSAGE_BYTES": Setting(26214400, integer(0)),  # 0: no SIZE limit

@@ -221,7 +221,7 @@ class ApiKey(db.Model):
     revoked: so.Mapped[bool] = so.mapped_column(sa.Boolean, default=False)
     last_used_at: so.Mapped[dt.datetime | None] = so.mapped_column(UTCDateTime)
 
-    __table_args__ = (sa.CheckConstraint("role IN ('read', 'admin')", name="role"),)
+    __table_args__ = (sa.CheckConstraint("role IN ('read', 'send', 'admin')", name="role"),)
 
 
 class WorkerHeartbeat(db.Model):
@@ -234,3 +234,36 @@ class WorkerHeartbeat(db.Model):
     pid: so.Mapped[int] = so.mapped_column(sa.Integer)
     started_at: so.Mapped[dt.datetime] = so.mapped_column(UTCDateTime)
     last_heartbeat: so.Mapped[dt.datetime] = so.mapped_column(UTCDateTime)
+
+
+class DkimKey(db.Model):
+    """A DKIM signing key of one (domain, selector) (docs/DKIM.md).
+
+    ``state``: ``active`` keys sign, ``standby`` keys are published and wait for the switch,
+    ``retired`` keys never sign again. The private half is deferred: listings never load it.
+    """
+
+    __tablename__ = "dkim_keys"
+
+    id: so.Mapped[int] = so.mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    domain: so.Mapped[str] = so.mapped_column(sa.String(253))  # lower case, A-labels
+    selector: so.Mapped[str] = so.mapped_column(sa.String(63))
+    algorithm: so.Mapped[str] = so.mapped_column(sa.String(8))  # rsa | ed25519
+    state: so.Mapped[str] = so.mapped_column(sa.String(8))
+    # RSA: PKCS#1 PEM; Ed25519: the base64 32-byte seed (dkimpy's formats).
+    private_key: so.Mapped[str] = so.mapped_column(sa.Text, deferred=True)
+    public_key: so.Mapped[str] = so.mapped_column(sa.Text)  # the p= value of the DNS record
+    created_at: so.Mapped[dt.datetime] = so.mapped_column(UTCDateTime)
+    activated_at: so.Mapped[dt.datetime | None] = so.mapped_column(UTCDateTime)
+    retired_at: so.Mapped[dt.datetime | None] = so.mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        sa.UniqueConstraint("domain", "selector", name="uq_dkim_keys_domain_selector"),
+        sa.Index("ix_dkim_keys_domain_state", "domain", "state"),
+        # One active key per (domain, algorithm), even under concurrent creation.
+        sa.Index("uq_dkim_keys_active", "domain", "algorithm", unique=True,
+                 sqlite_where=sa.text("state = 'active'"),
+                 postgresql_where=sa.text("state = 'active'")),
+        sa.CheckConstraint("algorithm IN ('rsa', 'ed25519')", name="algorithm"),
+        sa.CheckConstraint("state IN ('active', 'standby', 'retired')", name="state"),
+    )

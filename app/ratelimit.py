@@ -2,9 +2,10 @@
 
 - Every request of a client counts against ``ELEMTA_RATELIMIT_DEFAULT`` (600 per minute), one
   budget across all endpoints.
-- ``POST /api/send-test`` and the bulk queue actions (``POST /api/queue/<type>/flush|retry|
-  hold|release``) count against ``ELEMTA_RATELIMIT_STRICT`` (10 per minute) instead, one budget
-  shared by those costly operations. They are recognised by path here, so the blueprints that
+- ``POST /api/send-test``, ``POST /api/dkim/keys`` (key generation) and the bulk queue actions
+  (``POST /api/queue/<type>/flush|retry|hold|release``) count against
+  ``ELEMTA_RATELIMIT_STRICT`` (10 per minute) instead, one budget shared by those costly
+  operations. They are recognised by path here, so the blueprints that
   define them need no limiter import.
 - The client is the API key (its SHA-256, never the key) when a valid one is given, else the
   remote address. Behind proxies, ``ELEMTA_TRUSTED_PROXIES`` hops of X-Forwarded-For/-Proto are
@@ -39,7 +40,7 @@ log = logging.getLogger("elemta.ratelimit")
 
 EXEMPT_PATHS = frozenset({"/api/health", "/livez", "/readyz", "/metrics"})
 STRICT_PATH = re.compile(
-    r"^/api/(?:send-test|queue/(?!message/)[^/]+/(?:flush|retry|hold|release))/?$")
+    r"^/api/(?:send-test|dkim/keys|queue/(?!message/)[^/]+/(?:flush|retry|hold|release))/?$")
 
 
 class SweepingMemoryStorage(MemoryStorage):

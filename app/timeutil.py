@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 
 UTC = dt.timezone.utc
 
@@ -36,3 +37,9 @@ def to_utc(value: dt.datetime) -> dt.datetime:
         return value.astimezone(UTC)
     except OverflowError:
         raise ValueError(f"{value.isoformat()} is outside the representable range") from None
+
+
+def rfc5322_date(value: dt.datetime | None = None) -> str:
+    """An RFC 5322 date-time in UTC (Date:, Received:): ``+0000``, not the obsolete ``GMT``
+    (section 4.3) nor ``-0000``, which says the local offset is unknown."""
+    return email.utils.format_datetime(to_utc(value or utcnow()).replace(microsecond=0))

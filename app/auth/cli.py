@@ -16,7 +16,8 @@ apikey_cli = AppGroup("apikey", help="Create, list and revoke API keys.")
 @apikey_cli.command("create")
 @click.option("--name", required=True, help="A unique name; recorded as the actor of actions.")
 @click.option("--role", required=True, type=click.Choice(keys.ROLES),
-              help="read: GET endpoints; admin: everything.")
+              help="read: GET endpoints; send: SMTP AUTH and POST /api/send-test only; "
+                   "admin: everything.")
 @click.option("--expires-days", type=click.IntRange(1, keys.MAX_EXPIRES_DAYS), default=None,
               help="Days until the key expires (default: never).")
 def create_cmd(name: str, role: str, expires_days: int | None) -> None:

@@ -6,6 +6,9 @@
 - ``all``: everything but the health probes needs a key; reads accept ``read`` or ``admin``.
 - ``off``: nothing is checked (a warning is logged at start).
 
+Sending (``POST /api/send-test``) takes a ``send`` or an ``admin`` key in both modes; a ``send``
+key may do nothing else (where reads are open, it reads like anyone without a key).
+
 Whatever the mode (but ``off``), the key endpoints (``/api/auth/...``) are admin only, and a key
 that is presented must be valid even where none is required: a client with a revoked or
 mistyped key learns it at once instead of silently acting as ``anonymous``.
@@ -21,7 +24,7 @@ from flask import Flask, current_app, g, request
 
 from ..errors import ApiError, is_database_unavailable
 from ..extensions import db
-from .keys import verify_key
+from .keys import SENDING_ROLES, verify_key
 
 log = logging.getLogger("elemta.auth")
 
@@ -30,7 +33,9 @@ OPEN_PATHS = frozenset({"/api/health", "/livez", "/readyz"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # WebSocket endpoints: browsers cannot set headers there, so ?api_key= is accepted too.
 WEBSOCKET_PATH = re.compile(r"^/api/(?:[^/]+/)*ws/?$")
-ADMIN_ONLY_BLUEPRINTS = frozenset({"auth"})
+ADMIN_ONLY_BLUEPRINTS = frozenset({"auth", "dkim"})
+# Endpoints that send mail: the ``send`` role's whole reach (SPEC 8), admin keys too.
+SENDING_ENDPOINTS = frozenset({"mail.SendTest"})
 
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
 
@@ -100,9 +105,11 @@ def client_identity() -> str:
 
 
 def required_role() -> str | None:
-    """The role this request needs: "admin", "read" or None (open)."""
+    """The role this request needs: "admin", "send", "read" or None (open)."""
     if request.blueprint in ADMIN_ONLY_BLUEPRINTS:
         return "admin"
+    if request.endpoint in SENDING_ENDPOINTS and request.method == "POST":
+        return "send"
     if request.method not in READ_METHODS:
         return "admin"
     if current_app.config["AUTH_MODE"] == "all":
@@ -135,8 +142,13 @@ def check_request() -> None:
         raise ApiError(401, "UNAUTHORIZED",
                        "An API key is required (Authorization: Bearer <key> or X-API-Key)",
                        headers=UNAUTHORIZED_HEADERS)
+    if needed == "send" and principal.role not in SENDING_ROLES:
+        raise ApiError(403, "FORBIDDEN", "Sending mail needs a send or admin key")
     if needed == "admin" and principal.role != "admin":
         raise ApiError(403, "FORBIDDEN", "This action needs an admin key")
+    if needed == "read" and principal.role == "send":
+        raise ApiError(403, "FORBIDDEN", "A send key may only send mail (SMTP AUTH and "
+                       "POST /api/send-test); reading needs a read or admin key")
 
 
 def forget_caller() -> None:

@@ -28,7 +28,9 @@ KEY_PREFIX = "elemta_"
 KEY_RANDOM_BYTES = 32
 # "elemta_" and the first characters of the random part: enough to tell keys apart in a list.
 DISPLAY_PREFIX_LENGTH = len(KEY_PREFIX) + 5
-ROLES = ("read", "admin")
+# read: GET endpoints; send: SMTP AUTH and POST /api/send-test only; admin: everything.
+ROLES = ("read", "send", "admin")
+SENDING_ROLES = frozenset({"send", "admin"})
 MAX_KEY_ID = 2**31 - 1  # an INTEGER column: a larger id cannot exist (and must not reach SQL)
 MAX_EXPIRES_DAYS = 36500
 # Longest string worth hashing: a real key is 50 characters.
@@ -63,7 +65,7 @@ def create_key(session: so.Session, name: str, role: str,
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise ValidationFailed("Invalid key name", {"name": [NAME_RULE]})
     if role not in ROLES:
-        raise ValidationFailed("Invalid role", {"role": ["Must be one of: read, admin."]})
+        raise ValidationFailed("Invalid role", {"role": ["Must be one of: read, send, admin."]})
     if expires_days is not None and not 1 <= expires_days <= MAX_EXPIRES_DAYS:
         raise ValidationFailed("Invalid expiry",
                                {"expires_days": [f"Must be between 1 and {MAX_EXPIRES_DAYS}."]})

@@ -18,6 +18,8 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTP as WIRE_POLICY
 
+from ..timeutil import rfc5322_date
+
 _HEADER_END = (b"\r\n\r\n", b"\n\n")
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP  # readable in any mail client's "show source"
@@ -61,7 +63,7 @@ def build_dsn(*, original_raw: bytes, original_sender: str, message_id: str,
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
     report["To"] = original_sender
     report["Subject"] = "Undelivered Mail Returned to Sender"
-    report["Date"] = email.utils.formatdate(usegmt=True)
+    report["Date"] = rfc5322_date()
     report["Message-ID"] = email.utils.make_msgid(domain=reporting_mta)
     report["Auto-Submitted"] = "auto-replied"  # RFC 3834: automatic, do not answer
 

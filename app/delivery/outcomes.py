@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import sqlalchemy.orm as so
 
+from ..dkim.signing import sign_outgoing
 from ..metrics import observe_delivery_latency
 from ..models import Message
 from ..queue.outcomes import Attempt, AttemptResult, Recorded, Verdict, record_attempts
@@ -146,7 +147,8 @@ def _queue_bounce(session: so.Session, recorded: Recorded, policy: OutcomePolicy
                     arrival=recorded.created_at, failed=failed,
                     reporting_mta=policy.reporting_mta)
     bounce = add_message(
-        session, sender="", recipients=[recorded.sender], raw=dsn, origin="bounce",
+        session, sender="", recipients=[recorded.sender], raw=sign_outgoing(session, dsn),
+        origin="bounce",
         reception_note=f"Delivery status notification for {recorded.message_id} "
                        f"({len(failed)} failed recipient(s))",
     )

@@ -25,6 +25,7 @@ import dns.name
 import dns.resolver
 
 from ..config import parse_host_port
+from ..dnsresolver import make_resolver
 
 SANITY_TTL = 60.0  # seconds a resolver health check is trusted
 log = logging.getLogger("elemta.delivery")
@@ -72,6 +73,7 @@ class Router:
     def __init__(self, config: Mapping[str, Any], resolver: Resolver | None = None) -> None:
         self.mx_port = int(config["SMTP_PORT"])
         self.dns_timeout = float(config["DNS_TIMEOUT"])
+        self.dns_servers = list(config["DNS_SERVERS"])
         self.relay: tuple[str, int] | None = None
         if config["RELAY_HOST"]:
             default = 465 if config["RELAY_TLS"] == "tls" else 25
@@ -103,12 +105,10 @@ class Router:
         with self._lock:
             if self._resolver is None:
                 try:
-                    resolver = dns.resolver.Resolver()
+                    self._resolver = make_resolver(self.dns_servers, self.dns_timeout)
                 except dns.resolver.NoResolverConfiguration:
                     raise RoutingError(f"no DNS resolver configured; {RELAY_HINT}",
                                        permanent=False, enhanced_code="4.4.3") from None
-                resolver.lifetime = self.dns_timeout
-                self._resolver = resolver
             return self._resolver
 
     def _query(self, name: str, rdtype: str) -> Any:

@@ -32,8 +32,10 @@ from .routing import Hop, Route
 ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b", re.ASCII)
 _LINE_END = re.compile(rb"\r?\n")
 # The Received header the listener puts on top of a message it accepted with SMTPUTF8
-# (app/smtpd/stamping.py): the only record of how the message arrived.
-_RECEIVED_WITH_SMTPUTF8 = re.compile(rb"\AReceived: [^\r\n]*\r\n\tby [^ \r\n]+ \(Elemta\) "
+# (app/smtpd/stamping.py), below our DKIM signatures (app/dkim/signing.py): the only record of
+# how the message arrived.
+_RECEIVED_WITH_SMTPUTF8 = re.compile(rb"\A(?:DKIM-Signature:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*"
+                                     rb"Received: [^\r\n]*\r\n\tby [^ \r\n]+ \(Elemta\) "
                                      rb"with UTF8SMTP")
 # Control characters (C0 but TAB, DEL, C1) and lone surrogates: PostgreSQL text refuses NUL
 # and surrogates, and none of them belongs in an event or an API answer.
@@ -166,7 +168,9 @@ class ConnectionPool:
 
 
 class ConnectFailed(Exception):
-    pass
+    def __init__(self, message: str, enhanced_code: str | None = None) -> None:
+        super().__init__(message)
+        self.enhanced_code = enhanced_code
 
 
 class StaleConnection(Exception):
@@ -180,10 +184,12 @@ class StaleConnection(Exception):
 class SmtpClient:
     """Delivers one message's recipients to one destination."""
 
-    def __init__(self, pool: ConnectionPool, *, local_hostname: str, timeout: float) -> None:
+    def __init__(self, pool: ConnectionPool, *, local_hostname: str, timeout: float,
+                 ca_file: str = "") -> None:
         self.pool = pool
         self.local_hostname = local_hostname
         self.timeout = timeout
+        self.ca_file = ca_file  # ELEMTA_RELAY_TLS_CA_FILE: a private CA for the relay
 
     def deliver(self, route: Route, sender: str, recipients: list[tuple[int, str]],
                 raw: bytes) -> list[RecipientResult]:
@@ -197,7 +203,8 @@ class SmtpClient:
                     try:
                         conn = self._connect(route)
                     except ConnectFailed as exc:
-                        return self._all(recipients, "tempfail", str(exc), None, None)
+                        return self._all(recipients, "tempfail", str(exc), None,
+                                         exc.enhanced_code)
                 try:
                     results = self._transaction(conn, sender, recipients, data)
                 except StaleConnection as exc:
@@ -239,11 +246,20 @@ class SmtpClient:
 
     def _connect(self, route: Route) -> Connection:
         problems = []
+        tls_failures = []
         for hop in route.hops:
             try:
                 return self._open(route, hop)
+            except ssl.SSLError as exc:  # reached, but TLS failed (OSError's subclass)
+                tls_failures.append(f"{hop.hostname}[{hop.address}]:{hop.port}: "
+                                    f"{_tls_reason(exc)}")
             except (smtplib.SMTPException, OSError) as exc:
                 problems.append(f"{hop.hostname}[{hop.address}]:{hop.port}: {_short(exc)}")
+        if tls_failures:
+            # Not "could not connect": the server answered and TLS is what failed; X.7.5 is
+            # RFC 3463's cryptographic failure, as Postfix reports it.
+            raise ConnectFailed(f"TLS failure with {route.destination}: "
+                                f"{'; '.join(tls_failures + problems)}", "4.7.5")
         raise ConnectFailed("Could not connect to any server for "
                             f"{route.destination}: {'; '.join(problems) or 'no server'}")
 
@@ -251,7 +267,8 @@ class SmtpClient:
         smtp: smtplib.SMTP
         if route.tls == "tls":
             smtp = smtplib.SMTP_SSL(hop.address, hop.port, local_hostname=self.local_hostname,
-                                    timeout=self.timeout, context=_verified_context())
+                                    timeout=self.timeout,
+                                    context=_verified_context(self.ca_file))
         else:
             smtp = smtplib.SMTP(hop.address, hop.port, local_hostname=self.local_hostname,
                                 timeout=self.timeout)
@@ -262,7 +279,7 @@ class SmtpClient:
                 if not smtp.has_extn("starttls"):
                     raise smtplib.SMTPNotSupportedError(
                         "STARTTLS required (ELEMTA_RELAY_TLS=starttls) but not offered")
-                smtp.starttls(context=_verified_context())
+                smtp.starttls(context=_verified_context(self.ca_file))
                 smtp.ehlo()
                 tls = True
             elif route.tls == "opportunistic" and allow_starttls and smtp.has_extn("starttls"):
@@ -434,8 +451,16 @@ def _plain_address(address: str) -> str | None:
         return None
 
 
-def _verified_context() -> ssl.SSLContext:
-    return ssl.create_default_context()
+def _tls_reason(exc: ssl.SSLError) -> str:
+    """Why TLS failed, in words: the certificate problem, or the handshake alert."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {exc.verify_message}"
+    return f"TLS handshake failed: {exc.reason or exc}"
+
+
+def _verified_context(ca_file: str = "") -> ssl.SSLContext:
+    """Certificate and host name verified, against ``ca_file`` when one is given."""
+    return ssl.create_default_context(cafile=ca_file or None)
 
 
 def _opportunistic_context() -> ssl.SSLContext:

@@ -82,7 +82,8 @@ class Worker:
         self.router = Router(cfg, resolver)
         self.pool = ConnectionPool(int(cfg["MAX_CONNECTIONS_PER_DOMAIN"]))
         self.client = SmtpClient(self.pool, local_hostname=hostname,
-                                 timeout=float(cfg["SMTP_TIMEOUT"]))
+                                 timeout=float(cfg["SMTP_TIMEOUT"]),
+                                 ca_file=cfg["RELAY_TLS_CA_FILE"])
         self.policy = OutcomePolicy(retry_schedule=list(cfg["RETRY_SCHEDULE"]),
                                     max_queue_lifetime=int(cfg["MAX_QUEUE_LIFETIME"]),
                                     send_bounces=bool(cfg["SEND_BOUNCES"]),

@@ -11,8 +11,10 @@ from email.message import EmailMessage
 
 import sqlalchemy.orm as so
 
+from ..dkim.signing import sign_outgoing
 from ..models import Message
 from ..queue.service import accept_message
+from ..timeutil import rfc5322_date
 from .addresses import Mailbox
 
 # CRLF line ends as they go on the wire; headers folded at 78, non-ASCII encoded (RFC 2047).
@@ -36,7 +38,7 @@ def build_test_message(sender: Mailbox, recipients: Sequence[Mailbox], subject: 
     msg["From"] = _header_address(sender)
     msg["To"] = [_header_address(r) for r in recipients]
     msg["Subject"] = subject
-    msg["Date"] = email.utils.formatdate(usegmt=True)
+    msg["Date"] = rfc5322_date()
     msg["Message-ID"] = email.utils.make_msgid(domain=hostname)
     msg["X-Mailer"] = "Elemta send-test"
     # set_content adds MIME-Version and Content-Type with the charset. Non-ASCII text goes
@@ -49,7 +51,7 @@ def build_test_message(sender: Mailbox, recipients: Sequence[Mailbox], subject: 
 def send_test(session: so.Session, sender: Mailbox, recipients: Sequence[Mailbox], subject: str,
               body: str, hostname: str) -> Message:
     """Queue a test email as ``pending`` with its ``reception`` event; commits."""
-    raw = build_test_message(sender, recipients, subject, body, hostname)
+    raw = sign_outgoing(session, build_test_message(sender, recipients, subject, body, hostname))
     return accept_message(
         session,
         sender=sender.address,

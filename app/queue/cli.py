@@ -92,6 +92,9 @@ def queue_show_cmd(message_id: str, raw: bool, as_json: bool) -> None:
     for key in ("id", "queue", "from", "subject", "size", "attempts", "created_at",
                 "next_attempt_at", "last_error"):
         click.echo(f"{key + ':':<17}{detail[key]}")
+    signed = ", ".join(f"{s['selector']}._domainkey.{s['domain']} ({s['algorithm']})"
+                       for s in detail["dkim"])
+    click.echo(f"{'dkim:':<17}{signed or 'not signed'}")
     for r in detail["recipients"]:
         click.echo(f"  {r['address']:<40} {r['status']:<10} attempts={r['attempts']} "
                    f"{r['last_error'] or ''}")

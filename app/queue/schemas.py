@@ -6,6 +6,7 @@ from typing import Any
 
 import marshmallow as ma
 
+from ..dkim.signing import signatures_of
 from ..logs.schemas import MessageEventSchema
 from ..schemas import Limit, Timestamp
 from .content import headers_of, text_of
@@ -91,9 +92,19 @@ class MessageDetailSchema(MessageSchema):
     content = ma.fields.Method("_content", required=True, metadata={"type": "string"})
     events = ma.fields.List(ma.fields.Nested(MessageEventSchema), attribute="timeline",
                             required=True)
+    dkim = ma.fields.Method(
+        "_dkim", required=True,
+        metadata={"type": "array", "items": {"type": "object", "properties": {
+            "domain": {"type": "string"}, "selector": {"type": "string"},
+            "algorithm": {"type": "string"}}},
+            "description": "The DKIM keys that signed the message at acceptance (d=, s=); "
+                           "[] when it was not signed"})
 
     def _headers(self, message: Any) -> list[list[str]]:
         return headers_of(message.content.raw)
 
     def _content(self, message: Any) -> str:
         return text_of(message.content.raw)
+
+    def _dkim(self, message: Any) -> list[dict[str, str]]:
+        return [signature.as_dict() for signature in signatures_of(message.content.raw)]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
-from ..auth.keys import verify_key
+from ..auth.keys import SENDING_ROLES, verify_key
 from .acceptor import Acceptor, Job
 from .policy import RelayPolicy, address_problem
 from .stamping import Trace
@@ -31,7 +31,8 @@ REPLY_RELAY_DENIED = "554 5.7.1 <{address}>: Relay access denied"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 REPLY_AUTH_UNAVAILABLE = "454 4.7.0 Temporary authentication failure"
-REPLY_AUTH_NOT_ADMIN = "535 5.7.8 Authentication credentials invalid: an admin API key is needed"
+REPLY_AUTH_CANNOT_SEND = ("535 5.7.8 Authentication credentials invalid: a send or admin API key "
+                          "is needed")
 REPLY_INTERNAL = "451 4.3.0 Internal error; try again later"
 
 
@@ -126,12 +127,12 @@ class QueueHandler:
                         user)
             return AuthResult(success=False, handled=False)
         key_name, role = key
-        if role != "admin":
-            # Sending mail queues it: a mutation, which needs an admin key as in the API
-            # (SPEC 8). A dashboard's read key must not become a way to send mail.
-            log.warning("AUTH %s from %s: API key %s has the role %s, not admin", mechanism,
-                        server.client_ip, key_name, role)
-            return AuthResult(success=False, handled=False, message=REPLY_AUTH_NOT_ADMIN)
+        if role not in SENDING_ROLES:
+            # A send key (an application's) or an admin key (SPEC 8): a dashboard's read key
+            # must not become a way to send mail.
+            log.warning("AUTH %s from %s: API key %s has the role %s, which cannot send",
+                        mechanism, server.client_ip, key_name, role)
+            return AuthResult(success=False, handled=False, message=REPLY_AUTH_CANNOT_SEND)
         log.info("AUTH %s from %s: API key %s", mechanism, server.client_ip, key_name)
         return AuthResult(success=True, auth_data=key_name)
 

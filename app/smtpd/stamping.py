@@ -12,6 +12,8 @@ import email.utils
 import re
 from dataclasses import dataclass
 
+from ..timeutil import rfc5322_date
+
 _MESSAGE_ID_HEADER = re.compile(rb"^message-id[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -52,7 +54,7 @@ def received_header(trace: Trace, newline: bytes) -> bytes:
         # Only for a single recipient: naming every recipient would disclose Bcc lists.
         lines.append(f"\tfor <{_clean(trace.recipients[0], 320)}>")
     lines[-1] += ";"
-    lines.append("\t" + email.utils.formatdate(usegmt=True))
+    lines.append("\t" + rfc5322_date())
     return newline.join(line.encode("ascii") for line in lines) + newline
 
 

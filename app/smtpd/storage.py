@@ -18,6 +18,7 @@ import sqlalchemy.orm as so
 from flask import Flask
 
 from ..database import unit_of_work
+from ..dkim.signing import sign_outgoing
 from ..events import record_event
 from ..queue.service import add_message
 from .stamping import Trace, stamp
@@ -55,9 +56,12 @@ class Storage:
 
 def queue_message(session: so.Session, *, sender: str, recipients: Sequence[str], raw: bytes,
                   trace: Trace) -> str:
-    """Stamp the message and add it to the queue; returns its queue id. No commit: the caller's
-    unit of work commits it (alone, or with the rest of a group commit)."""
-    stamped = stamp(raw, trace)
+    """Stamp, sign and add the message to the queue; returns its queue id. No commit: the
+    caller's unit of work commits it (alone, or with the rest of a group commit).
+
+    Every client whose mail the listener accepts is trusted (the relay policy refuses the
+    others), so its mail is signed when a key signs for its From: domain."""
+    stamped = sign_outgoing(session, stamp(raw, trace))
     message = add_message(
         session,
         sender=sender,

@@ -1,0 +1,138 @@
+"""Signing at acceptance: ``sign_outgoing`` is the one function every acceptance path calls.
+
+Mail from trusted clients (the relay networks, SMTP AUTH, ``POST /api/send-test``) and our own
+bounces is signed once, before it is stored, when the domain of its ``From:`` or a parent
+domain has active keys: the signature is part of the stored content, so every retry sends the
+same bytes. The most specific domain with keys signs (``d=``), with each of its active keys:
+RSA and Ed25519 side by side when it has both (RFC 8463 section 5).
+
+Signature practice (RFC 6376 section 5.4): relaxed/relaxed canonicalisation; the header fields
+RFC 6376 recommends that the message has, and ``From`` once more than it occurs (over-signed),
+so nobody can add a second From: after us; never ``l=`` (a body length invites appended
+content); ``Received:`` and other trace fields are not signed, they change on the way.
+
+The signatures go on top of the message, above our ``Received:``. So the DKIM-Signature fields
+that open a stored message are ours (a client's own signatures come below our Received: line,
+or, for mail we build, do not exist): ``signatures_of`` reads which keys signed from there.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+from dataclasses import dataclass
+
+import dkim
+import sqlalchemy as sa
+import sqlalchemy.orm as so
+
+from ..models import DkimKey
+from .records import InvalidName, normalise_domain, parent_domains, parse_tags
+
+log = logging.getLogger("elemta.dkim")
+
+CANONICALIZATION = (b"relaxed", b"relaxed")
+SIGNATURE_ALGORITHMS = {"rsa": b"rsa-sha256", "ed25519": b"ed25519-sha256"}
+ALGORITHM_OF_TAG = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
+SIGNED_FIELDS = frozenset(dkim.DKIM.SHOULD)
+OVERSIGNED_FIELDS = (b"from",)
+_DKIM_SIGNATURE = b"dkim-signature"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Which key signed a message: ``d=``, ``s=`` and the algorithm."""
+
+    domain: str
+    selector: str
+    algorithm: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"domain": self.domain, "selector": self.selector, "algorithm": self.algorithm}
+
+
+def from_domain(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The domain of the message's author: one From: field whose mailboxes share one domain."""
+    values = [value for name, value in headers if name.lower() == b"from"]
+    if len(values) != 1:
+        return None  # none, or two From: fields (RFC 5322 allows one): nothing to align with
+    text = " ".join(values[0].decode("utf-8", "replace").split())
+    domains = {address.rpartition("@")[2] for _name, address in email.utils.getaddresses([text])
+               if "@" in address}
+    if len(domains) != 1:
+        return None
+    try:
+        return normalise_domain(domains.pop())
+    except InvalidName:
+        return None
+
+
+def signing_keys(session: so.Session, domain: str) -> list[tuple[str, str, str, str]]:
+    """``(domain, selector, algorithm, private key)`` of the active keys that sign for
+    ``domain``: those of the most specific of it and its parents that has any."""
+    candidates = parent_domains(domain)
+    rows = session.execute(
+        sa.select(DkimKey.domain, DkimKey.selector, DkimKey.algorithm, DkimKey.private_key)
+        .where(DkimKey.state == "active", DkimKey.domain.in_(candidates))
+    ).all()
+    if not rows:
+        return []
+    nearest = min((row.domain for row in rows), key=candidates.index)
+    return sorted((tuple(row) for row in rows if row.domain == nearest),  # type: ignore[misc]
+                  key=lambda row: row[2], reverse=True)  # rsa first, then ed25519
+
+
+def sign_outgoing(session: so.Session, raw: bytes) -> bytes:
+    """``raw`` with our DKIM-Signature fields on top, or unchanged when no key signs for its
+    From: domain. A signing failure (a damaged key) is logged and the message goes unsigned:
+    mail is never refused or lost because of a key."""
+    message = dkim.DKIM(raw, linesep=b"\r\n")
+    domain = from_domain(message.headers)
+    if domain is None:
+        return raw
+    keys = signing_keys(session, domain)
+    if not keys:
+        return raw
+    present = [name for name, _value in message.headers if name.lower() in SIGNED_FIELDS]
+    include = present + [name for name in present if name.lower() in OVERSIGNED_FIELDS]
+    fields = []
+    for key_domain, selector, algorithm, private_key in keys:
+        try:
+            fields.append(message.sign(
+                selector.encode("ascii"), key_domain.encode("ascii"),
+                private_key.encode("ascii"), signature_algorithm=SIGNATURE_ALGORITHMS[algorithm],
+                canonicalize=CANONICALIZATION, include_headers=include, length=False))
+        except Exception as exc:  # dkimpy's KeyFormatError, ParameterError, ...
+            log.error("DKIM signing with %s._domainkey.%s (%s) failed: %s: %s; the message is "
+                      "queued without this signature", selector, key_domain, algorithm,
+                      type(exc).__name__, exc)
+    # The last signature added ends up on top; verifiers try each.
+    return b"".join(reversed(fields)) + raw
+
+
+def signatures_of(raw: bytes) -> list[Signature]:
+    """The signatures we added: the DKIM-Signature fields that open the stored message."""
+    found = []
+    for name, value in _leading_fields(raw):
+        if name.lower() != _DKIM_SIGNATURE:
+            break
+        tags = parse_tags(value.decode("ascii", "replace"))
+        found.append(Signature(tags.get("d", ""), tags.get("s", ""),
+                               ALGORITHM_OF_TAG.get(tags.get("a", ""), tags.get("a", ""))))
+    return found
+
+
+def _leading_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """Header fields from the top while they are DKIM-Signature (and the first other one)."""
+    fields: list[tuple[bytes, bytes]] = []
+    for line in raw.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] = (fields[-1][0], fields[-1][1] + b" " + line.strip())
+            continue
+        if not line or b":" not in line:
+            break
+        if fields and fields[-1][0].lower() != _DKIM_SIGNATURE:
+            break
+        name, _, value = line.partition(b":")
+        fields.append((name.strip(), value.strip()))
+    return fields
