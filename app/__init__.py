@@ -87,6 +87,7 @@ def register_blueprints(app: Flask, api: Api) -> None:
     """Every endpoint, in the order of the OpenAPI document."""
     from .auth.routes import blp as auth
     from .dkim.routes import blp as dkim
+    from .domains.routes import blp as domains
     from .health.routes import blp as health
     from .logs.routes import blp as logs
     from .mail.routes import blp as mail
@@ -97,7 +98,7 @@ def register_blueprints(app: Flask, api: Api) -> None:
     from .stream.routes import blp as stream
 
     app.register_blueprint(assets)  # the Swagger UI's files: served, not documented
-    for blueprint in (auth, queue, mail, dkim, stats, logs, health, stream):
+    for blueprint in (auth, queue, mail, dkim, domains, stats, logs, health, stream):
         api.register_blueprint(blueprint)
     # Prometheus text, not JSON: a plain route, described in the document by hand.
     app.add_url_rule("/metrics", "metrics", metrics_view, methods=["GET"])
@@ -110,11 +111,12 @@ def register_cli(app: Flask) -> None:
     from .delivery.cli import worker_cmd
     from .demo.cli import demo_cli
     from .dkim.cli import dkim_cli
+    from .domains.cli import domain_cli
     from .logs.cli import logs_cli
     from .queue.cli import queue_cli
     from .smtpd.cli import smtpd_cmd
     from .stats.cli import stats_cli
 
     for group in (queue_cli, demo_cli, worker_cmd, smtpd_cmd, stats_cli, logs_cli, apikey_cli,
-                  dkim_cli):
+                  dkim_cli, domain_cli):
         app.cli.add_command(group)

@@ -32,7 +32,7 @@ BACKENDS = ["sqlite", "postgresql"]
 # Tables emptied between tests; queue_counts is reset rather than emptied.
 DATA_TABLES = [
     "recipients", "message_contents", "messages", "delivery_events", "delivery_rollup",
-    "queue_count_deltas", "system_logs", "api_keys", "worker_heartbeats",
+    "queue_count_deltas", "system_logs", "api_keys", "worker_heartbeats", "dkim_keys",
 ]
 
 
