@@ -98,7 +98,7 @@ def test_auth_with_a_valid_api_key_allows_relaying(untrusted_app, mechanism):
 
 
 def test_auth_with_a_read_key_is_refused(untrusted_app):
-    """Sending mail is a mutation: like the API's POSTs it needs an admin key (SPEC 8)."""
+    """A dashboard's read key must not become a way to send mail (SPEC 8)."""
     key = api_key(untrusted_app, "dashboard", role="read")
     with running_listener(untrusted_app) as port, smtplib.SMTP("127.0.0.1", port) as client:
         client.ehlo("laptop.example")
