@@ -238,3 +238,32 @@ def test_relay_with_implicit_tls(app, make_app, certificate):
         run_worker(relay)
     [received] = peer.received
     assert received.rcpt_tos == ["bob@example.net"]
+
+
+def test_relay_tls_trusts_a_private_ca_file(app, make_app, tmp_path):
+    cert, key = make_certificate(tmp_path)  # not in the system's trust store
+    with Peer(tls_context=_server_context(cert, key), require_starttls=True) as peer:
+        relay = make_app(relay_host=peer.address, relay_tls="starttls", smtp_timeout=2,
+                         relay_tls_ca_file=cert)
+        message_id = queue(relay)
+        run_worker(relay)
+    [received] = peer.received
+    assert received.tls
+    assert message_row(relay, message_id) is None
+
+
+def test_a_certificate_failure_is_recorded_as_a_tls_failure_with_its_reason(app, make_app,
+                                                                            tmp_path):
+    cert, key = make_certificate(tmp_path)
+    with Peer(tls_context=_server_context(cert, key), require_starttls=True) as peer:
+        relay = make_app(relay_host=peer.address, relay_tls="starttls", smtp_timeout=2)
+        message_id = queue(relay)
+        run_worker(relay)
+    assert peer.received == []
+    [recipient] = recipients_of(relay, message_id).values()
+    assert recipient.status == "deferred"
+    assert recipient.last_error.startswith(f"TLS failure with relay:{peer.address}")
+    assert "certificate verification failed: self-signed certificate" in recipient.last_error
+    assert "Could not connect" not in recipient.last_error
+    [event] = events(relay, message_id, "tempfail")
+    assert event.enhanced_code == "4.7.5"
