@@ -210,7 +210,9 @@ def test_hostile_strings_in_every_parameter_change_nothing_and_leak_nothing(make
     key_hashes = list(session.scalars(sa.select(ApiKey.key_hash)))
     key_id = session.scalar(sa.select(sa.func.max(ApiKey.id)))
     before = snapshot(session)
-    defaults = {"message_id": real_id, "queue_type": "all", "key_id": str(key_id + 1000)}
+    # No hostile string is a domain name, so the domain check refuses each before any DNS.
+    defaults = {"message_id": real_id, "queue_type": "all", "key_id": str(key_id + 1000),
+                "domain": "example.invalid"}
     count = 0
     for method, template, params in operations(client):
         for param in params:
