@@ -3,8 +3,12 @@
 - dkimpy (the library that signs; its verifier with our resolver as ``dnsfunc``);
 - Mail::DKIM (Debian's libmail-dkim-perl, an independent implementation), its resolver pointed
   at the loopback server. Debian 12's version (1.20230212) has no Ed25519: the Ed25519 tests
-  probe for it and say so when it is missing. (OpenDKIM's opendkim-testmsg 2.11.0~beta2 was
-  tried too: it answers "dkim_chunk(): Syntax error" to every message, even an unsigned one.)
+  probe for it and say so when it is missing.
+- OpenDKIM's ``opendkim-testmsg`` (opendkim-tools; independent again, RSA and Ed25519). It can
+  only ask the system resolver, on port 53: it runs in a private network and mount namespace
+  (``unshare``) with its own /etc/resolv.conf and a copy of the zone served on that namespace's
+  loopback. Nothing of the host's network or DNS set-up is touched. (It refuses a message
+  without a Date: as a syntax error, RFC 5322 3.6; the listener adds one when missing.)
 
 Each helper verifies one signature at a time: ``only_signature`` removes the other
 DKIM-Signature fields (none signs another, RFC 6376 5.4), so "both" means each on its own.
@@ -12,15 +16,20 @@ DKIM-Signature fields (none signs another, RFC 6376 5.4), so "both" means each o
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import dkim
 import pytest
 
 from tests.dns_server import LoopbackDns
 
+ROOT = Path(__file__).resolve().parent.parent
 _FIELD = re.compile(rb"^([^\s:]+):.*?\r\n(?![ \t])", re.DOTALL | re.MULTILINE)
 
 PERL_VERIFIER = r"""
@@ -94,4 +103,35 @@ def perl_results(raw: bytes, zone: LoopbackDns, algorithm: str = "rsa") -> list[
                               input=only_signature(raw, i), capture_output=True, timeout=60)
         assert done.returncode == 0, done.stderr.decode()
         results.append(done.stdout.decode().strip())
+    return results
+
+
+def opendkim_results(raw: bytes, zone: LoopbackDns) -> list[tuple[bool, str]]:
+    """Per signature: (verified, opendkim-testmsg's complaint), in a private namespace."""
+    testmsg = need("opendkim-testmsg", "opendkim-tools")
+    need("unshare", "util-linux")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="elemta-opendkim-") as tmp:
+        work = Path(tmp)
+        (work / "zone.json").write_text(json.dumps(zone.dump()))
+        (work / "resolv.conf").write_text("nameserver 127.0.0.1\noptions attempts:1\n")
+        script = (
+            'ip link set lo up 2>/dev/null; mount --bind "$1/resolv.conf" /etc/resolv.conf '
+            "|| exit 97\n"
+            f'"{sys.executable}" -m tests.dns_server "$1/zone.json" 53 "$1/ready" &\n'
+            "server=$!\n"
+            'for i in $(seq 1 400); do [ -e "$1/ready" ] && break; sleep 0.05; done\n'
+            '[ -e "$1/ready" ] || { kill $server; exit 98; }\n'
+            f'"{testmsg}" < "$1/message"; status=$?\n'
+            "kill $server; exit $status\n")
+        for i in range(signature_count(raw)):
+            (work / "message").write_bytes(only_signature(raw, i))
+            (work / "ready").unlink(missing_ok=True)
+            done = subprocess.run(["unshare", "--net", "--mount", "sh", "-c", script, "sh",
+                                   str(work)], capture_output=True, timeout=60, cwd=ROOT)
+            if done.returncode in (97, 98):
+                pytest.skip("cannot run opendkim-testmsg in a private network namespace here: "
+                            + done.stderr.decode(errors="replace")[-300:])
+            results.append((done.returncode == 0,
+                            (done.stdout + done.stderr).decode("utf-8", "replace").strip()))
     return results

@@ -5,13 +5,19 @@
         resolver = dns.resolver()   # dnspython, asking only this server
 
 Names not in the zone are NXDOMAIN; a name with records of other types answers NOERROR with
-nothing. UDP and TCP on the same port (large TXT records, truncation).
+nothing. UDP and TCP on the same port (large TXT records, truncation). ``python -m
+tests.dns_server ZONE.json PORT READY_FILE`` serves a zone dumped by ``LoopbackDns.dump`` the
+same way, for a tool that can only ask port 53 (in a private namespace: tests/dkim_verifiers.py).
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
+import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import dns.resolver
@@ -112,3 +118,18 @@ class LoopbackDns:
         for server in self._servers:
             server.stop()
             server.server.server_close()
+
+
+def serve_zone_file(zone_file: str, port: str, ready_file: str) -> None:
+    server = LoopbackDns(port=int(port))
+    for name, records in json.loads(Path(zone_file).read_text()).items():
+        for rtype, value in records:
+            server.add(name, rtype, value)
+    with server:
+        Path(ready_file).write_text("ready")
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    serve_zone_file(*sys.argv[1:4])

@@ -45,13 +45,21 @@ def make_certificate(directory: Path) -> tuple[str, str]:
     return str(cert), str(key)
 
 
+CLIENT_DATE = "Thu, 01 Jan 2026 12:00:00 +0000"
+
+
 def email_message(sender: str = "alice@example.com", to: str = "bob@example.net",
                   subject: str = "Hello", body: str = "Hi there.\n",
-                  message_id: str | None = "<client-id@example.com>") -> EmailMessage:
+                  message_id: str | None = "<client-id@example.com>",
+                  date: str | None = CLIENT_DATE) -> EmailMessage:
+    """A message as a mail client writes it (the listener adds Message-ID and Date when
+    missing: ``message_id=None``, ``date=None`` leave them out)."""
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = to
     msg["Subject"] = subject
+    if date:
+        msg["Date"] = date
     if message_id:
         msg["Message-ID"] = message_id
     msg.set_content(body)

@@ -1,7 +1,7 @@
 """DKIM signing at acceptance, verified as receivers verify it (issue 14).
 
-Keys are published in a DNS server on loopback; dkimpy and Mail::DKIM verify the stored message,
-the bytes every delivery attempt sends.
+Keys are published in a DNS server on loopback; dkimpy, Mail::DKIM and OpenDKIM verify the stored
+message, the bytes every delivery attempt sends.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from app.extensions import db
 from app.models import Message, MessageContent
 from app.queue import service
 from tests.delivery_helpers import Behaviour, Peer, run_worker
-from tests.dkim_verifiers import dkimpy_verifies, perl_results
+from tests.dkim_verifiers import dkimpy_verifies, opendkim_results, perl_results
 from tests.dns_server import LoopbackDns
 from tests.helpers import queue_message
 from tests.smtpd_helpers import crlf, email_message, queued_id, raw_of, running_listener
@@ -83,6 +83,17 @@ def test_ed25519_signature_verifies_with_dkimpy(app, zone):
     assert b"a=ed25519-sha256" in raw
     assert dkimpy_verifies(raw, zone) == [True]
     assert dkimpy_verifies(tampered(raw), zone) == [False]
+
+
+@pytest.mark.parametrize("algorithms", [("rsa",), ("ed25519",), ("rsa", "ed25519")])
+def test_signatures_verify_with_opendkim(app, zone, algorithms):
+    for algorithm in algorithms:
+        make_key(app, zone, algorithm=algorithm)
+    raw = send_over_smtp(app)
+    assert sorted(s.algorithm for s in signatures_of(raw)) == sorted(algorithms)
+    assert opendkim_results(raw, zone) == [(True, "")] * len(algorithms)
+    for verified, complaint in opendkim_results(tampered(raw), zone):
+        assert not verified and "dkim_eom(): Bad signature" in complaint, complaint
 
 
 def test_ed25519_signature_verifies_with_mail_dkim(app, zone):

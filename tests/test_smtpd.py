@@ -11,7 +11,15 @@ from app.extensions import db
 from app.models import DeliveryRollup
 from app.queue import service
 from app.smtpd.stamping import has_message_id
-from tests.smtpd_helpers import crlf, email_message, queued_id, raw_of, running_listener, stored
+from tests.smtpd_helpers import (
+    CLIENT_DATE,
+    crlf,
+    email_message,
+    queued_id,
+    raw_of,
+    running_listener,
+    stored,
+)
 
 
 @pytest.fixture
@@ -71,8 +79,8 @@ def test_plain_message_is_queued_before_the_250_with_its_id(port, app):
     assert raw.endswith(crlf(msg))
 
 
-def test_message_id_is_added_when_missing(port, app):
-    msg = email_message(message_id=None)
+def test_message_id_and_date_are_added_when_missing(port, app):
+    msg = email_message(message_id=None, date=None)
     with smtplib.SMTP("127.0.0.1", port) as client:
         assert client.sendmail("alice@example.com", ["bob@example.net"], crlf(msg)) == {}
     messages = stored(app)["messages"]
@@ -80,6 +88,18 @@ def test_message_id_is_added_when_missing(port, app):
     raw = raw_of(app, messages[0].id)
     assert has_message_id(raw)
     assert b"Message-ID: <" in raw and b"@mx.test.example>" in raw
+    head = raw.split(b"\r\n\r\n")[0].decode()
+    [date] = [line for line in head.split("\r\n") if line.startswith("Date: ")]
+    assert date.endswith(" +0000")  # RFC 5322 numeric zone, not "GMT"
+    received = head.split("\r\nFrom: ")[0]  # the Received field, its lines folded with TABs
+    assert received.startswith("Received: ") and received.endswith(" +0000")
+
+
+def test_a_date_given_by_the_client_is_kept(port, app):
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.sendmail("alice@example.com", ["bob@example.net"], crlf(email_message()))
+    raw = raw_of(app, stored(app)["messages"][0].id)
+    assert raw.count(b"\r\nDate: ") == 1 and f"Date: {CLIENT_DATE}".encode() in raw
 
 
 def test_multiple_recipients_make_one_message(port, app):
@@ -125,6 +145,7 @@ def test_pipelined_commands_are_answered_in_order(port, app):
 
 def test_8bit_message_is_stored_byte_for_byte(port, app):
     raw = ("From: alice@example.com\r\nTo: bob@example.net\r\nSubject: Grüße\r\n"
+           f"Date: {CLIENT_DATE}\r\n"
            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
            "Content-Transfer-Encoding: 8bit\r\nMessage-ID: <8bit@example.com>\r\n\r\n"
            "Grüße, naïve café — ✓\r\n").encode("utf-8") + b"latin-1 \xe9t\xe9\r\n"
@@ -141,7 +162,7 @@ def test_8bit_message_is_stored_byte_for_byte(port, app):
 
 def test_smtputf8_addresses_are_accepted(port, app):
     sender, recipient = "pelé@exämple.com", "用户@例子.测试"
-    raw = (f"From: {sender}\r\nTo: {recipient}\r\nSubject: ünïcode\r\n"
+    raw = (f"From: {sender}\r\nTo: {recipient}\r\nSubject: ünïcode\r\nDate: {CLIENT_DATE}\r\n"
            "Message-ID: <u8@example.com>\r\n\r\nhi\r\n").encode("utf-8")
     with smtplib.SMTP("127.0.0.1", port) as client:
         client.ehlo("client.example")
@@ -158,7 +179,7 @@ def test_smtputf8_addresses_are_accepted(port, app):
 def test_8bit_and_smtputf8_headers_read_as_utf8_in_the_queue_and_detail(port, app):
     # Raw UTF-8 header values (SMTPUTF8, 8BITMIME), an RFC 2047 word beside raw UTF-8, a
     # folded raw value and one stray Latin-1 byte (not UTF-8: replaced, not an error).
-    raw = ("From: Pelé <pelé@exämple.com>\r\nTo: 用户@例子.测试\r\n"
+    raw = (f"From: Pelé <pelé@exämple.com>\r\nTo: 用户@例子.测试\r\nDate: {CLIENT_DATE}\r\n"
            "Subject: Grüße aus Köln – 日本\r\n"
            "X-Mixed: =?utf-8?q?caf=C3=A9?= und Bär\r\n"
            "X-Folded: Straße\r\n und Weg\r\n"
@@ -176,7 +197,7 @@ def test_8bit_and_smtputf8_headers_read_as_utf8_in_the_queue_and_detail(port, ap
     assert body["subject"] == "Grüße aus Köln – 日本"
     headers = [(name, value) for name, value in body["headers"] if name != "Received"]
     assert headers == [
-        ("From", "Pelé <pelé@exämple.com>"), ("To", "用户@例子.测试"),
+        ("From", "Pelé <pelé@exämple.com>"), ("To", "用户@例子.测试"), ("Date", CLIENT_DATE),
         ("Subject", "Grüße aus Köln – 日本"), ("X-Mixed", "café und Bär"),
         ("X-Folded", "Straße und Weg"), ("Message-ID", "<u8-headers@example.com>"),
         ("X-Latin", "caf\ufffd"),

@@ -1,5 +1,8 @@
 """What the listener adds to a message it accepts: a ``Received:`` trace header (RFC 5321
-4.4) at the top, and a ``Message-ID`` (RFC 5322 3.6.4) when the client sent none.
+4.4) at the top, and a ``Message-ID`` (RFC 5322 3.6.4) and a ``Date`` (required by RFC 5322
+3.6; added by a submission server, RFC 6409 8.1, as Postfix does for its clients) when the
+client sent none. Receivers refuse or junk mail without a Date, and OpenDKIM will not even
+verify it.
 
 The rest of the message is kept byte for byte, except that a bare LF becomes CRLF: RFC 5321
 2.3.8 allows no other line end, and receivers now refuse bare LFs (SMTP smuggling defences),
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from ..timeutil import rfc5322_date
 
 _MESSAGE_ID_HEADER = re.compile(rb"^message-id[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_DATE_HEADER = re.compile(rb"^date[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
@@ -70,16 +74,26 @@ def has_message_id(raw: bytes) -> bool:
     return _MESSAGE_ID_HEADER.search(raw, 0, header_end(raw)) is not None
 
 
+def has_date(raw: bytes) -> bool:
+    return _DATE_HEADER.search(raw, 0, header_end(raw)) is not None
+
+
 def stamp(raw: bytes, trace: Trace) -> bytes:
-    """The message as it is queued: Received on top, Message-ID added when missing."""
+    """The message as it is queued: Received on top, Message-ID and Date added when missing
+    (at the end of the header section)."""
     raw = _BARE_LF.sub(b"\r\n", raw)
     newline = b"\r\n"
     received = received_header(trace, newline)
-    if has_message_id(raw):
+    added = b""
+    if not has_message_id(raw):
+        added += (b"Message-ID: " + email.utils.make_msgid(domain=_clean(trace.hostname))
+                  .encode() + newline)
+    if not has_date(raw):
+        added += b"Date: " + rfc5322_date().encode() + newline
+    if not added:
         return received + raw
     end = header_end(raw)
-    message_id = email.utils.make_msgid(domain=_clean(trace.hostname)).encode()
     head = raw[:end]
     if head and not head.endswith(b"\n"):  # headers only, no final newline
         head += newline
-    return received + head + b"Message-ID: " + message_id + newline + raw[end:]
+    return received + head + added + raw[end:]
