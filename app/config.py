@@ -291,39 +291,37 @@ def database_url(key: str, value: Any) -> str | None:
     return url
 
 
-def ip_addresses(key: str, value: Any) -> list[str]:
-    """Comma-separated IPv4/IPv6 addresses (no networks), in their compressed form."""
-    parts = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
-    result = []
-    for part in parts:
-        item = str(part).strip()
-        if not item:
-            continue
-        try:
-            result.append(str(ipaddress.ip_address(item)))
-        except ValueError:
-            raise _refuse(key, item, "is not an IP address") from None
-    return result
+def comma_list(convert: Callable[[str], Any], problem: str) -> Parser:
+    """Comma-separated items, each converted by ``convert`` (ValueError: refused with
+    ``problem``); blanks skipped; a list given by create_app(config) is taken as already
+    converted."""
+
+    def parse(key: str, value: Any) -> list[Any]:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        result = []
+        for item in (part.strip() for part in str(value or "").split(",")):
+            if not item:
+                continue
+            try:
+                result.append(convert(item))
+            except ValueError:
+                raise _refuse(key, item, problem) from None
+        return result
+
+    return parse
 
 
-def dns_servers(key: str, value: Any) -> list[tuple[str, int]]:
-    """Comma-separated name servers ``ip``, ``ip:port`` or ``[v6]:port``; empty: the system's."""
-    parts = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
-    result = []
-    for part in parts:
-        if isinstance(part, tuple):
-            result.append(part)
-            continue
-        item = str(part).strip()
-        if not item:
-            continue
-        try:
-            host, port = parse_host_port(item, 53)
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise _refuse(key, item, "is not a name server address (ip or ip:port)") from None
-        result.append((host, port))
-    return result
+def _name_server(item: str) -> tuple[str, int]:
+    host, port = parse_host_port(item, 53)
+    ipaddress.ip_address(host)
+    return host, port
+
+
+# IPv4/IPv6 addresses (no networks), in their compressed form.
+ip_addresses = comma_list(lambda item: str(ipaddress.ip_address(item)), "is not an IP address")
+# Name servers ``ip``, ``ip:port`` or ``[v6]:port``; empty: the system's.
+dns_servers = comma_list(_name_server, "is not a name server address (ip or ip:port)")
 
 
 def readable_file(key: str, value: Any) -> str:

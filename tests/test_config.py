@@ -70,6 +70,12 @@ def refused(load, **values: str) -> str:
     ("SMTP_LISTEN", "nowhere", "ELEMTA_SMTP_LISTEN: 'nowhere' is not host:port"),
     ("SMTP_LISTEN", "127.0.0.1:0", "the port must be 1-65535"),
     ("SMTP_LISTEN", "not a host:2525", "is not host:port"),
+    ("DNS_SERVERS", "127.0.0.1:30053,ns.example",
+     "ELEMTA_DNS_SERVERS: 'ns.example' is not a name server address (ip or ip:port)"),
+    ("SENDING_IPS", "192.0.2.10, 198.51.100.0/24",
+     "ELEMTA_SENDING_IPS: '198.51.100.0/24' is not an IP address"),
+    ("RELAY_TLS_CA_FILE", "/nonexistent/ca.pem", "ELEMTA_RELAY_TLS_CA_FILE: "
+                                                 "'/nonexistent/ca.pem' is not a file"),
     # whole numbers and their ranges
     ("MAX_RECIPIENTS", "ten", "ELEMTA_MAX_RECIPIENTS: 'ten' is not a whole number"),
     ("MAX_REQUEST_BYTES", "1.5", "is not a whole number"),
@@ -156,8 +162,11 @@ def test_values_are_converted_by_kind(load):
                   CORS_ORIGINS="https://a.example, http://b.example:8080",
                   RATELIMIT_STORAGE_URI="redis://:pw@127.0.0.1:6379/0",
                   DATABASE_URL="postgres://elemta@db/elemta", SMTP_LISTEN=":2525",
-                  SMTP_HOSTNAME="mail.example.com", STREAM_POLL_INTERVAL="0.2")
+                  SMTP_HOSTNAME="mail.example.com", STREAM_POLL_INTERVAL="0.2",
+                  SENDING_IPS="203.0.113.25, 2001:db8:0::25", DNS_SERVERS="127.0.0.1:5353, ::1")
     assert config["MAX_RECIPIENTS"] == 42
+    assert config["SENDING_IPS"] == ["203.0.113.25", "2001:db8::25"]
+    assert config["DNS_SERVERS"] == [("127.0.0.1", 5353), ("::1", 53)]
     assert config["LOG_FLUSH_INTERVAL"] == 0.1
     assert config["SEND_BOUNCES"] is False and config["LOG_TO_DATABASE"] is True
     assert (config["AUTH_MODE"], config["LOG_LEVEL"]) == ("all", "warning")

@@ -233,3 +233,17 @@ def test_the_private_key_appears_in_no_response_output_or_log(app, client, runne
                caplog.text, *(c.decode() for c in contents)]
     for text in outputs:
         assert rsa_body[:40] not in text and secrets[1] not in text
+
+
+def test_a_message_whose_header_cannot_be_parsed_is_queued_unsigned(app, zone):
+    make_key(app, zone)
+    broken = (b"From: alice@example.com\r\nTo: bob@example.net\r\nnot a header line\r\n"
+              b"Subject: Hello\r\n\r\nHi there.\r\n")
+    with running_listener(app) as port, smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("app.example")
+        client.mail("alice@example.com")
+        client.rcpt("bob@example.net")
+        code, reply = client.data(broken)
+    assert code == 250  # DKIM never costs a message
+    raw = raw_of(app, queued_id(reply))
+    assert b"not a header line" in raw and signatures_of(raw) == []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dkim
@@ -51,7 +52,7 @@ class Signature:
         return {"domain": self.domain, "selector": self.selector, "algorithm": self.algorithm}
 
 
-def from_domain(headers: list[tuple[bytes, bytes]]) -> str | None:
+def from_domain(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
     """The domain of the message's author: one From: field whose mailboxes share one domain."""
     values = [value for name, value in headers if name.lower() == b"from"]
     if len(values) != 1:
@@ -82,16 +83,32 @@ def signing_keys(session: so.Session, domain: str) -> list[tuple[str, str, str, 
                   key=lambda row: row[2], reverse=True)  # rsa first, then ed25519
 
 
+def header_fields(raw: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The header fields of a stored (CRLF) message, or None when a line is not a field.
+    Only the header section is split: a 7 MB body costs nothing here."""
+    end = raw.find(b"\r\n\r\n")
+    try:
+        headers, _body = dkim.rfc822_parse(raw if end < 0 else raw[:end + 2])
+    except dkim.MessageFormatError:
+        return None
+    return [(name, value) for name, value in headers]
+
+
 def sign_outgoing(session: so.Session, raw: bytes) -> bytes:
     """``raw`` with our DKIM-Signature fields on top, or unchanged when no key signs for its
-    From: domain. A signing failure (a damaged key) is logged and the message goes unsigned:
-    mail is never refused or lost because of a key."""
-    message = dkim.DKIM(raw, linesep=b"\r\n")
-    domain = from_domain(message.headers)
+    From: domain. A message whose header section cannot be parsed, or a signing failure (a
+    damaged key), is logged and goes unsigned: mail is never refused or lost over DKIM."""
+    headers = header_fields(raw)
+    domain = from_domain(headers) if headers is not None else None
     if domain is None:
         return raw
     keys = signing_keys(session, domain)
     if not keys:
+        return raw
+    try:
+        message = dkim.DKIM(raw, linesep=b"\r\n")
+    except dkim.DKIMException as exc:
+        log.warning("Not DKIM-signing a message from %s: %s", domain, exc)
         return raw
     present = [name for name, _value in message.headers if name.lower() in SIGNED_FIELDS]
     include = present + [name for name in present if name.lower() in OVERSIGNED_FIELDS]
