@@ -28,6 +28,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from ..models import DkimKey
+from . import rsa  # noqa: F401  (dkimpy's RSA operation done by OpenSSL: 20x faster)
 from .records import InvalidName, normalise_domain, parent_domains, parse_tags
 
 log = logging.getLogger("elemta.dkim")
