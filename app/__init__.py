@@ -96,8 +96,11 @@ def register_blueprints(app: Flask, api: Api) -> None:
     from .queue.routes import blp as queue
     from .stats.routes import blp as stats
     from .stream.routes import blp as stream
+    from .ui import blp as ui
 
     app.register_blueprint(assets)  # the Swagger UI's files: served, not documented
+    if app.config["UI"]:  # the dashboard (docs/DASHBOARD.md): pages, not API; not documented
+        app.register_blueprint(ui)
     for blueprint in (auth, queue, mail, dkim, domains, stats, logs, health, stream):
         api.register_blueprint(blueprint)
     # Prometheus text, not JSON: a plain route, described in the document by hand.

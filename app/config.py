@@ -409,6 +409,8 @@ SETTINGS: dict[str, Setting] = {
     # Read by gunicorn.conf.py from the environment; checked here too so that every process
     # sharing the env file refuses the same typo.
     "API_THREADS": Setting(OPTIONAL, integer(1)),
+    # The web dashboard at /ui (docs/DASHBOARD.md): on or off.
+    "UI": Setting(True, boolean),
 }
 DEFAULTS: dict[str, Any] = {k: s.default for k, s in SETTINGS.items() if s.default is not OPTIONAL}
 

@@ -39,6 +39,9 @@ from .auth.guard import client_identity
 log = logging.getLogger("elemta.ratelimit")
 
 EXEMPT_PATHS = frozenset({"/api/health", "/livez", "/readyz", "/metrics"})
+# The dashboard's shell and static assets (a page load fetches a dozen files; its API calls
+# are counted like any other client's).
+EXEMPT_BLUEPRINTS = frozenset({"ui"})
 STRICT_PATH = re.compile(
     r"^/api/(?:send-test|dkim/keys|queue/(?!message/)[^/]+/(?:flush|retry|hold|release))/?$")
 
@@ -76,7 +79,8 @@ def storage_uri_of(configured: str) -> str:
 
 def is_exempt() -> bool:
     # Preflights do nothing and browsers send one per distinct request: do not count them.
-    return request.path in EXEMPT_PATHS or request.method == "OPTIONS"
+    return (request.path in EXEMPT_PATHS or request.method == "OPTIONS"
+            or request.blueprint in EXEMPT_BLUEPRINTS)
 
 
 def is_strict() -> bool:

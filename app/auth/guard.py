@@ -17,6 +17,7 @@ mistyped key learns it at once instead of silently acting as ``anonymous``.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import re
 
@@ -30,12 +31,18 @@ log = logging.getLogger("elemta.auth")
 
 # Health probes stay open in every mode: orchestrators and load balancers carry no key.
 OPEN_PATHS = frozenset({"/api/health", "/livez", "/readyz"})
+# The dashboard's shell and assets hold no data (every value comes from the API, with the key
+# the user signs in with), and a browser cannot send a header when it navigates.
+OPEN_BLUEPRINTS = frozenset({"ui"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # WebSocket endpoints: browsers cannot set headers there, so ?api_key= is accepted too.
 WEBSOCKET_PATH = re.compile(r"^/api/(?:[^/]+/)*ws/?$")
 ADMIN_ONLY_BLUEPRINTS = frozenset({"auth", "dkim"})
 # Endpoints that send mail: the ``send`` role's whole reach (SPEC 8), admin keys too.
 SENDING_ENDPOINTS = frozenset({"mail.SendTest"})
+# Who am I (the dashboard's sign-in, GET /api/auth/me): any valid key, whatever its role;
+# without a key wherever reads are open.
+ANY_CALLER_ENDPOINTS = frozenset({"auth.CallerIdentity"})
 
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
 
@@ -48,6 +55,7 @@ class Principal:
     name: str
     role: str
     key_hash: str
+    expires_at: dt.datetime | None = None
 
 
 def is_websocket_path(path: str) -> bool:
@@ -90,7 +98,7 @@ def authenticate() -> Principal | None:
             g.auth_unverified = exc
             key = None
         if key is not None:
-            principal = Principal(key.id, key.name, key.role, key.key_hash)
+            principal = Principal(key.id, key.name, key.role, key.key_hash, key.expires_at)
             g.actor = key.name
     g.auth_principal = principal
     return principal
@@ -105,7 +113,10 @@ def client_identity() -> str:
 
 
 def required_role() -> str | None:
-    """The role this request needs: "admin", "send", "read" or None (open)."""
+    """The role this request needs: "admin", "send", "read", "key" (any valid key) or None
+    (open)."""
+    if request.endpoint in ANY_CALLER_ENDPOINTS:
+        return "key" if current_app.config["AUTH_MODE"] == "all" else None
     if request.blueprint in ADMIN_ONLY_BLUEPRINTS:
         return "admin"
     if request.endpoint in SENDING_ENDPOINTS and request.method == "POST":
@@ -125,7 +136,7 @@ def check_request() -> None:
     # 404/405 (the routes are public in the OpenAPI document anyway).
     if request.method == "OPTIONS" or request.routing_exception is not None:
         return
-    if request.path in OPEN_PATHS:
+    if request.path in OPEN_PATHS or request.blueprint in OPEN_BLUEPRINTS:
         return
     principal = authenticate()
     needed = required_role()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import current_app
 from flask.views import MethodView
 
 from ..extensions import Blueprint, db
 from ..schemas import StatusSchema
 from . import keys
-from .schemas import CreatedKeySchema, KeyCreateSchema, KeySchema
+from .guard import authenticate
+from .schemas import CallerSchema, CreatedKeySchema, KeyCreateSchema, KeySchema
 
-blp = Blueprint("auth", __name__, url_prefix="/api/auth", description="API keys (admin only)")
+blp = Blueprint("auth", __name__, url_prefix="/api/auth",
+                description="API keys (admin only) and the caller's identity")
 
 
 @blp.route("/keys")
@@ -36,3 +39,17 @@ class ApiKeyById(MethodView):
         """Revoke an API key"""
         key = keys.revoke_key(db.session, key_id)
         return {"status": "success", "message": f"API key {key.name} revoked"}
+
+
+@blp.route("/me")
+class CallerIdentity(MethodView):
+    @blp.response(200, CallerSchema)
+    def get(self) -> dict[str, Any]:
+        """The calling key's name, role and expiry, and the auth mode (any caller; 401 for a
+        bad key, and without a key in auth mode all)"""
+        principal = authenticate()
+        mode = current_app.config["AUTH_MODE"]
+        if principal is None:
+            return {"name": None, "role": None, "expires_at": None, "auth_mode": mode}
+        return {"name": principal.name, "role": principal.role,
+                "expires_at": principal.expires_at, "auth_mode": mode}

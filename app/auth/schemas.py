@@ -40,3 +40,18 @@ class CreatedKeySchema(KeySchema):
 
     key = ma.fields.String(required=True,
                            metadata={"description": "The API key; shown once, store it now"})
+
+
+class CallerSchema(ma.Schema):
+    """``GET /api/auth/me``: who the caller is (null name and role without a key)."""
+
+    name = ma.fields.String(required=True, allow_none=True,
+                            metadata={"description": "The key's name; null without a key"})
+    role = ma.fields.String(required=True, allow_none=True,
+                            metadata={"enum": [*ROLES, None],
+                                      "description": "The key's role; null without a key"})
+    expires_at = Timestamp(required=True, allow_none=True)
+    auth_mode = ma.fields.String(required=True, metadata={
+        "enum": ["admin", "all", "off"],
+        "description": "ELEMTA_AUTH_MODE: admin (reads open), all (every read needs a key), "
+                       "off (nothing checked)"})
