@@ -127,9 +127,9 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         os.makedirs(self.workdir / f"prom-{self.port}", exist_ok=True)
-        log = open(self.workdir / f"{name}-{self.port}.log", "wb")  # noqa: SIM115 (kept open)
-        self.processes[name] = subprocess.Popen(argv, cwd=ROOT, env=self.env(), stdout=log,
-                                                stderr=subprocess.STDOUT)
+        with open(self.workdir / f"{name}-{self.port}.log", "wb") as log:
+            self.processes[name] = subprocess.Popen(argv, cwd=ROOT, env=self.env(), stdout=log,
+                                                    stderr=subprocess.STDOUT)
 
     def start_api(self) -> Stack:
         self._spawn("gunicorn", [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py"),

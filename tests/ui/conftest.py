@@ -1,0 +1,174 @@
+"""Browser tests of the dashboard: a real headless Chromium (Debian's ``chromium`` package,
+driven by Playwright with ``executable_path``; no browser download) against the production
+processes on loopback (tests/ui/stack.py). One server stack per session, not per test.
+
+Every page opened by a test is watched: a request to any other host than the stack's, a
+JavaScript error, a CSP violation or a browser dialog (alert, confirm) fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.ui.stack import Sink, Stack, seeded_stack
+
+CHROMIUM = os.environ.get("ELEMTA_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-default-apps", "--disable-extensions"]
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not os.access(CHROMIUM, os.X_OK):
+    pytest.skip(f"browser tests need Chromium ({CHROMIUM} not found; apt-get install chromium)",
+                allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+# Records CSP violations in the page, from the first script on.
+WATCH_SCRIPT = """
+window.__cspViolations = [];
+document.addEventListener('securitypolicyviolation', (e) => {
+  window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI);
+});
+"""
+
+
+@dataclass
+class Servers:
+    main: Stack  # auth mode admin, a delivery worker relaying to the sink
+    locked: Stack  # auth mode all, strict rate limit 2 per minute, no worker
+    sink: Sink
+    admin_key: str
+    read_key: str
+    locked_admin_key: str
+    locked_read_key: str
+
+    def key(self, name: str, role: str = "admin", stack: Stack | None = None) -> str:
+        """An API key of its own for one test (rate limits count per key)."""
+        return (stack or self.main).create_key(name, role)
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    workdir = tmp_path_factory.mktemp("ui-stack")
+    sink = Sink().start()
+    started: list[Stack] = []
+    try:
+        main = seeded_stack(workdir, "main", sink=sink)
+        started.append(main)
+        admin = main.create_key("ui-admin", "admin")
+        read = main.create_key("ui-reader", "read")
+        main.start_worker()
+        locked = seeded_stack(workdir, "locked", sink=None, messages=40, events=200,
+                              ELEMTA_AUTH_MODE="all", ELEMTA_RATELIMIT_STRICT="2 per minute")
+        started.append(locked)
+        yield Servers(main, locked, sink, admin, read,
+                      locked.create_key("locked-admin", "admin"),
+                      locked.create_key("locked-reader", "read"))
+    finally:
+        for stack in started:
+            stack.stop()
+        sink.stop()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        # launch() gives every run a fresh, temporary user-data-dir.
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS,
+                                              headless=True)
+        yield chromium
+        chromium.close()
+
+
+@dataclass
+class Watch:
+    """What a page did that it must not: other hosts, errors, CSP violations, dialogs."""
+
+    origin: str
+    requests: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+    pages: list[Any] = field(default_factory=list)
+
+    def check(self) -> None:
+        violations = []
+        for page in self.pages:
+            if not page.is_closed():
+                violations += page.evaluate("() => window.__cspViolations || []")
+        assert not self.foreign, f"requests to other hosts: {self.foreign}"
+        assert not self.errors, f"JavaScript errors: {self.errors}"
+        assert not self.dialogs, f"browser dialogs: {self.dialogs}"
+        assert not violations, f"CSP violations: {violations}"
+
+
+@pytest.fixture
+def open_page(browser: Any) -> Iterator[Any]:
+    """open_page(stack, path, key=None, theme='light', viewport=DESKTOP) -> (page, watch)."""
+    contexts = []
+    watches: list[Watch] = []
+
+    def factory(stack: Stack, path: str = "/ui/", *, key: str | None = None,
+                theme: str = "light", viewport: dict[str, int] | None = None) -> Any:
+        context = browser.new_context(viewport=viewport or DESKTOP, color_scheme=theme,
+                                      reduced_motion="reduce", service_workers="block")
+        contexts.append(context)
+        watch = Watch(stack.base_url)
+        watches.append(watch)
+        own = urlsplit(stack.base_url).netloc
+
+        def guard(route: Any) -> None:
+            url = route.request.url
+            watch.requests.append(url)
+            if urlsplit(url).netloc != own:
+                watch.foreign.append(url)
+                route.abort("blockedbyclient")
+                return
+            route.continue_()
+
+        context.route("**/*", guard)
+        context.add_init_script(WATCH_SCRIPT)
+        if key:
+            # Signed in once, as the sign-in dialog would leave it (later reloads keep it,
+            # sign-out and a refused key remove it).
+            context.add_init_script(
+                "if (!sessionStorage.getItem('elemta.test-seeded')) {"
+                " sessionStorage.setItem('elemta.test-seeded', '1');"
+                f" sessionStorage.setItem('elemta.key', {json.dumps(key)}); }}")
+        page = context.new_page()
+        watch.pages.append(page)
+        page.on("pageerror", lambda error: watch.errors.append(str(error)))
+        page.on("dialog", lambda dialog: (watch.dialogs.append(dialog.message), dialog.dismiss()))
+        page.on("websocket", lambda ws: watch.foreign.append(ws.url)
+                if urlsplit(ws.url).netloc != own else watch.requests.append(ws.url))
+        page.goto(stack.base_url + path)
+        # Functions, not expressions: Playwright evaluates expressions with eval(), which the
+        # page's CSP refuses (no 'unsafe-eval').
+        page.wait_for_function("() => !document.querySelector('#page > p.muted')"
+                               " || document.querySelector('dialog[open]')")
+        factory.last_watch = watch
+        return page
+
+    yield factory
+    try:
+        for watch in watches:
+            watch.check()
+    finally:
+        for context in contexts:
+            context.close()
+
+
+def wait_live(page: Any) -> None:
+    """Until the page's WebSocket streams are open."""
+    page.wait_for_selector("#live-status[data-state='live']")
