@@ -101,6 +101,14 @@ def boolean(key: str, value: Any) -> bool:
     raise _refuse(key, value, "must be true or false")
 
 
+def switch(key: str, value: Any) -> bool:
+    """``on`` or ``off`` (the boolean words are accepted too)."""
+    try:
+        return boolean(key, value)
+    except ConfigError:
+        raise _refuse(key, value, "must be on or off") from None
+
+
 def choice(options: tuple[str, ...]) -> Parser:
     def parse(key: str, value: Any) -> str:
         text = str(value).strip().lower()
@@ -410,7 +418,7 @@ SETTINGS: dict[str, Setting] = {
     # sharing the env file refuses the same typo.
     "API_THREADS": Setting(OPTIONAL, integer(1)),
     # The web dashboard at /ui (docs/DASHBOARD.md): on or off.
-    "UI": Setting(True, boolean),
+    "UI": Setting(True, switch),
 }
 DEFAULTS: dict[str, Any] = {k: s.default for k, s in SETTINGS.items() if s.default is not OPTIONAL}
 

@@ -100,6 +100,7 @@ def refused(load, **values: str) -> str:
     ("RETRY_SCHEDULE", ",", "needs at least one positive number of seconds"),
     # booleans and enumerations
     ("SEND_BOUNCES", "maybe", "ELEMTA_SEND_BOUNCES: 'maybe' must be true or false"),
+    ("UI", "maybe", "ELEMTA_UI: 'maybe' must be on or off"),
     ("LOG_TO_DATABASE", "perhaps", "must be true or false"),
     ("SMTPD_PROXY_PROTOCOL", "", "must be true or false"),
     ("AUTH_MODE", "none", "ELEMTA_AUTH_MODE: 'none' must be one of admin, all, off"),

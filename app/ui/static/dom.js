@@ -1,5 +1,5 @@
 // Building the DOM without HTML strings: every value from the API becomes a text node.
-// (The page's CSP has require-trusted-types-for 'script': innerHTML and friends would throw.)
+// (The page's CSP has require-trusted-types-for 'script': assigning HTML strings would throw.)
 
 const SVG_NS = 'http://www.w3.org/2000/svg';
 
