@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
 export FLASK_APP := wsgi.py
 
-.PHONY: setup migrate run test bench e2e clean
+.PHONY: setup migrate run test bench e2e screenshots clean
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: setup
 # gunicorn behind a real nginx, worker, listener, PostgreSQL: SMTP in -> sink out (scripts/e2e.py).
 e2e: setup
 	$(BIN)/python scripts/e2e.py
+
+# Every dashboard page at 1280x800 and 390x844, light and dark, into docs/screenshots/ (needs
+# Debian's chromium; the browser tests use the same stack).
+screenshots: setup
+	$(BIN)/python scripts/screenshots.py
 
 # wrk drives the HTTP suite (bench/suite_http.py; a slower Python client without it).
 bench: migrate

@@ -99,7 +99,13 @@ export async function render(root, params) {
       if (count !== null && count !== undefined) await load(cursors[cursors.length - 1]);
     }, { dataset: { bulk: a }, class: a === 'flush' ? 'danger' : null })));
 
-  clear(root, needsAdminNote(), tabs, filterForm,
+  // On a phone the filters start folded (unless some are set): the messages come first.
+  const active = FILTER_NAMES.filter((n) => filters[n]).length;
+  const narrow = window.matchMedia('(max-width: 40rem)').matches;
+  const filterPanel = h('details', { class: 'filter-panel', open: !narrow || active > 0 },
+    h('summary', null, active ? `Filters (${active} active)` : 'Filters'), filterForm);
+
+  clear(root, needsAdminNote(), tabs, filterPanel,
     section('Messages', matchingActions, selectionActions, progress, range, wrap, h('div', { class: 'pager' }, prev, next)));
 
   const cursors = [null]; // the cursor of each page shown so far: Previous pops it
