@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,19 +21,35 @@ import pytest
 
 from tests.ui.stack import Sink, Stack, seeded_stack
 
-CHROMIUM = os.environ.get("ELEMTA_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                "--disable-default-apps", "--disable-extensions"]
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(f"browser tests need Chromium ({CHROMIUM} not found; apt-get install chromium)",
-                allow_module_level=True)
+try:
+    from playwright import sync_api
+except ImportError:  # pragma: no cover - requirements.txt has it
+    sync_api = None
 
-pytestmark = pytest.mark.slow
+if sync_api is None:
+    MISSING = "browser tests need Playwright (pip install -r requirements.txt)"
+elif not os.access(CHROMIUM, os.X_OK):
+    MISSING = f"browser tests need Chromium: {CHROMIUM} not found (apt-get install chromium)"
+else:
+    MISSING = None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a browser, every test here is skipped, saying why (never silently)."""
+    if MISSING is None:
+        return
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.skip(reason=MISSING))
+
 
 # Records CSP violations in the page, from the first script on.
 WATCH_SCRIPT = """
