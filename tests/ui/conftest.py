@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,18 @@ class Servers:
     read_key: str
     locked_admin_key: str
     locked_read_key: str
+    senders: int = 0
 
     def key(self, name: str, role: str = "admin", stack: Stack | None = None) -> str:
-        """An API key of its own for one test (rate limits count per key)."""
+        """An API key of its own for one test, made with the CLI."""
         return (stack or self.main).create_key(name, role)
+
+    def sender(self) -> str:
+        """A fresh admin key for arranging messages: send-test has a strict rate limit per key
+        (10 a minute), which the tests of a session together would exceed with one key."""
+        self.senders += 1
+        return self.main.api("POST", "/api/auth/keys", key=self.admin_key,
+                             body={"name": f"arrange-{self.senders}", "role": "admin"})["key"]
 
 
 @pytest.fixture(scope="session")
@@ -80,18 +89,28 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     workdir = tmp_path_factory.mktemp("ui-stack")
     sink = Sink().start()
     started: list[Stack] = []
-    try:
+
+    def main_stack() -> tuple[Stack, str, str]:
         main = seeded_stack(workdir, "main", sink=sink)
         started.append(main)
-        admin = main.create_key("ui-admin", "admin")
-        read = main.create_key("ui-reader", "read")
+        keys = main.create_key("ui-admin", "admin"), main.create_key("ui-reader", "read")
         main.start_worker()
+        return main, *keys
+
+    def locked_stack() -> tuple[Stack, str, str]:
         locked = seeded_stack(workdir, "locked", sink=None, messages=40, events=200,
                               ELEMTA_AUTH_MODE="all", ELEMTA_RATELIMIT_STRICT="2 per minute")
         started.append(locked)
-        yield Servers(main, locked, sink, admin, read,
-                      locked.create_key("locked-admin", "admin"),
-                      locked.create_key("locked-reader", "read"))
+        return locked, locked.create_key("locked-admin", "admin"), locked.create_key(
+            "locked-reader", "read")
+
+    try:
+        # The two stacks are independent: set them up side by side (mostly CLI start-up time).
+        with ThreadPoolExecutor(2) as pool:
+            main_job, locked_job = pool.submit(main_stack), pool.submit(locked_stack)
+            (main, admin, read), (locked, locked_admin, locked_read) = (
+                main_job.result(), locked_job.result())
+        yield Servers(main, locked, sink, admin, read, locked_admin, locked_read)
     finally:
         for stack in started:
             stack.stop()

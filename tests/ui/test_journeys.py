@@ -43,8 +43,9 @@ def fill_send_test(page: Any, to: str) -> None:
     dialog.get_by_role("button", name="Send", exact=True).click()
 
 
-def deferred_messages(servers: Servers, key: str, count: int, label: str) -> list[str]:
+def deferred_messages(servers: Servers, count: int, label: str) -> list[str]:
     """Messages the sink defers (451): they stay deferred for the 120 s retry interval."""
+    key = servers.sender()
     ids = [send_test(servers.main, key, f"{label}{n}@{DEFER_DOMAIN}", f"{label} {n}")
            for n in range(count)]
     wait_for(lambda: all(state_of(servers.main, i) == "deferred" for i in ids))
@@ -162,11 +163,11 @@ def test_filter_and_page_to_the_end_counts_every_message_once(servers, open_page
 def test_bulk_retry_counts_first_cancel_changes_nothing_confirm_names_the_key(servers,
                                                                               open_page):
     key = servers.key("bulk-operator")
-    ids = deferred_messages(servers, servers.admin_key, 3, "bulk")
+    ids = deferred_messages(servers, 3, "bulk")
     page = open_page(servers.main, f"/ui/queue?state=deferred&domain={DEFER_DOMAIN}", key=key)
     page.click("[data-bulk=retry]")
     dialog = page.wait_for_selector("dialog.bulk-dialog[open]")
-    expected = servers.main.api("POST", "/api/queue/deferred/retry", key=servers.admin_key,
+    expected = servers.main.api("POST", "/api/queue/deferred/retry", key=servers.sender(),
                                 query={"domain": DEFER_DOMAIN, "dry_run": "true"})["count"]
     assert int(page.get_attribute(".bulk-count", "data-count")) == expected >= 3
     assert page.inner_text(".cli-flask") == (
@@ -187,7 +188,7 @@ def test_bulk_retry_counts_first_cancel_changes_nothing_confirm_names_the_key(se
 
 # 6 ------------------------------------------------------------------------------------------
 def test_hold_selected_messages_then_release_them(servers, open_page):
-    ids = deferred_messages(servers, servers.admin_key, 2, "hold")
+    ids = deferred_messages(servers, 2, "hold")
     page = open_page(servers.main, f"/ui/queue?state=deferred&domain={DEFER_DOMAIN}",
                      key=servers.admin_key)
     for message_id in ids:
@@ -208,7 +209,7 @@ def test_hold_selected_messages_then_release_them(servers, open_page):
 
 # 7 ------------------------------------------------------------------------------------------
 def test_message_raw_equals_format_raw_and_history_follows_delete(servers, open_page):
-    (message_id,) = deferred_messages(servers, servers.admin_key, 1, "raw")
+    (message_id,) = deferred_messages(servers, 1, "raw")
     page = open_page(servers.main, f"/ui/message/{message_id}", key=servers.admin_key)
     raw = servers.main.request("GET", f"/api/queue/message/{message_id}",
                                query={"format": "raw"}).body.decode()
@@ -312,7 +313,7 @@ def test_auth_mode_all_asks_for_a_key_first_then_streams(servers, open_page):
 
 # 12 -----------------------------------------------------------------------------------------
 def test_hostile_content_renders_as_text(servers, open_page):
-    (message_id,) = [send_test(servers.main, servers.admin_key, f"evil@{DEFER_DOMAIN}", HOSTILE)]
+    message_id = send_test(servers.main, servers.sender(), f"evil@{DEFER_DOMAIN}", HOSTILE)
     wait_for(lambda: state_of(servers.main, message_id) == "deferred")
     page = open_page(servers.main, f"/ui/queue?state=deferred&domain={DEFER_DOMAIN}")
     row = page.wait_for_selector(f"tr[data-id='{message_id}']")
