@@ -71,6 +71,7 @@ export async function render(root, params) {
   tableEl.id = 'queue-table';
   const prev = h('button', { type: 'button', id: 'page-prev', disabled: true }, 'Previous');
   const next = h('button', { type: 'button', id: 'page-next', disabled: true }, 'Next');
+  const refresh = h('button', { type: 'button', id: 'refresh' }, 'Refresh');
 
   const selectAll = h('input', { type: 'checkbox', id: 'select-all', 'aria-label': 'Select every message on this page' });
   tableEl.querySelector('thead th').replaceChildren(selectAll);
@@ -89,15 +90,14 @@ export async function render(root, params) {
     }
     progress.textContent = `${LABELS[action]}: ${done} of ${ids.length} done${failures.length ? `, ${failures.length} refused` : ''}.`;
     for (const [id, error] of failures) showError(error, `${LABELS[action]} ${id}`);
-    await load(cursors[cursors.length - 1]);
+    // No reload: the rows stay where they are and the live stream badges what happened to
+    // them (retried, then delivered...); Refresh shows the listing as it is now.
   }
   const selectionActions = h('div', { class: 'actions', id: 'selection-actions' }, h('span', { class: 'actions-label' }, 'Selected:'),
     ['retry', 'hold', 'release', 'delete'].map((a) => adminButton(`${LABELS[a]} selected`, () => onSelected(a), { dataset: { action: a }, class: a === 'delete' ? 'danger' : null })));
   const matchingActions = h('div', { class: 'actions', id: 'bulk-actions' }, h('span', { class: 'actions-label' }, 'All matching:'),
-    Object.entries(BULK).filter(([, types]) => types.includes(state)).map(([a]) => adminButton(`${LABELS[a]} all matching`, async () => {
-      const count = await bulkAction(a, state, filters);
-      if (count !== null && count !== undefined) await load(cursors[cursors.length - 1]);
-    }, { dataset: { bulk: a }, class: a === 'flush' ? 'danger' : null })));
+    Object.entries(BULK).filter(([, types]) => types.includes(state)).map(([a]) => adminButton(`${LABELS[a]} all matching`,
+      () => bulkAction(a, state, filters), { dataset: { bulk: a }, class: a === 'flush' ? 'danger' : null })));
 
   // On a phone the filters start folded (unless some are set): the messages come first.
   const active = FILTER_NAMES.filter((n) => filters[n]).length;
@@ -106,7 +106,8 @@ export async function render(root, params) {
     h('summary', null, active ? `Filters (${active} active)` : 'Filters'), filterForm);
 
   clear(root, needsAdminNote(), tabs, filterPanel,
-    section('Messages', matchingActions, selectionActions, progress, range, wrap, h('div', { class: 'pager' }, prev, next)));
+    section('Messages', matchingActions, selectionActions, progress, h('div', { class: 'pager' }, range, refresh), wrap,
+      h('div', { class: 'pager' }, prev, next)));
 
   const cursors = [null]; // the cursor of each page shown so far: Previous pops it
   let following = null;
@@ -154,6 +155,7 @@ export async function render(root, params) {
       showError(error, 'Loading the queue');
     }
   }
+  refresh.addEventListener('click', () => load(cursors[cursors.length - 1]));
   next.addEventListener('click', async () => { if (!following) return; cursors.push(following); await load(following); next.focus(); });
   prev.addEventListener('click', async () => { if (cursors.length <= 1) return; cursors.pop(); await load(cursors[cursors.length - 1]); (prev.disabled ? next : prev).focus(); });
 
