@@ -356,3 +356,22 @@ def test_rate_limit_shows_the_wait(servers, open_page):
     error = page.wait_for_selector("dialog .error-box[data-status='429']")
     assert re.search(r"Rate limited: .*Try again in \d+ s\.", error.inner_text())
     assert "Request ID" in error.inner_text()
+
+
+# Live fallback (DASHBOARD.md section 1) ----------------------------------------------------
+def test_refused_streams_fall_back_to_polling_and_say_so(servers, open_page):
+    page = open_page(servers.main, "/ui/queue")
+    wait_live(page)
+    # From now on every stream connection is closed at once, as by a proxy that drops them.
+    page.route_web_socket(re.compile(r".*/api/queue/ws.*"), lambda ws: ws.close())
+    page.reload()
+    status = page.wait_for_selector("#live-status[data-state=polling]", timeout=60000)
+    assert status.inner_text() == "Live updates unavailable: polling every 10 s"
+    assert page.locator("#toasts >> text='Live updates unavailable: polling every 10 s'").count()
+
+    def counts_from_polling() -> bool:  # polled every 10 s while the worker moves mail
+        stats = servers.main.api("GET", "/api/queue/stats")
+        shown = page.eval_on_selector_all("nav.tabs .tab-count", "s => s.map(e => e.textContent)")
+        return shown == [f"({stats[s]})" for s in ("total", "pending", "deferred", "held",
+                                                   "failed")]
+    wait_for(counts_from_polling, timeout=45)
