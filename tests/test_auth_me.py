@@ -43,6 +43,14 @@ def test_a_key_learns_its_name_role_expiry_and_the_mode(make_app, app, read_key,
     assert me(served, admin_key).get_json() == expected
 
 
+@pytest.mark.parametrize("mode", ["admin", "all"])
+def test_a_send_key_may_ask_who_it_is(make_app, app, session, mode):
+    _, plain = keys.create_key(session, "app-sender", "send")
+    response = me(make_app(auth_mode=mode), plain)
+    assert response.status_code == 200
+    assert response.get_json()["role"] == "send"
+
+
 def test_without_a_key_admin_mode_answers_nobody(make_app, app):
     assert me(make_app(auth_mode="admin")).get_json() == {
         "name": None, "role": None, "expires_at": None, "auth_mode": "admin"}

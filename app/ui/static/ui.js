@@ -73,9 +73,9 @@ export const NEEDS_ADMIN = 'Needs an admin key';
  * A button for an admin action. Without an admin key it stays visible but aria-disabled,
  * and says why (DASHBOARD.md section 2).
  */
-export function adminButton(label, onClick, attrs = {}) {
+export function adminButton(label, onClick, attrs = {}, { sendRoleToo = false } = {}) {
   const button = h('button', { type: 'button', ...attrs }, label);
-  if (isAdmin()) {
+  if (isAdmin() || (sendRoleToo && session.me?.role === 'send')) {
     button.addEventListener('click', onClick);
   } else {
     button.setAttribute('aria-disabled', 'true');
@@ -90,7 +90,8 @@ export function adminButton(label, onClick, attrs = {}) {
 /** The hidden description every disabled admin control points to, once per page. */
 export function needsAdminNote() {
   if (isAdmin()) return null;
-  const who = session.me?.role ? `You are signed in with a ${session.me.role} key.` : 'You are not signed in.';
+  let who = session.me?.role ? `You are signed in with a ${session.me.role} key.` : 'You are not signed in.';
+  if (session.me?.role === 'send') who += ' It may send test messages only.';
   return h('p', { id: 'needs-admin', class: 'note' }, `${who} Actions that change the queue or keys need an admin key.`);
 }
 

@@ -16,7 +16,7 @@ export async function render(root) {
   const followBox = h('div', { id: 'send-test-follow' });
   const links = h('ul', { class: 'links' }, h('li', null, h('a', { href: '/metrics' }, 'Prometheus metrics (/metrics)')),
     h('li', null, h('a', { href: '/api/docs' }, 'API documentation (/api/docs)')));
-  const send = adminButton('Send test', () => sendAndFollow(), { id: 'health-send-test' });
+  const send = adminButton('Send test', () => sendAndFollow(), { id: 'health-send-test' }, { sendRoleToo: true });
   clear(root, needsAdminNote(), section('Status', statusBox, facts, links), section('Test message', send, followBox));
 
   async function refresh() {

@@ -15,7 +15,7 @@ export async function render(root) {
   const list = h('div', { id: 'keys-list' });
   const created = h('div', { id: 'created-key', 'aria-live': 'polite' });
   const name = h('input', { type: 'text', name: 'name', required: true, autocomplete: 'off', maxlength: 100 });
-  const role = h('select', { name: 'role' }, ['read', 'admin'].map((r) => h('option', { value: r }, r)));
+  const role = h('select', { name: 'role' }, ['read', 'send', 'admin'].map((r) => h('option', { value: r }, r)));
   const expires = h('input', { type: 'number', name: 'expires_days', min: 1, max: 36500, inputmode: 'numeric' });
   const submit = adminButton('Create key', () => {}, { id: 'create-key' });
   submit.type = 'submit';

@@ -37,7 +37,7 @@ export async function render(root) {
 
   const actions = h('div', { class: 'actions' },
     adminButton('Retry all deferred', async () => { await bulkAction('retry', 'deferred', {}); }, { id: 'retry-all-deferred' }),
-    adminButton('Send test', async () => { await sendTestDialog(); }, { id: 'send-test' }));
+    adminButton('Send test', async () => { await sendTestDialog(); }, { id: 'send-test' }, { sendRoleToo: true }));
 
   clear(root, needsAdminNote(),
     section('Queue', tiles, actions),
