@@ -31,7 +31,9 @@ def _count(name, default):
 
 bind = os.environ.get("ELEMTA_API_LISTEN", "127.0.0.1:8025")
 workers = _count("WEB_CONCURRENCY", "2")
-worker_class = "gthread"
+# gthread, with gunicorn's own error pages (414, 400 for a malformed request line, 431) in the
+# contract's JSON shape instead of HTML (app/gunicorn_worker.py).
+worker_class = "app.gunicorn_worker.JsonErrorThreadWorker"
 threads = _count("ELEMTA_API_THREADS", "32")
 timeout = 60
 graceful_timeout = 30
@@ -41,6 +43,15 @@ errorlog = "-"
 # gunicorn's control socket has one default path per user: several masters on one host (tests,
 # e2e, blue/green) would fight over it, and nothing here uses it.
 control_socket_disable = True
+# The largest request line gunicorn can bound (its default is 4094): every URL the API accepts
+# fits (all listing filters at their longest, percent-encoded), and nginx's default header
+# buffers (8k) end at the same size. Longer lines get a JSON 414. Header fields likewise.
+limit_request_line = 8190
+limit_request_field_size = 8190
+# Forwarding headers are werkzeug ProxyFix's business alone, and only with
+# ELEMTA_TRUSTED_PROXIES > 0 (app/ratelimit.py). gunicorn's default would honour
+# X-Forwarded-Proto from any loopback client, whatever the setting says.
+forwarded_allow_ips = ""
 # One JSON line per record, gunicorn's own and the access log included (app/logging_setup.py).
 # The loggers have no handler of their own: records reach the root's JSON handler once.
 os.environ.setdefault("ELEMTA_PROCESS_ROLE", "api")
@@ -97,6 +108,28 @@ _prepare_metrics_dir()
 def on_starting(server):
     # The service's start, reported as uptime by every API worker (app/health/service.py).
     os.environ["ELEMTA_STARTED_AT"] = str(time.time())
+    _refuse_a_bad_setting(server)
+
+
+def _refuse_a_bad_setting(server):
+    """Check the settings once, in the master, before any worker is forked.
+
+    Each worker would find the same typo and exit with gunicorn's "App failed to load" (4), and
+    the master halts on that, but when two workers exit at once its arbiter raises the halt
+    again while halting and exits 1 with a traceback (seen in CI with the default two workers).
+    wsgi.py's own refusal stays for a setting changed before a reload (SIGHUP).
+    """
+    from flask import Flask
+
+    from app.config import ConfigError, load_config
+
+    try:
+        load_config(Flask("app", instance_relative_config=True), None)
+    except ConfigError as exc:
+        server.log.error("configuration refused: %s", exc)
+        print(f"Error: {exc}", file=sys.stderr)
+        on_exit(server)  # not called by gunicorn when its start is refused: the metrics dir
+        sys.exit(4)  # gunicorn's own status for an application that cannot load
 
 
 def post_worker_init(worker):

@@ -1,13 +1,26 @@
 """WSGI entry point: ``gunicorn wsgi:app`` and the ``flask`` CLI (found here by default)."""
 
 import logging
+import os
 import sys
 
-from app import create_app
+from app import create_app, serves_http
 from app.config import ConfigError
 
+
+def _serve_http() -> bool:
+    """gunicorn and everything else: the whole application. The ``flask`` command running a
+    process that answers no HTTP request (``flask worker``, ...): without its HTTP side, which
+    would only slow its start (``create_app``)."""
+    program = sys.argv[0]
+    if not (os.path.basename(program) == "flask"
+            or program.endswith(os.path.join("flask", "__main__.py"))):
+        return True
+    return serves_http(sys.argv[1:])
+
+
 try:
-    app = create_app()
+    app = create_app(serve_http=_serve_http())
 except ConfigError as exc:
     # A refused setting is the operator's typo, not a bug: one line naming it, no traceback.
     if "gunicorn" in sys.modules:

@@ -19,15 +19,26 @@ from .errors import ApiError
 from .timeutil import parse_iso
 
 
+def error_line(exc: ApiError) -> str:
+    """A service error in one line: its message, then each field's messages when it names
+    fields (a validation error's ``details``, as the API returns them)."""
+    if not isinstance(exc.details, dict) or not exc.details:
+        return exc.message
+    reasons = "; ".join(
+        f"{field}: {' '.join(map(str, messages)) if isinstance(messages, list) else messages}"
+        for field, messages in exc.details.items())
+    return f"{exc.message}: {reasons}"
+
+
 def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn service errors into a one-line message and a non-zero exit."""
+    """Turn service errors into a one-line message (``error_line``) and a non-zero exit."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except ApiError as exc:
-            raise click.ClickException(exc.message) from None
+            raise click.ClickException(error_line(exc)) from None
 
     return wrapper
 

@@ -27,6 +27,7 @@ from flask import Flask
 from limits import parse_many
 from limits.storage import SCHEMES as LIMITS_STORAGE_SCHEMES
 
+from .logging_setup import FORMATS as LOG_FORMATS
 from .logs.levels import ACCEPTED as LOG_LEVELS
 
 AUTH_MODES = ("admin", "all", "off")
@@ -88,6 +89,16 @@ def positive_number(key: str, value: Any) -> float:
     if not math.isfinite(number) or number <= 0:
         raise _refuse(key, value, "must be a number above 0")
     return number
+
+
+def process_count(key: str, value: Any) -> int | str:
+    """``auto`` (kept as the word: app/smtpd/server.py resolves it) or a whole number 1-64."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return integer(1, 64)(key, value)
+    except ConfigError:
+        raise _refuse(key, value, "must be auto or a whole number from 1 to 64") from None
 
 
 def boolean(key: str, value: Any) -> bool:
@@ -255,6 +266,22 @@ def cors_origins(key: str, value: Any) -> list[str]:
     return origins
 
 
+def public_url(key: str, value: Any) -> str:
+    """``http[s]://host[:port][/prefix]`` or empty; kept without a trailing slash."""
+    given = str(value or "").strip()
+    if not given:
+        return ""
+    try:
+        url = urlsplit(given)
+        url.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        url = None
+    if (url is None or url.scheme not in CORS_SCHEMES or not url.hostname
+            or url.query or url.fragment or url.username):
+        raise _refuse(key, given, "is not a base URL (http[s]://host[:port][/path])")
+    return given.rstrip("/")
+
+
 def rate_limit(key: str, value: Any) -> str:
     spec = str(value).strip()
     try:
@@ -355,6 +382,8 @@ SETTINGS: dict[str, Setting] = {
     "FAILED_RETENTION": Setting(604800, integer(0)),
     "LOG_RETENTION": Setting(1209600, integer(0)),  # 0 keeps every record
     "LOG_LEVEL": Setting("info", choice(LOG_LEVELS)),
+    # auto: text on a terminal, JSON on a pipe or under systemd (app/logging_setup.py).
+    "LOG_FORMAT": Setting("auto", choice(LOG_FORMATS)),
     # Database logging (docs/LOGS.md): None -> on, off under TESTING.
     "LOG_TO_DATABASE": Setting(None, boolean),
     "LOG_QUEUE_SIZE": Setting(10_000, integer(1)),
@@ -369,8 +398,13 @@ SETTINGS: dict[str, Setting] = {
     "RATELIMIT_KEY_PREFIX": Setting("elemta", text),
     "TRUSTED_PROXIES": Setting(0, integer(0)),
     "CORS_ORIGINS": Setting("", cors_origins),
+    # Where clients reach the API (docs/SECURITY.md): absolute Link headers are built on it;
+    # empty, they are relative. Never the client's Host header.
+    "PUBLIC_URL": Setting("", public_url),
     "WORKER_LEASE_SECONDS": Setting(300, integer(1)),
     "WORKER_CONCURRENCY": Setting(8, integer(1)),
+    # ``flask worker`` processes (app/delivery/processes.py); 0: one per CPU core.
+    "WORKER_PROCESSES": Setting(1, integer(0)),
     "MAX_CONNECTIONS_PER_DOMAIN": Setting(10, integer(1)),
     "RELAY_HOST": Setting("", relay_host),
     "RELAY_USERNAME": Setting("", secret),
@@ -402,6 +436,9 @@ SETTINGS: dict[str, Setting] = {
     "SMTPD_MAX_SESSIONS": Setting(100, integer(1)),  # listener: concurrent sessions; more: 421
     "SMTPD_IDLE_TIMEOUT": Setting(300, integer(1)),  # listener: idle seconds (RFC 5321 4.5.3.2.7)
     "SMTPD_PROXY_PROTOCOL": Setting(False, boolean),  # listener: expect a PROXY header
+    # Listener processes sharing the port (docs/SMTPD.md, "Listener processes"); auto: one per
+    # two CPUs the process may run on, at least 1, at most 4; 1: one process, no parent.
+    "SMTPD_PROCESSES": Setting("auto", process_count),
     # Listener connection limits (docs/SMTPD.md, app/smtpd/admission.py). The reserve and the
     # per-client count default to a fifth and a half of SMTPD_MAX_SESSIONS (app/smtpd/server.py).
     "SMTPD_TRUSTED_RESERVE": Setting(OPTIONAL, integer(0)),
@@ -417,6 +454,15 @@ SETTINGS: dict[str, Setting] = {
     # Read by gunicorn.conf.py from the environment; checked here too so that every process
     # sharing the env file refuses the same typo.
     "API_THREADS": Setting(OPTIONAL, integer(1)),
+    # The webhook dispatcher (docs/WEBHOOKS.md); the defaults live in app/webhooks/.
+    "WEBHOOK_TIMEOUT": Setting(OPTIONAL, positive_number),
+    "WEBHOOK_CONCURRENCY": Setting(OPTIONAL, integer(1, 64)),
+    "WEBHOOK_RETRY_BASE": Setting(OPTIONAL, positive_number),
+    "WEBHOOK_RETRY_MAX_DELAY": Setting(OPTIONAL, positive_number),
+    "WEBHOOK_RETRY_WINDOW": Setting(OPTIONAL, integer(1)),
+    "WEBHOOK_POLL_INTERVAL": Setting(OPTIONAL, positive_number),
+    "WEBHOOK_HOLE_TIMEOUT": Setting(OPTIONAL, positive_number),
+    "WEBHOOK_RETENTION": Setting(OPTIONAL, integer(0)),  # 0 keeps every finished delivery
     # The web dashboard at /ui (docs/DASHBOARD.md): on or off.
     "UI": Setting(True, switch),
 }

@@ -43,7 +43,7 @@ import flask_sqlalchemy.session
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
 import sqlalchemy.orm as so
-from flask import Flask, has_request_context, request
+from flask import Flask, current_app, has_request_context, request
 
 log = logging.getLogger("elemta.database")
 
@@ -71,7 +71,7 @@ class Session(flask_sqlalchemy.session.Session):
 
     def __init__(self, db: Any, **kwargs: Any) -> None:
         super().__init__(db, **kwargs)
-        self.autocommit_reads = has_request_context() and request.method in AUTOCOMMIT_METHODS
+        self.autocommit_reads = reads_autocommit()
 
     def transactional_bind(self, **kwargs: Any) -> sa.Engine | sa.Connection:
         return super().get_bind(**kwargs)
@@ -93,19 +93,49 @@ def writable(session: so.Session | so.scoped_session[Any]) -> Iterator[so.Sessio
     ``session`` itself, unless it is an autocommit read session: then a short-lived session on
     the same engine (and pool) with a transaction of its own, closed at the end.
     """
-    if isinstance(session, so.scoped_session):
-        session = session()
-    if isinstance(session, Session) and session.autocommit_reads:
-        bind = session.transactional_bind()
+    current: so.Session = session() if isinstance(session, so.scoped_session) else session
+    if isinstance(current, Session) and current.autocommit_reads:
+        bind = current.transactional_bind()
         if isinstance(bind, sa.Engine) and bind.dialect.name == "postgresql":
             with so.Session(bind=bind) as writer:
                 yield writer
             return
-    yield session
+    yield current
+
+
+def reads_autocommit() -> bool:
+    """Whether this is a GET/HEAD request, whose session reads on an autocommit connection."""
+    return has_request_context() and request.method in AUTOCOMMIT_METHODS
 
 
 @contextlib.contextmanager
-def unit_of_work(app: Flask) -> Iterator[so.scoped_session[Any]]:
+def read_connection(session: so.Session | so.scoped_session[Any]) -> Iterator[sa.Connection]:
+    """A connection for one Core read (plain columns, no ORM objects), returned at the end.
+
+    Given the scoped ``db.session`` in a GET/HEAD request that has not used its session yet, a
+    connection of the same pool on which that session would have read (autocommit on
+    PostgreSQL), without creating the ORM session for it: the session's creation, its
+    transaction bookkeeping and its close at teardown cost more CPU than the statement of
+    ``/api/queue/stats`` (docs/PERFORMANCE.md). The statement, the connection it runs on and
+    SQLAlchemy's error handling (translated errors, a lost connection invalidating the pool)
+    are the same. In every other case (a session already in use in this request, whose
+    uncommitted writes or transaction the read must see; outside requests; other methods) it
+    is the session's own connection, left open with the session.
+    """
+    if isinstance(session, so.scoped_session):
+        if not session.registry.has() and reads_autocommit():
+            engine: sa.Engine = current_app.extensions["sqlalchemy"].engine
+            if engine.dialect.name == "postgresql":
+                engine = autocommit_engine(engine)
+            with engine.connect() as connection:
+                yield connection
+            return
+        session = session()
+    yield session.connection()
+
+
+@contextlib.contextmanager
+def unit_of_work(app: Flask) -> Iterator[so.Session]:
     """One unit of work outside a request: the app context and its ``db.session``.
 
     Commits when the block ends, rolls back when it raises, and removes the session either
@@ -115,7 +145,8 @@ def unit_of_work(app: Flask) -> Iterator[so.scoped_session[Any]]:
     wrapper's, for the services that leave it to their caller.
     """
     with app.app_context():
-        session = app.extensions["sqlalchemy"].session
+        scoped: so.scoped_session[Any] = app.extensions["sqlalchemy"].session
+        session = scoped()  # this context's Session, the object db.session stands for
         try:
             yield session
             session.commit()
@@ -123,7 +154,7 @@ def unit_of_work(app: Flask) -> Iterator[so.scoped_session[Any]]:
             session.rollback()
             raise
         finally:
-            session.remove()
+            scoped.remove()
 
 
 @sa.event.listens_for(sa.pool.Pool, "checkout")

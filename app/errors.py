@@ -1,4 +1,4 @@
-"""The one JSON error shape for every failure (SPEC section 1).
+"""The one JSON error shape for every failure (API.md §1).
 
 ``{"error": "human readable", "code": "UPPER_SNAKE", "details": null | str | object}``
 
@@ -29,9 +29,12 @@ CODE_BY_STATUS = {
     405: "METHOD_NOT_ALLOWED",
     409: "CONFLICT",
     413: "PAYLOAD_TOO_LARGE",
+    # 414 and 431 come from the HTTP server (gunicorn, nginx) before the application runs.
+    414: "URI_TOO_LONG",
     415: "UNSUPPORTED_MEDIA_TYPE",
     422: "VALIDATION_ERROR",
     429: "RATE_LIMITED",
+    431: "HEADERS_TOO_LARGE",
     500: "INTERNAL_ERROR",
     503: "SERVICE_UNAVAILABLE",
 }
@@ -44,8 +47,10 @@ MESSAGE_BY_STATUS = {
     405: "Method not allowed",
     409: "Conflict",
     413: "Request body too large",
+    414: "Request line too long (URL and query over 8190 bytes)",
     415: "Unsupported media type; send application/json",
     429: "Rate limit exceeded",
+    431: "Request header fields too large",
     500: "Internal server error",
     503: "Service unavailable",
 }

@@ -1,23 +1,20 @@
-"""The single home of the Flask extensions and the project's flask-smorest flavour."""
+"""The single home of the Flask extensions: the database (``db``, ``Base``) and its settings.
+
+Light on purpose: the models import it, so every process does. The project's flask-smorest
+flavour (``Api``, ``Blueprint``, the contract's parser) lives in ``app/api.py`` and Flask-Migrate
+and flask-sock are set up by ``create_app`` for the API only, so the processes that serve no
+HTTP (worker, listener, dispatcher) never import them (docs/PERFORMANCE.md, start-up).
+"""
 
 from __future__ import annotations
 
 import typing
 
-import flask
-import flask_smorest
-import marshmallow as ma
 import sqlalchemy as sa
-from flask_migrate import Migrate
-from flask_sock import Sock
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase
-from webargs import core as webargs_core
-from webargs.flaskparser import FlaskParser, is_json_request
 
 from .database import Session
-from .errors import ApiError, handle_http_exception
-from .http import UNSTORABLE_REFUSED, contains_unstorable
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -29,13 +26,21 @@ NAMING_CONVENTION = {
 
 
 class Base(DeclarativeBase):
+    """The typed declarative base of every model (app/models.py): ``class Message(Base)``.
+
+    Models subclass it, not ``db.Model``: Flask-SQLAlchemy builds ``db.Model`` from this class
+    at run time (same registry, same metadata), which a type checker cannot follow. Nothing uses
+    what ``db.Model`` adds (``Model.query``, bind keys, table auto-naming).
+    """
+
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
 # Session: GET requests read on autocommit connections on PostgreSQL (app/database.py).
 db = SQLAlchemy(model_class=Base, session_options={"class_": Session})
-migrate = Migrate()
-sock = Sock()
+
+
+PYSQLITE_DEFAULT_TIMEOUT_MS = 5000
 
 
 @sa.event.listens_for(sa.engine.Engine, "connect")
@@ -50,74 +55,12 @@ def _sqlite_pragmas(dbapi_connection: typing.Any, _record: typing.Any) -> None:
         return
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    # 30 s unless the engine was given a timeout of its own (``connect_args``: tests that
+    # lock the database for a few seconds make the writer give up sooner); pysqlite's own
+    # default is 5 s, which a busy worker and listener together can exceed.
+    cursor.execute("PRAGMA busy_timeout")
+    if cursor.fetchone()[0] == PYSQLITE_DEFAULT_TIMEOUT_MS:
+        cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
-
-
-class ErrorSchema(ma.Schema):
-    """The contract's error body (documentation of every error response)."""
-
-    error = ma.fields.String(required=True)
-    code = ma.fields.String(required=True)
-    details = ma.fields.Raw(allow_none=True)
-
-
-class Parser(FlaskParser):
-    """webargs parser speaking the contract: 400 (not 422), INVALID_JSON, 415."""
-
-    DEFAULT_VALIDATION_STATUS = 400
-
-    def load_json(self, req: flask.Request, schema: ma.Schema) -> typing.Any:
-        has_body = bool(req.content_length) or bool(req.get_data(cache=True))
-        if has_body and not is_json_request(req):
-            raise ApiError(
-                415, "UNSUPPORTED_MEDIA_TYPE", "Unsupported media type; send application/json"
-            )
-        data = super().load_json(req, schema)
-        if data is webargs_core.missing and not has_body:
-            raise ApiError(400, "INVALID_JSON", "A JSON object body is required")
-        if not isinstance(data, dict):
-            raise ApiError(400, "INVALID_JSON", "The JSON body must be an object")
-        if contains_unstorable(data):
-            raise ApiError(400, "VALIDATION_ERROR", UNSTORABLE_REFUSED)
-        return data
-
-    def _handle_invalid_json_error(self, error: Exception, req: flask.Request, *args: typing.Any,
-                                   **kwargs: typing.Any) -> typing.NoReturn:
-        raise ApiError(400, "INVALID_JSON", "Request body is not valid JSON")
-
-    def handle_error(self, error: ma.ValidationError, req: flask.Request, schema: ma.Schema, *,
-                     error_status_code: int | None,
-                     error_headers: typing.Mapping[str, str] | None) -> typing.NoReturn:
-        raise ApiError(400, "VALIDATION_ERROR", "Invalid request", _unwrap_location(error))
-
-
-def _unwrap_location(error: ma.ValidationError) -> typing.Any:
-    """webargs nests messages under the location ("query", "json"); the contract does not."""
-    messages = error.normalized_messages()
-    if isinstance(messages, dict):
-        flat: dict[str, typing.Any] = {}
-        for location, fields in messages.items():
-            if isinstance(fields, dict):
-                flat.update(fields)
-            else:
-                flat[location] = fields
-        return flat
-    return messages
-
-
-class Blueprint(flask_smorest.Blueprint):
-    """flask-smorest blueprint with the contract's parser."""
-
-    ARGUMENTS_PARSER = Parser()
-
-
-class Api(flask_smorest.Api):
-    """flask-smorest Api answering every HTTP error in the contract's shape."""
-
-    ERROR_SCHEMA = ErrorSchema
-
-    def handle_http_exception(self, error: typing.Any) -> flask.Response:
-        return handle_http_exception(error)

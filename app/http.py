@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, urlencode
 
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -21,7 +25,7 @@ SECURITY_HEADERS = {
 SECURITY_HEADER_ITEMS = tuple(SECURITY_HEADERS.items())
 
 
-# CORS (SPEC 9): what a browser page on an allowed origin may send and read.
+# CORS (API.md §9): what a browser page on an allowed origin may send and read.
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-API-Key, X-Request-ID"
 CORS_EXPOSE_HEADERS = ("X-Request-ID, X-Total-Count, Link, X-RateLimit-Limit, "
                        "X-RateLimit-Remaining, X-RateLimit-Reset, Retry-After")
@@ -79,14 +83,51 @@ def contains_unstorable(value: object) -> bool:
     ends a bound string at a NUL (``sender=%00`` became a LIKE pattern matching every message),
     PostgreSQL refuses NUL, and a lone surrogate cannot be encoded as UTF-8 at all (not in the
     database, not in a message). They are refused at the door, in the URL here and in JSON
-    bodies by the request parser.
+    bodies by the request parser. Walked with a stack, not recursion: how deep a value nests
+    is the client's choice.
     """
-    if isinstance(value, str):
-        return _UNSTORABLE.search(value) is not None
-    if isinstance(value, dict):
-        return any(contains_unstorable(k) or contains_unstorable(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(contains_unstorable(item) for item in value)
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _UNSTORABLE.search(item) is not None:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return False
+
+
+# No request body of this API nests deeper than a few levels; the limit leaves room for any
+# future one and stays far below what Python's parser and marshmallow can recurse through.
+MAX_JSON_DEPTH = 32
+# One token of a JSON text as far as nesting goes: a complete string (escapes included; its
+# brackets do not count), a bracket, or a quote that no string closes (the text is broken).
+_JSON_NESTING_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*+"|[\[\]{}]|"', re.DOTALL)
+
+
+def json_nests_deeper_than(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when the JSON text ``raw`` opens more than ``limit`` arrays/objects inside each other.
+
+    Checked on the text, before it is parsed: parsing and validating a value recurse once per
+    level, and ``[[[...]]]`` a thousand deep ends in RecursionError (a 500) rather than a 400.
+    One pass, linear in the length (an unterminated string ends the scan: the body is not JSON).
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # every body this API expects: no scan needed
+    depth = 0
+    for match in _JSON_NESTING_TOKEN.finditer(raw):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+        elif token == b'"':
+            break
     return False
 
 
@@ -113,6 +154,20 @@ def buffer_chunked_body(environ: dict, limit: int) -> None:
     environ["CONTENT_LENGTH"] = str(len(received))
     environ.pop("wsgi.input_terminated", None)
     environ.pop("HTTP_TRANSFER_ENCODING", None)
+
+
+def next_page_link(**query: str) -> str:
+    """``Link: <...>; rel="next"`` for this request's URL with ``query`` changed.
+
+    Absolute on ``ELEMTA_PUBLIC_URL`` when one is configured, relative to the host otherwise:
+    never built from the request's Host header or X-Forwarded-* (a client could make the API
+    hand out links to a host of its choice).
+    """
+    args = request.args.to_dict()
+    args.update(query)
+    # The public URL stands for the API's root, path prefix included (a proxy's location).
+    base = current_app.config["PUBLIC_URL"] or request.script_root
+    return f'<{base}{quote(request.path)}?{urlencode(args)}>; rel="next"'
 
 
 def current_request_id() -> str | None:
@@ -151,3 +206,34 @@ def register_request_hooks(app: Flask) -> None:
             headers["Cache-Control"] = "no-store"
         add_cors_headers(response)
         return response
+
+
+class _Conditional:
+    """``ETag`` and ``If-None-Match`` for a GET view (outermost decorator, above flask-smorest's,
+    so it sees the finished response).
+
+    The tag is a hash of the body: two requests that would get the same answer get the same
+    tag, and a client that sends it back gets ``304 Not Modified`` without a body. The answer
+    is still computed (its cost is the rollup read): what is saved is the transfer and the
+    client's work. ``Cache-Control: no-store`` stays (API.md §9): a browser's own cache does
+    not keep these answers, so ``fetch()`` never sends ``If-None-Match`` by itself and always
+    gets the data; clients that keep the last answer (scripts, proxies, monitoring) revalidate.
+    """
+
+    HEADERS = {"ETag": {"schema": {"type": "string"},
+                        "description": "Tag of this answer; send it as If-None-Match"}}
+    NOT_MODIFIED = "Not modified: the If-None-Match tag is the current answer's"
+
+    def __call__(self, view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            response = view(*args, **kwargs)
+            if isinstance(response, Response) and response.status_code == 200:
+                response.add_etag()
+                response.make_conditional(request)
+            return response
+
+        return wrapper
+
+
+conditional = _Conditional()

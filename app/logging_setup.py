@@ -1,7 +1,14 @@
-"""JSON logs for every Elemta process: on stdout for the services (API, worker, listener), on
-stderr for other CLI commands (their stdout is data).
+"""Logs of every Elemta process: on stdout for the services (API, worker, listener), on stderr
+for other CLI commands (their stdout is data).
 
-One line per record: ``timestamp``, ``level``, ``logger``, ``message``, ``role``, ``pid`` and,
+``ELEMTA_LOG_FORMAT`` chooses the shape: ``json`` (one object per line, for journald, jq and
+log shippers), ``text`` (one human line per record) or ``auto`` (the default): text when the
+stream is a terminal, JSON otherwise (a pipe, a file, systemd). On a terminal in ``auto`` an
+interactive CLI command (``flask apikey create``, ``flask logs prune`` ...) shows only warnings
+and errors: its own output is what the operator asked for. The database handler still stores
+every record at ``ELEMTA_LOG_LEVEL``.
+
+One JSON line per record: ``timestamp``, ``level``, ``logger``, ``message``, ``role``, ``pid`` and,
 inside an HTTP request, ``request_id`` (the response's ``X-Request-ID``). gunicorn's own logs go
 through the same handler (``logconfig_dict`` in gunicorn.conf.py); its access log lines carry
 method, path, status, duration and the request id as separate fields.
@@ -13,6 +20,7 @@ Only the handler added here is managed here: other handlers (the database handle
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import re
@@ -21,9 +29,12 @@ from typing import Any
 
 from flask import Flask, g, has_request_context
 from flask.logging import default_handler
+from pythonjsonlogger.json import JsonEncoder
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 
 ROLE_ENV = "ELEMTA_PROCESS_ROLE"
+FORMAT_ENV = "ELEMTA_LOG_FORMAT"
+FORMATS = ("auto", "json", "text")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
           "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL,
           "critical": logging.CRITICAL}
@@ -36,7 +47,8 @@ _ACCESS_FIELDS = {"h": "remote_addr", "{x-forwarded-for}i": "forwarded_for", "m"
 
 
 def detect_role(argv: list[str] | None = None) -> str:
-    """``api`` under gunicorn, ``worker``/``smtpd`` for those commands, else ``cli``."""
+    """``api`` under gunicorn, ``worker``/``smtpd`` for those commands, ``webhooks`` for the
+    webhook dispatcher, else ``cli``."""
     given = os.environ.get(ROLE_ENV)
     if given:
         return given
@@ -47,6 +59,8 @@ def detect_role(argv: list[str] | None = None) -> str:
     commands = [arg for arg in argv[1:] if not arg.startswith("-")]
     if commands and commands[0] in ("worker", "smtpd"):
         return commands[0]
+    if commands[:2] == ["webhook", "dispatch"]:
+        return "webhooks"
     return "cli"
 
 
@@ -66,12 +80,44 @@ class JsonFormatter(_JsonFormatter):
         kwargs.setdefault("reserved_attrs", _RESERVED)
         super().__init__(**kwargs)
         self.role = role or detect_role()
+        # The common record (no extra= fields, no exception or stack, a text message) takes a
+        # short path to the same line: python-json-logger's format, add_fields and
+        # merge_record_extra cost ~3x the line itself (the listener writes one per message).
+        self._plain_keys = frozenset(self._skip_fields)
+        self._fast_encoder = (
+            JsonEncoder(ensure_ascii=self.json_ensure_ascii)
+            if (self.json_encoder is JsonEncoder and self.json_default is None
+                and self.json_indent is None and self.json_serializer is json.dumps
+                and not (self.defaults or self.static_fields or self.rename_fields
+                         or self.timestamp or self.prefix)
+                and set(self._required_fields) <= {"message"})
+            else None)
+
+    def format(self, record: logging.LogRecord) -> str:
+        encoder = self._fast_encoder
+        if (encoder is None or record.exc_info or record.exc_text or record.stack_info
+                or isinstance(record.msg, dict) or record.name == "gunicorn.access"
+                or not record.__dict__.keys() <= self._plain_keys):
+            return super().format(record)
+        # What python-json-logger and add_fields below make of such a record, field for
+        # field and in the same order (tests/test_logging_setup.py compares the two).
+        record.message = message = record.getMessage()
+        return encoder.encode({
+            "timestamp": (dt.datetime.fromtimestamp(record.created, dt.UTC)
+                          .isoformat(timespec="milliseconds").replace("+00:00", "Z")),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": message,
+            "role": self.role,
+            "pid": record.process,
+            "request_id": getattr(record, "request_id", None),
+        })
 
     def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord,
                    message_dict: dict[str, Any]) -> None:
         extras: dict[str, Any] = {}
         super().add_fields(extras, record, message_dict)  # extra= fields of the call
-        log_data["timestamp"] = (dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
+        log_data["timestamp"] = (dt.datetime.fromtimestamp(record.created, dt.UTC)
                                  .isoformat(timespec="milliseconds").replace("+00:00", "Z"))
         log_data["level"] = record.levelname.lower()
         log_data["logger"] = record.name
@@ -112,38 +158,94 @@ _RESERVED = [
 ]
 
 
-class StdoutJsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """JSON lines to the *current* ``sys.stdout`` (test runners swap it between tests).
+class TextFormatter(logging.Formatter):
+    """One human line: ``15:04:05 worker warning elemta.delivery: message [req-id]``."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        line = f"{stamp} {self.role} {record.levelname.lower()} {record.name}: "
+        line += record.getMessage()
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            line += f" [{request_id}]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class StdoutJsonHandler(logging.StreamHandler):
+    """Log lines to the *current* ``sys.stdout`` (test runners swap it between tests).
 
     CLI commands log to stderr instead: their stdout is data (``flask apikey create`` prints
     the key alone, ``--json`` output must parse), and ``KEY=$(flask apikey create ...)`` works.
+    JSON or text per ``ELEMTA_LOG_FORMAT``, decided per record: the stream may change.
     """
 
-    def __init__(self, role: str | None = None) -> None:
+    def __init__(self, role: str | None = None, log_format: str | None = None) -> None:
         super().__init__()
         self.setFormatter(JsonFormatter(role=role))
         self.addFilter(RequestIdFilter())
+        given = (log_format or os.environ.get(FORMAT_ENV) or "auto").strip().lower()
+        self.log_format = given if given in FORMATS else "auto"
 
-    @property  # type: ignore[override]
+    @property
+    def role(self) -> str:
+        return str(getattr(self.formatter, "role", "cli"))
+
+    @property
     def stream(self) -> Any:
-        return sys.stderr if getattr(self.formatter, "role", None) == "cli" else sys.stdout
+        return sys.stderr if self.role == "cli" else sys.stdout
 
     @stream.setter
     def stream(self, _value: Any) -> None:
         pass
 
+    def _as_text(self) -> bool:
+        if self.log_format == "auto":
+            return _is_terminal(self.stream)
+        return self.log_format == "text"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # An operator typing a command on a terminal wants its answer, not its info chatter.
+        if (record.levelno < logging.WARNING and self.role == "cli"
+                and self.log_format == "auto" and _is_terminal(self.stream)):
+            return False
+        return bool(super().filter(record))
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._as_text():
+            return TextFormatter(self.role).format(record)
+        return super().format(record)
+
 
 def configure_logging(app: Flask, role: str | None = None) -> None:
-    """Send every record of this process as a JSON line to stdout, once per process."""
+    """Send every record of this process as a log line to stdout, once per process."""
     role = role or detect_role()
     level = LEVELS.get(str(app.config.get("LOG_LEVEL", "info")).lower(), logging.INFO)
+    log_format = str(app.config.get("LOG_FORMAT", "auto")).lower()
     root = logging.getLogger()
     ours = [h for h in root.handlers if isinstance(h, StdoutJsonHandler)]
     if not ours:
-        root.addHandler(StdoutJsonHandler(role))
+        root.addHandler(StdoutJsonHandler(role, log_format))
     else:
         for handler in ours:
-            handler.formatter.role = role  # type: ignore[union-attr]
+            if isinstance(handler.formatter, JsonFormatter):
+                handler.formatter.role = role
+            handler.log_format = log_format
     root.setLevel(level)
+    # alembic announces each of its plugins at INFO when it is imported, which create_app does
+    # after this (for the API only): chatter, and on stdout it would precede a command's --json.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     # Flask's own stderr handler would print every app.logger record a second time.
     app.logger.removeHandler(default_handler)

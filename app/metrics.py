@@ -1,4 +1,4 @@
-"""Prometheus metrics at ``/metrics`` (SPEC 5), correct under several gunicorn workers.
+"""Prometheus metrics at ``/metrics`` (API.md §5), correct under several gunicorn workers.
 
 Two kinds of figures:
 
@@ -14,12 +14,13 @@ Two kinds of figures:
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import sqlalchemy.orm as so
 from flask import Flask, Response, current_app, g, request
@@ -27,6 +28,8 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
+    Counter,
+    Gauge,
     Histogram,
     generate_latest,
     values,
@@ -35,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from .control.state import destination_states
 from .database import unit_of_work
 from .delivery.maintenance import newest_heartbeat
 from .errors import is_database_unavailable
@@ -44,6 +48,7 @@ from .queue.service import oldest_per_state
 from .stats.service import outcome_totals
 from .timeutil import utcnow
 from .version import __version__
+from .webhooks.service import dispatcher_backlog
 
 log = logging.getLogger("elemta.metrics")
 
@@ -104,6 +109,35 @@ def observe_delivery_latency(seconds: float) -> None:
     _histograms()[1].observe(max(0.0, float(seconds)))
 
 
+@functools.cache
+def _webhook_metrics() -> tuple[Counter, Counter, Gauge]:
+    """(attempts by result, deliveries given up, last success time) of the webhook dispatcher,
+    made on first use in the dispatcher process."""
+    multiprocess_dir()
+    return (
+        Counter("elemta_webhook_attempts", "Webhook requests made, by result "
+                "(success: a 2xx answer; failure: any other answer, or none)", ["result"]),
+        Counter("elemta_webhook_deliveries_failed",
+                "Webhook deliveries given up at the end of their retry window"),
+        Gauge("elemta_webhook_last_success_timestamp_seconds",
+              "When a webhook request last succeeded (Unix time)", multiprocess_mode="max"),
+    )
+
+
+def observe_webhook_attempt(*, succeeded: bool, gave_up: bool) -> None:
+    """Count one webhook request (called by ``flask webhook dispatch`` as it records it).
+
+    Visible in the API's ``/metrics`` when the dispatcher runs on the same host with the same
+    ``PROMETHEUS_MULTIPROC_DIR`` as gunicorn, as the delivery latency (docs/OPERATIONS.md).
+    """
+    attempts, failed, last_success = _webhook_metrics()
+    attempts.labels("success" if succeeded else "failure").inc()
+    if succeeded:
+        last_success.set(time.time())
+    if gave_up:
+        failed.inc()
+
+
 class DatabaseCollector(Collector):
     """Queue, outcome and worker figures read from the database at scrape time."""
 
@@ -162,11 +196,54 @@ class DatabaseCollector(Collector):
             heartbeat.add_metric([], max(0.0, (now - newest).total_seconds()))
             yield heartbeat
 
+        yield from _destination_figures(session, now)
+        yield from _webhook_figures(session, now)
+
+
+def _webhook_figures(session: so.Session, now: dt.datetime) -> Iterator[Metric]:
+    """The webhook dispatcher's backlog and liveness (docs/WEBHOOKS.md)."""
+    backlog = dispatcher_backlog(session)
+    pending = GaugeMetricFamily("elemta_webhook_pending_deliveries",
+                                "Webhook deliveries waiting to be sent (or retried), per webhook",
+                                labels=["webhook"])
+    for webhook_id, count in sorted(backlog.pending_by_webhook.items()):
+        pending.add_metric([str(webhook_id)], count)
+    yield pending
+    newest = newest_heartbeat(session, dispatcher=True)
+    if newest is not None:
+        heartbeat = GaugeMetricFamily(
+            "elemta_webhook_dispatcher_heartbeat_age_seconds",
+            "Seconds since the webhook dispatcher's newest heartbeat (absent without one)")
+        heartbeat.add_metric([], max(0.0, (now - newest).total_seconds()))
+        yield heartbeat
+
+
+def _destination_figures(session: so.Session, now: dt.datetime) -> Iterator[Metric]:
+    """Delivery control (docs/DELIVERY.md): backoff and shared limits per destination."""
+    level = GaugeMetricFamily("elemta_destination_backoff_level",
+                              "Adaptive backoff level per destination (0: as its policy says)",
+                              labels=["destination"])
+    paused = GaugeMetricFamily("elemta_destination_paused",
+                               "1 while a throttled destination is paused", labels=["destination"])
+    throttles = CounterMetricFamily("elemta_destination_throttles",
+                                    "Throttling replies that backed a destination off",
+                                    labels=["destination"])
+    connections = GaugeMetricFamily("elemta_destination_connections",
+                                    "Connection slots in use per destination (shared limits)",
+                                    labels=["destination"])
+    for row in destination_states(session, now):
+        name = [row["destination"]]
+        level.add_metric(name, row["backoff_level"])
+        paused.add_metric(name, 1 if row["paused_until"] else 0)
+        throttles.add_metric(name, row["throttles"])
+        connections.add_metric(name, row["connections"])
+    yield from (level, paused, throttles, connections)
+
 
 class _ProcessCollector(Collector):
     """This process's own metrics (single-process mode: dev server, tests, CLI)."""
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterable[Metric]:
         return REGISTRY.collect()
 
 
@@ -209,6 +286,7 @@ def _observe_request(response: Response) -> Response:
 
 
 def metrics_view() -> Response:
+    # The app itself, not the proxy: Flask types current_app as Flask, not as a LocalProxy.
     return Response(render_metrics(current_app._get_current_object()),  # type: ignore[attr-defined]
                     content_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})
 

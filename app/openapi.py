@@ -34,7 +34,7 @@ def openapi_settings(version: str) -> dict[str, str]:
 
 
 def document_security(api: Any) -> None:
-    """The two ways to present an API key (SPEC 8), offered on every operation."""
+    """The two ways to present an API key (API.md §8), offered on every operation."""
     api.spec.components.security_scheme(
         "bearerAuth", {"type": "http", "scheme": "bearer",
                        "description": "Authorization: Bearer elemta_..."})

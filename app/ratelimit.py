@@ -1,4 +1,4 @@
-"""Rate limiting (SPEC 9) with Flask-Limiter, one Limiter per application.
+"""Rate limiting (API.md §9) with Flask-Limiter, one Limiter per application.
 
 - Every request of a client counts against ``ELEMTA_RATELIMIT_DEFAULT`` (600 per minute), one
   budget across all endpoints.
@@ -27,11 +27,13 @@ import math
 import re
 import time
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from flask_limiter import Limit, Limiter, RateLimitExceeded, RequestLimit
 from flask_limiter._limits import RuntimeLimit
 from flask_limiter.constants import ConfigVars
+from limits import RateLimitItem
 from limits.storage import MemoryStorage
+from limits.strategies import FixedWindowRateLimiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .auth.guard import client_identity
@@ -68,6 +70,7 @@ class SweepingMemoryStorage(MemoryStorage):
         now = time.monotonic()
         if now >= self.next_sweep:
             self.next_sweep = now + self.SWEEP_INTERVAL
+            # limits' private (name-mangled) method, which its types do not declare.
             self._MemoryStorage__expire_events()  # type: ignore[attr-defined]
 
 
@@ -81,6 +84,15 @@ def is_exempt() -> bool:
     # Preflights do nothing and browsers send one per distinct request: do not count them.
     return (request.path in EXEMPT_PATHS or request.method == "OPTIONS"
             or request.blueprint in EXEMPT_BLUEPRINTS)
+
+
+def request_identity() -> str:
+    """What Flask-Limiter calls the request: its endpoint, and a name for requests without one.
+
+    Flask-Limiter exempts requests without an endpoint (unknown routes, wrong methods); every
+    request counts here (docs/SECURITY.md), so those get a name of their own.
+    """
+    return request.endpoint or "<unrouted>"
 
 
 def is_strict() -> bool:
@@ -115,6 +127,7 @@ class BudgetLimiter(Limiter):
     """
 
     def __init__(self, *args: object, key_prefix: str, **kwargs: object) -> None:
+        # Everything else goes to Flask-Limiter as given; its typed keywords cannot be forwarded.
         super().__init__(*args, key_prefix=key_prefix, **kwargs)  # type: ignore[arg-type]
         self.prefix = key_prefix
         self.budgets: dict[str, list[RuntimeLimit]] = {}
@@ -133,6 +146,8 @@ class BudgetLimiter(Limiter):
         for limits in self.budgets.values():
             limits.sort(key=lambda lim: lim.limit)
 
+    # The decorators only note that the generic path is needed, then pass everything through:
+    # Flask-Limiter's overloaded signatures cannot be forwarded through *args/**kwargs.
     def limit(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
         self.lean = False
         return super().limit(*args, **kwargs)  # type: ignore[arg-type]
@@ -143,7 +158,23 @@ class BudgetLimiter(Limiter):
 
     def exempt(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
         self.lean = False
-        return super().exempt(*args, **kwargs)  # type: ignore[arg-type]
+        return super().exempt(*args, **kwargs)  # type: ignore[call-overload]
+
+    def _hit(self, item: RateLimitItem, args: list[str], key: str | None = None) -> bool:
+        """One hit on ``item``; with a fixed window, also what remains after this very hit.
+
+        The counter's increment is atomic and answers with the new count, so each of several
+        concurrent requests learns its own position. Reading the window again afterwards (as
+        ``RequestLimit.window`` does) gives concurrent requests the same later count, and
+        X-RateLimit-Remaining repeated values. The other strategies have no such answer.
+        """
+        if not isinstance(self.limiter, FixedWindowRateLimiter):
+            return self.limiter.hit(item, *args, cost=1)
+        key = key or item.key_for(*args)
+        count = self.limiter.storage.incr(key, item.get_expiry(), amount=1)
+        remaining = g.setdefault("ratelimit_remaining", {})
+        remaining[key] = max(0, item.amount - count)
+        return count <= item.amount
 
     def _check_request_limit(self, callable_name: str | None = None,
                              in_middleware: bool = True) -> None:
@@ -152,9 +183,11 @@ class BudgetLimiter(Limiter):
             return
         if not (self.enabled and self.initialized):
             return
-        # Flask-Limiter's exemptions: no endpoint (an unknown route), static files, the filter.
+        # Flask-Limiter's exemptions (static files, the filter), but not its exemption of
+        # requests without an endpoint: every request counts (docs/SECURITY.md), and a client
+        # over its budget must not go on probing unknown routes or wrong methods.
         endpoint = request.endpoint
-        if not endpoint or endpoint.rpartition(".")[2] == "static" or is_exempt():
+        if (endpoint and endpoint.rpartition(".")[2] == "static") or is_exempt():
             return
         scope = "strict" if is_strict() else "default"
         try:
@@ -167,7 +200,7 @@ class BudgetLimiter(Limiter):
             breached: RuntimeLimit | None = None
             for lim in self.budgets[scope]:
                 checked.append(RequestLimit(self, lim.limit, args, False, True))
-                if not self.limiter.hit(lim.limit, *args, cost=1):
+                if not self._hit(lim.limit, args, checked[-1].key):
                     log.info("ratelimit %s (%s) exceeded at endpoint: %s", lim.limit, client,
                              scope)
                     checked[-1].breached = True
@@ -194,6 +227,7 @@ def init_ratelimit(app: Flask) -> Limiter:
     cfg = app.config
     hops = cfg["TRUSTED_PROXIES"]
     if hops:
+        # Flask's documented way to wrap the WSGI app; its types declare wsgi_app a method.
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=hops, x_proto=hops)
 
@@ -208,6 +242,7 @@ def init_ratelimit(app: Flask) -> Limiter:
         storage_uri=storage_uri_of(cfg["RATELIMIT_STORAGE_URI"]),
         strategy=cfg["RATELIMIT_STRATEGY"],
         key_prefix=cfg["RATELIMIT_KEY_PREFIX"],
+        request_identifier=request_identity,
         # The headers are written below (flask-limiter would put Retry-After on every response).
         headers_enabled=False,
         swallow_errors=True,
@@ -222,7 +257,15 @@ def init_ratelimit(app: Flask) -> Limiter:
         if current is None:
             return response
         try:
-            reset_time, remaining = current.window  # one storage round trip
+            # This request's own count where the hit gave one (BudgetLimiter._hit): then only
+            # the window's end is read (what ``current.window`` reads with it), one storage
+            # call instead of two.
+            key = current.key
+            remaining = g.get("ratelimit_remaining", {}).get(key)
+            if remaining is None:
+                reset_time, remaining = current.window
+            else:
+                reset_time = limiter.limiter.storage.get_expiry(key)
             response.headers["X-RateLimit-Limit"] = str(current.limit.amount)
             response.headers["X-RateLimit-Remaining"] = str(max(0, remaining))
             # Epoch seconds at which the window ends; Retry-After: whole seconds until then.

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+from typing import overload
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(UTC)
+
+
+@overload
+def isoformat_z(value: dt.datetime) -> str: ...
+@overload
+def isoformat_z(value: None) -> None: ...
+@overload
+def isoformat_z(value: dt.datetime | None) -> str | None: ...
 
 
 def isoformat_z(value: dt.datetime | None) -> str | None:

@@ -1,1 +1,1 @@
-"""Elemta's benchmark (`make bench`): measures the targets of SPEC section 13."""
+"""Elemta's benchmark (`make bench`): measures the targets of API.md §13."""

@@ -1,7 +1,7 @@
 """Run the benchmark suites: ``python -m bench [suite ...] [--database-url URL] [--scale S]``.
 
 Each suite is a module ``bench/suite_<name>.py`` with ``run(options) -> list[Result]``. With no
-suite named, every suite runs. ``--scale full`` uses the data sizes of SPEC section 13 (ten
+suite named, every suite runs. ``--scale full`` uses the data sizes of API.md §13 (ten
 million events, a million queued messages: minutes of seeding on PostgreSQL); the default
 ``small`` scale checks the machinery quickly.
 """
@@ -13,9 +13,8 @@ import importlib
 import pkgutil
 import sys
 
-from bench.common import report, save
-
 import bench
+from bench.common import report, save
 
 
 def suites() -> list[str]:

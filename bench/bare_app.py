@@ -2,7 +2,7 @@
 
 ``gunicorn -c gunicorn.conf.py bench.bare_app:app`` serves it under exactly the settings of the
 real API (worker class, workers, threads, keep-alive, logging), so the ratio of the two
-throughputs is what the application's own stack costs (SPEC 13).
+throughputs is what the application's own stack costs (API.md §13).
 """
 
 from flask import Flask

@@ -1,4 +1,4 @@
-"""End-to-end delivery throughput (SPEC 13: >= 300 messages/s): worker -> local SMTP sink.
+"""End-to-end delivery throughput (API.md §13: >= 300 messages/s): worker -> local SMTP sink.
 
 For each backend (SQLite file, PostgreSQL) the suite queues N messages (one recipient each,
 ~1 KB, through the queue service's data model in bulk: queueing is not what is measured), starts
@@ -10,6 +10,14 @@ message arrived.
 
 PostgreSQL: ``--database-url`` / ``ELEMTA_BENCH_DATABASE_URL``, else a fresh database on
 ``ELEMTA_BENCH_PG_SERVER`` (default 127.0.0.1:5432, user postgres), dropped afterwards.
+
+``ELEMTA_BENCH_DELIVERY_POLICY=1`` adds a run on each backend under a default destination
+policy whose limits never bind (8 shared connection slots, 1,000,000 messages a minute): the
+cost of the policy checks themselves (a slot per connection, rate counters per message;
+docs/DELIVERY.md, "Delivery control"). ``ELEMTA_BENCH_DELIVERY_ROUNDS=N`` (default 1) repeats
+the pair N times per backend, alternating which goes first, and adds the medians of worker CPU
+per message with and without the policy (the machine's load moves wall time by tens of
+percent; CPU per message, same run, interleaved, is the comparison that holds).
 """
 
 from __future__ import annotations
@@ -25,9 +33,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.common import Result, free_port, postgres_database
+from bench.common import Result, free_port, percentile, postgres_database
 
-SIZES = {"small": 2000, "full": 10000}
+SIZES = {"small": 1000, "full": 10000}
 TARGET = 300.0
 
 
@@ -83,7 +91,10 @@ def queue_messages(app: Any, count: int) -> None:
         db.session.remove()
 
 
-def measure(url: str, count: int, label: str) -> Result:
+POLICY = {"kind": "default", "max_connections": 8, "messages_per_minute": 1_000_000}
+
+
+def measure(url: str, count: int, label: str, policy: dict[str, Any] | None = None) -> Result:
     from flask_migrate import upgrade
 
     from app import create_app
@@ -96,9 +107,14 @@ def measure(url: str, count: int, label: str) -> Result:
                           "LOG_LEVEL": "warning"})
         with app.app_context():
             upgrade()
+            if policy:
+                from app.control.policies import create_policy
+                create_policy(db.session, policy, "bench")
+                db.session.remove()
         queue_messages(app, count)
         log(f"{label}: {count} messages queued; delivering")
         worker = Worker(app)
+        control_cpu = _time_control(worker)
         start, cpu_start = time.perf_counter(), time.process_time()
         worker.run(once=True)
         elapsed = time.perf_counter() - start
@@ -118,16 +134,78 @@ def measure(url: str, count: int, label: str) -> Result:
                          "smtp_connections": counts.get("connections"),
                          "left_in_queue": left,
                          "worker_cpu_ms_per_msg": round(1000 * worker_cpu / count, 2),
+                         "control_cpu_ms_per_msg": round(1000 * sum(control_cpu) / count, 3),
                          "sink_cpu_ms_per_msg": round(1000 * counts["sink_cpu_s"] / count, 2),
                          "load_avg_1m": round(os.getloadavg()[0], 1)})
+
+
+CONTROL_CALLS = ("needs_hosts", "limits_for", "admit", "refund", "slot_busy", "take_slot",
+                 "give_slot", "observe", "housekeeping", "close")
+
+
+def _time_control(worker: Any) -> list[float]:
+    """The CPU time of the worker's delivery-control calls (``control/gate.py``: policy
+    lookup, admission, rate reservations, connection slots, backoff, housekeeping), per
+    thread (``time.thread_time``), summed: the policy checks themselves, apart from the rest
+    of the worker. Wraps the calls on this worker's instance only."""
+    spent: list[float] = []
+    control = worker.control
+    for name in CONTROL_CALLS:
+        call = getattr(control, name)
+
+        def timed(*args: Any, _call: Any = call, **kwargs: Any) -> Any:
+            begun = time.thread_time()
+            try:
+                return _call(*args, **kwargs)
+            finally:
+                spent.append(time.thread_time() - begun)  # list.append is thread-safe
+
+        setattr(control, name, timed)
+    return spent
 
 
 def run(options: Any) -> list[Result]:
     count = SIZES[getattr(options, "scale", "small")]
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        results.append(measure(f"sqlite:///{tmp}/bench.db", count, "SQLite"))
+    policies: list[tuple[str, dict[str, Any] | None]] = [("", None)]
+    if os.environ.get("ELEMTA_BENCH_DELIVERY_POLICY"):
+        policies.append((", default policy", POLICY))
+    rounds = max(1, int(os.environ.get("ELEMTA_BENCH_DELIVERY_ROUNDS", "1")))
     given = getattr(options, "database_url", None) or os.environ.get("ELEMTA_BENCH_DATABASE_URL")
-    with postgres_database(given, "delivery") as url:
-        results.append(measure(url, count, "PostgreSQL"))
+    cpu: dict[tuple[str, str], list[float]] = {}
+    control: dict[tuple[str, str], list[float]] = {}
+    for n in range(rounds):
+        for suffix, policy in policies if n % 2 == 0 else policies[::-1]:
+            for backend in ("SQLite", "PostgreSQL"):
+                if backend == "SQLite":
+                    with tempfile.TemporaryDirectory() as tmp:
+                        result = measure(f"sqlite:///{tmp}/bench.db", count, backend + suffix,
+                                         policy)
+                else:
+                    with postgres_database(given, "delivery") as url:
+                        result = measure(url, count, backend + suffix, policy)
+                results.append(result)
+                cpu.setdefault((backend, suffix), []).append(
+                    result.extra["worker_cpu_ms_per_msg"])
+                control.setdefault((backend, suffix), []).append(
+                    result.extra["control_cpu_ms_per_msg"])
+    if len(policies) > 1:
+        for backend in ("SQLite", "PostgreSQL"):
+            without, with_policy = (percentile(cpu[(backend, s)], 50) for s, _ in policies)
+            checks = percentile(control[(backend, policies[1][0])], 50) - percentile(
+                control[(backend, "")], 50)
+            results.append(Result(
+                name=f"policy checks' own CPU per message, share of the worker's, {backend}",
+                value=round(100 * checks / without, 1), unit="%", target=5.0,
+                notes=f"delivery-control calls timed per thread: median {checks:.3f} ms more "
+                      f"per message with the policy than without; worker {without:.2f} ms",
+                extra={"with": control[(backend, policies[1][0])],
+                       "without": control[(backend, "")]}))
+            results.append(Result(
+                name=f"worker CPU per message with a policy / without, {backend}",
+                value=round(100 * with_policy / without, 1), unit="%",
+                notes=f"medians of {rounds} interleaved round(s): {with_policy:.2f} vs "
+                      f"{without:.2f} ms", extra={"with": cpu[(backend, policies[1][0])],
+                                                  "without": cpu[(backend, "")],
+                                                  "load_avg_1m": round(os.getloadavg()[0], 1)}))
     return results

@@ -1,10 +1,12 @@
-"""HTTP throughput and API worker memory under gunicorn (SPEC 13).
+"""HTTP throughput and API worker memory under gunicorn (API.md §13).
 
 Two targets, on a fresh database of each kind (a temporary SQLite file, information; a
 PostgreSQL database created for the run and dropped after it, the target) migrated and filled
 by ``flask demo seed``:
 
-* **Throughput**: ``GET /api/queue/stats`` of the real app (``wsgi:app``) against a bare Flask
+* **Throughput**: ``GET /api/queue/stats``, ``/api/stats/delivery?timeScale=day`` and
+  ``/api/queue/pending?limit=100`` of the real app (``wsgi:app``, three ratios; with
+  ``ELEMTA_BENCH_BASELINE`` also an older commit's, served next to it) against a bare Flask
   JSON endpoint (``bench.bare_app:app``), both under ``gunicorn -c gunicorn.conf.py`` (its
   worker class, workers, threads and keep-alive; its JSON access log, written to a file), both
   started in the same run and measured in alternating rounds, 32 persistent keep-alive
@@ -32,6 +34,7 @@ them, so the split of the 32 between the workers is reported (the workers' CPU s
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -50,7 +53,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from bench.common import Result, free_port, percentile, postgres_database
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,10 +68,15 @@ GROWTH_TOLERANCE_MB = 2.0
 # production request path and is measured too.
 RATELIMIT = "1000000000 per minute"
 SIZES = {
-    "small": {"seconds": 5, "rounds": 2, "requests": 20_000, "messages": 300, "events": 5000},
+    "small": {"seconds": 3, "rounds": 2, "requests": 5_000, "messages": 300, "events": 5000},
     "full": {"seconds": 15, "rounds": 3, "requests": 100_000, "messages": 10_000,
              "events": 100_000},
 }
+
+
+# What each round measures, in this order (the first two: the API.md §13 ratio).
+PATHS = {"bare": "/bare", "app": "/api/queue/stats",
+         "stats": "/api/stats/delivery?timeScale=day", "page": "/api/queue/pending?limit=100"}
 
 
 def log(text: str) -> None:
@@ -155,18 +162,31 @@ def http_get(port: int, path: str, timeout: float = 10) -> tuple[int, dict[str, 
         conn.close()
 
 
+_next_port = [0]
+
+
+def server_port() -> int:
+    """Ephemeral, or the next of ``BENCH_PORT_BASE``+25.. (a range given to this run)."""
+    base = os.environ.get("BENCH_PORT_BASE")
+    if not base:
+        return free_port()
+    _next_port[0] += 1
+    return int(base) + 24 + _next_port[0]
+
+
 @contextmanager
 def gunicorn(name: str, module: str, path: str, env: dict[str, str], workers: int | None,
-             tmp: str) -> Iterator[Server]:
-    """gunicorn with the project's gunicorn.conf.py; waits until every worker has booted."""
-    port = free_port()
+             tmp: str, root: str = ROOT) -> Iterator[Server]:
+    """gunicorn with the project's gunicorn.conf.py (of ``root``, the code tree it runs);
+    waits until every worker has booted."""
+    port = server_port()
     env = env | {"ELEMTA_API_LISTEN": f"127.0.0.1:{port}"}
     if workers is not None:
         env["WEB_CONCURRENCY"] = str(workers)
     logfile = os.path.join(tmp, f"gunicorn-{name}-{port}.log")
     with open(logfile, "wb") as out:
         process = subprocess.Popen(
-            [os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py", module], cwd=ROOT,
+            [os.path.join(BIN, "gunicorn"), "-c", "gunicorn.conf.py", module], cwd=root,
             env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(name, process, port, path, logfile)
     try:
@@ -392,14 +412,17 @@ GENERATOR = ("wrk 1 thread, 32 connections" if HAVE_WRK
              else "Python fallback (wrk not installed): 32 threads, http.client keep-alive")
 
 
-def run_duration(server: Server, seconds: float) -> tuple[Load, dict[str, float]]:
-    """A timed run; with it the CPU each worker (and the master) spent, in seconds."""
+def run_duration(server: Server, seconds: float,
+                 path: str | None = None) -> tuple[Load, dict[str, float]]:
+    """A timed run (of ``path``, default the server's); with it the CPU each worker (and the
+    master) spent, in seconds."""
     pids = [server.process.pid, *server.workers]
     before = {pid: cpu_seconds(pid) for pid in pids}
+    path = path or server.path
     if HAVE_WRK:
-        load = wrk_duration(server.url, seconds)
+        load = wrk_duration(f"http://127.0.0.1:{server.port}{path}", seconds)
     else:
-        load = python_load(server.port, [("GET", server.path, {}, None)], seconds=seconds)
+        load = python_load(server.port, [("GET", path, {}, None)], seconds=seconds)
     cpu = {str(pid): round(cpu_seconds(pid) - before[pid], 2) for pid in pids}
     return load, cpu
 
@@ -407,20 +430,28 @@ def run_duration(server: Server, seconds: float) -> tuple[Load, dict[str, float]
 # --- the two measurements -----------------------------------------------------------------
 
 def throughput(label: str, env: dict[str, str], sizes: dict[str, Any], tmp: str,
-               target: float | None) -> list[Result]:
+               target: float | None, baseline: tuple[str, str] | None = None) -> list[Result]:
+    """The three ratios; with ``baseline`` (commit, exported tree) also that code's, served by
+    a third gunicorn in the same rounds (before/after in one run)."""
     seconds, rounds = sizes["seconds"], sizes["rounds"]
-    loads: dict[str, list[Load]] = {"bare": [], "app": []}
-    cpu_per_request: dict[str, list[float]] = {"bare": [], "app": []}
-    splits: dict[str, list[str]] = {"bare": [], "app": []}
-    with gunicorn("bare", "bench.bare_app:app", "/bare", env, None, tmp) as bare, \
-            gunicorn("app", "wsgi:app", "/api/queue/stats", env, None, tmp) as app:
-        servers = {"bare": bare, "app": app}
-        for server in servers.values():
-            run_duration(server, 3)  # warm-up: imports, connection pools, caches
+    keys = list(PATHS) + ([f"{key}@base" for key in PATHS if key != "bare"] if baseline else [])
+    loads: dict[str, list[Load]] = {key: [] for key in keys}
+    cpu_per_request: dict[str, list[float]] = {key: [] for key in keys}
+    splits: dict[str, list[str]] = {key: [] for key in keys}
+    with contextlib.ExitStack() as stack:
+        bare = stack.enter_context(gunicorn("bare", "bench.bare_app:app", "/bare", env, None, tmp))
+        app = stack.enter_context(gunicorn("app", "wsgi:app", "/api/queue/stats", env, None, tmp))
+        servers = {key: bare if key == "bare" else app for key in PATHS}
+        if baseline:
+            old = stack.enter_context(gunicorn("baseline", "wsgi:app", "/api/queue/stats", env,
+                                               None, tmp, root=baseline[1]))
+            servers |= {f"{key}@base": old for key in PATHS if key != "bare"}
+        for key, server in servers.items():
+            run_duration(server, 3, PATHS[key.split("@")[0]])  # warm-up: imports, pools
         # Alternating rounds: a change in the machine's load hits both sides alike.
         for n in range(rounds):
             for key, server in servers.items():
-                load, cpu = run_duration(server, seconds)
+                load, cpu = run_duration(server, seconds, PATHS[key.split("@")[0]])
                 log(f"{label} round {n + 1} {key}: {load.rps:.0f} req/s, p50 {load.p50_ms} ms, "
                     f"p99 {load.p99_ms} ms, cpu {cpu}, statuses {load.statuses}, "
                     f"load avg {os.getloadavg()[0]:.1f}")
@@ -432,9 +463,9 @@ def throughput(label: str, env: dict[str, str], sizes: dict[str, Any], tmp: str,
                 splits[key].append("/".join(f"{100 * c / max(sum(workers), 1e-9):.0f}"
                                             for c in workers))
     results = []
-    names = {"bare": "bare Flask JSON endpoint (bench/bare_app.py)",
-             "app": "GET /api/queue/stats"}
-    for key in ("bare", "app"):
+    names = {"bare": "bare Flask JSON endpoint (bench/bare_app.py)"} | {
+        key: f"GET {path}" for key, path in PATHS.items() if key != "bare"}
+    for key in PATHS:
         rates = [load.rps for load in loads[key]]
         results.append(Result(
             name=f"HTTP throughput, {names[key]}, {label}", value=round(statistics.median(rates)),
@@ -445,7 +476,7 @@ def throughput(label: str, env: dict[str, str], sizes: dict[str, Any], tmp: str,
                    "p99_ms": statistics.median(load.p99_ms for load in loads[key]),
                    "server_cpu_ms_per_req": round(statistics.median(cpu_per_request[key]), 3),
                    "worker_cpu_split_pct": splits[key]}))
-    ratios = [a.rps / b.rps for a, b in zip(loads["app"], loads["bare"])]
+    ratios = [a.rps / b.rps for a, b in zip(loads["app"], loads["bare"], strict=True)]
     ratio = results[1].value / results[0].value
     results.append(Result(
         name=f"HTTP throughput ratio, /api/queue/stats : bare Flask, {label}",
@@ -457,6 +488,32 @@ def throughput(label: str, env: dict[str, str], sizes: dict[str, Any], tmp: str,
                "server_cpu_ratio": round(results[0].extra["server_cpu_ms_per_req"]
                                          / results[1].extra["server_cpu_ms_per_req"], 3),
                "load_avg_1m": round(os.getloadavg()[0], 1)}))
+    for n, key in enumerate(("stats", "page"), start=2):
+        # The same figure for the other read paths (information: API.md §13 names queue stats).
+        ratios = [a.rps / b.rps for a, b in zip(loads[key], loads["bare"], strict=True)]
+        results.append(Result(
+            name=f"HTTP throughput ratio, {PATHS[key]} : bare Flask, {label}",
+            value=round(results[n].value / results[0].value, 3), unit="x",
+            notes="same gunicorn, same rounds as the queue stats",
+            extra={"round_ratios": [round(r, 3) for r in ratios],
+                   "load_avg_1m": round(os.getloadavg()[0], 1)}))
+    if baseline:
+        for key in PATHS:
+            if key == "bare":
+                continue
+            ratios = [a.rps / b.rps for a, b in zip(loads[f"{key}@base"], loads["bare"],
+                                                    strict=True)]
+            cpu = statistics.median(cpu_per_request[f"{key}@base"])
+            rate = statistics.median(load.rps for load in loads[f"{key}@base"])
+            results.append(Result(
+                name=f"HTTP throughput ratio, {PATHS[key]} : bare Flask, {label}, "
+                     f"baseline {baseline[0]}",
+                value=round(rate / results[0].value, 3), unit="x",
+                notes="the baseline's code, same bare server and rounds (median rates, as above)",
+                extra={"round_ratios": [round(r, 3) for r in ratios],
+                       "requests_per_s": round(rate),
+                       "server_cpu_ms_per_req": round(cpu, 3),
+                       "load_avg_1m": round(os.getloadavg()[0], 1)}))
     return results
 
 
@@ -549,13 +606,34 @@ def memory(label: str, env: dict[str, str], admin_key: str, total: int, tmp: str
     ]
 
 
+def export_baseline(commit: str, tmp: str) -> str:
+    """``commit``'s code tree (``git archive``), to serve next to the working tree's; a
+    directory is taken as such a tree."""
+    if os.path.isdir(commit):
+        return commit
+    tree = os.path.join(tmp, "baseline")
+    os.makedirs(tree)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", commit], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    return tree
+
+
 def measure(label: str, url: str, sizes: dict[str, Any], primary: bool) -> list[Result]:
-    """Throughput on every database; the memory run (minutes) on the target's only."""
+    """Throughput on every database; the memory run (minutes) on the target's only.
+
+    ``ELEMTA_BENCH_BASELINE=<commit or code tree>``: that app is measured too, in the same rounds
+    (its schema must be the working tree's: the database is migrated by the working tree).
+    ``ELEMTA_BENCH_HTTP_MEMORY=false`` skips the memory run.
+    """
     key = prepare(url, sizes)
     env = base_env(url)
+    commit = os.environ.get("ELEMTA_BENCH_BASELINE")
     with tempfile.TemporaryDirectory(prefix="elemta-bench-http-") as tmp:
-        results = throughput(label, env, sizes, tmp, RATIO_TARGET if primary else None)
-        if primary:
+        baseline = (commit, export_baseline(commit, tmp)) if commit else None
+        results = throughput(label, env, sizes, tmp, RATIO_TARGET if primary else None,
+                             baseline)
+        if primary and os.environ.get("ELEMTA_BENCH_HTTP_MEMORY", "true") != "false":
             results += memory(label, env, key, sizes["requests"], tmp, RSS_TARGET_MB,
                               GROWTH_TOLERANCE_MB)
     return results
@@ -565,7 +643,7 @@ def run(options: Any) -> list[Result]:
     sizes = SIZES[getattr(options, "scale", "small")]
     log(f"load generator: {GENERATOR}")
     results = []
-    # SPEC 13 names PostgreSQL; SQLite is reported for information.
+    # API.md §13 names PostgreSQL; SQLite is reported for information.
     given = getattr(options, "database_url", None) or os.environ.get("ELEMTA_BENCH_DATABASE_URL")
     with postgres_database(given, "http") as url:
         results.extend(measure("PostgreSQL", url, sizes, primary=True))

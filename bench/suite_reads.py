@@ -1,4 +1,4 @@
-"""Read paths at scale: delivery stats, queue stats and pages, message events (SPEC 13).
+"""Read paths at scale: delivery stats, queue stats and pages, message events (API.md §13).
 
 Data: ``flask demo seed`` machinery (``seed_history`` + ``seed_messages``) on PostgreSQL.
 ``--scale full``: 10 million history events over a year and 1 million queued messages (whose
@@ -34,7 +34,8 @@ from bench.common import Result, latency_results, time_calls
 
 SIZES = {"small": {"events": 50_000, "messages": 25_000, "repeat": 40, "raw_repeat": 5},
          "full": {"events": 10_000_000, "messages": 1_000_000, "repeat": 200, "raw_repeat": 5}}
-TARGETS = {"stats": 50.0, "queue_stats": 10.0, "queue_page": 25.0, "logs": 25.0}
+TARGETS = {"stats": 50.0, "queue_stats": 10.0, "queue_page": 25.0, "logs": 25.0,
+           "domains": 50.0, "queue_shape": 50.0}
 DEFAULT_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
@@ -90,8 +91,8 @@ def estimated_rows(session: Any, table: str) -> int:
 
 def seed(app: Flask, url: str, sizes: dict[str, int]) -> dict[str, float]:
     """Seed through the demo machinery unless the database already holds the data."""
-    from app.demo.messages import seed_messages
     from app.demo.history import seed_history
+    from app.demo.messages import seed_messages
     from app.extensions import db
 
     took: dict[str, float] = {}
@@ -120,7 +121,8 @@ def seed(app: Flask, url: str, sizes: dict[str, int]) -> dict[str, float]:
         start = time.perf_counter()
         dsn = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("VACUUM (ANALYZE) delivery_events, messages, recipients, message_contents")
+            conn.execute("VACUUM (ANALYZE) delivery_events, messages, recipients, "
+                         "message_contents, queue_shape_counts, queue_shape_deltas")
         took["vacuum_s"] = round(time.perf_counter() - start, 1)
     return took
 
@@ -203,6 +205,45 @@ def logs_messages(app: Flask, client: Any, event_type: str | None) -> tuple[Call
     return call, "route missing: same query + MessageEventSchema dump through app code"
 
 
+def measure_shape(app: Flask, client: Any, repeat: int, raw_repeat: int) -> list[Result]:
+    """``/api/queue/shape`` (kept counts, docs/QUEUE_SHAPE.md) and the direct GROUP BY it
+    replaces; the two must agree (checked here on the data measured)."""
+    from app.extensions import db
+    from app.queue import shape
+    from app.timeutil import utcnow
+
+    results: list[Result] = []
+    with app.app_context():
+        shape.fold(db.session)  # as the worker would have (every 5 s)
+        now = utcnow()
+        for by in ("domain", "sender_domain"):
+            kept = shape.read_shape(db.session, "all", by, top=1000, now=now)
+            direct = shape.direct_shape(db.session, "all", by, now)
+            if {row.domain: row.buckets for row in kept.rows} != direct:
+                raise AssertionError(f"queue shape by {by} differs from the direct GROUP BY")
+        db.session.remove()
+    for queue, by in (("all", "domain"), ("deferred", "domain"), ("all", "sender_domain")):
+        samples = time_calls(getter(client, f"/api/queue/shape?queue={queue}&by={by}"), repeat)
+        results.append(latency_results(f"GET /api/queue/shape?queue={queue}&by={by}", samples,
+                                       TARGETS["queue_shape"],
+                                       notes="equal to the direct GROUP BY (checked)"))
+
+    def direct(queue: str, by: str) -> Callable[[], Any]:
+        def call() -> Any:
+            with app.app_context():
+                found = shape.direct_shape(db.session, queue, by, utcnow())
+                db.session.remove()
+            return found
+        return call
+
+    for queue, by in (("all", "domain"), ("deferred", "domain")):
+        samples = time_calls(direct(queue, by), raw_repeat, warmup=1)
+        results.append(latency_results(f"direct GROUP BY queue shape, queue={queue} by={by}",
+                                       samples, None,
+                                       notes="comparison only; not how the API computes"))
+    return results
+
+
 def run(options: Any) -> list[Result]:
     sizes = SIZES[options.scale]
     given = options.database_url or os.environ.get("ELEMTA_BENCH_DATABASE_URL")
@@ -220,6 +261,24 @@ def run(options: Any) -> list[Result]:
             with app.app_context():
                 db.session.remove()
                 db.engine.dispose()
+    return results
+
+
+def measure_domains(client: Any, repeat: int) -> list[Result]:
+    """Per-domain statistics (docs/STATS.md): the domains' window, one domain's buckets with
+    its recent errors (a partial index), a rare failure class in the event listing."""
+    results = []
+    for scale in ("hour", "day", "week", "month"):
+        samples = time_calls(getter(client, f"/api/stats/domains?timeScale={scale}"), repeat)
+        results.append(latency_results(f"GET /api/stats/domains?timeScale={scale}", samples,
+                                       TARGETS["domains"]))
+    for scale in ("hour", "month"):
+        url = f"/api/stats/delivery?timeScale={scale}&domain=example.com"
+        samples = time_calls(getter(client, url), repeat)
+        results.append(latency_results(f"GET {url}", samples, TARGETS["stats"]))
+    url = "/api/logs/messages?limit=100&failure_class=spam"
+    samples = time_calls(getter(client, url), repeat)
+    results.append(latency_results(f"GET {url}", samples, TARGETS["logs"]))
     return results
 
 
@@ -243,6 +302,7 @@ def measure(app: Flask, sizes: dict[str, int], took: dict[str, float]) -> list[R
         samples = time_calls(getter(client, f"/api/stats/delivery?timeScale={scale}"), repeat)
         results.append(latency_results(f"GET /api/stats/delivery?timeScale={scale}", samples,
                                        TARGETS["stats"], notes=data))
+    results.extend(measure_domains(client, repeat))
     for scale in ("hour", "day", "week", "month"):
         samples = time_calls(raw_group_by(app, scale), sizes["raw_repeat"], warmup=1)
         results.append(latency_results(f"raw GROUP BY delivery_events, {scale} window", samples,
@@ -265,6 +325,8 @@ def measure(app: Flask, sizes: dict[str, int], took: dict[str, float]) -> list[R
                          max(10, repeat // 4))
     results.append(latency_results("GET /api/queue/deferred?domain=example.com (filtered)",
                                    samples, None, notes="info: filtered total is a real count"))
+
+    results.extend(measure_shape(app, client, repeat, sizes["raw_repeat"]))
 
     for event_type in (None, "delivery", "rejection"):
         call, how = logs_messages(app, client, event_type)

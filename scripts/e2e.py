@@ -98,7 +98,7 @@ def free_port() -> int:
 
 class KeepDataReply(smtplib.SMTP):
     """smtplib's client, keeping the reply to DATA that ``send_message()`` drops: its text
-    carries the queue id (SPEC 11)."""
+    carries the queue id (API.md §11)."""
 
     data_reply: tuple[int, bytes] = (0, b"")
 
@@ -462,6 +462,19 @@ def _run_checks(tmp: Path, env: dict[str, str], nginx: str, cert: Path, key: Pat
     if redirect.returncode == 0:
         check(redirect.stdout == "301", f"plain HTTP is not redirected to HTTPS: {redirect.stdout}")
     say("nginx proxies /livez, /readyz (request id echoed), HTTP redirects to HTTPS")
+
+    # What nginx refuses itself is the API's JSON error too (its error_page blocks).
+    for what, (status, expected, call) in {
+            "a 9 kB request line": (414, "URI_TOO_LONG",
+                                    lambda: client.call("GET", "/api/queue/all?x=" + "a" * 9000)),
+            "a 3 MB body": (413, "PAYLOAD_TOO_LARGE",
+                            lambda: client.call("POST", "/api/send-test", body="x" * 3_000_000)),
+    }.items():
+        got, headers, body = call()
+        check(got == status and isinstance(body, dict) and body.get("code") == expected
+              and set(body) == {"error", "code", "details"},
+              f"nginx answered {what} with {got} {headers.get('Content-Type')}: {str(body)[:200]}")
+    say("nginx's own 413 and 414 are the contract's JSON errors")
 
     if has_worker:
         health = wait_for(lambda: (lambda h: h if h["status"] == "healthy" else None)(

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import pytest
 import sqlalchemy as sa
+import sqlalchemy.orm as so
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 
@@ -28,11 +30,17 @@ from app.timeutil import utcnow
 
 PG_URL_ENV = "ELEMTA_TEST_DATABASE_URL"
 BACKENDS = ["sqlite", "postgresql"]
+PG_SKIP_REASON = (f"PostgreSQL tests need {PG_URL_ENV} "
+                  "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
 
 # Tables emptied between tests; queue_counts is reset rather than emptied.
 DATA_TABLES = [
     "recipients", "message_contents", "messages", "delivery_events", "delivery_rollup",
-    "queue_count_deltas", "system_logs", "api_keys", "worker_heartbeats", "dkim_keys",
+    "queue_count_deltas", "queue_shape_counts", "queue_shape_deltas", "system_logs", "api_keys",
+    "worker_heartbeats", "dkim_keys",
+    "webhook_attempts", "webhook_deliveries", "webhooks",
+    "delivery_policies", "connection_slots", "rate_counters", "destination_backoff",
+    "suppressions", "rules", "domain_rollup",
 ]
 
 
@@ -118,10 +126,24 @@ def database_url(request: pytest.FixtureRequest,
         return
     server = os.environ.get(PG_URL_ENV)
     if not server:
-        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} "
-                    "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
+        pytest.skip(PG_SKIP_REASON)
     with scratch_postgresql_database("elemta_test", server=server) as scratch:
         yield scratch.url
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+    """Every test skipped for want of PostgreSQL reports this file as its place.
+
+    ``-ra`` (setup.cfg) folds skips by place and reason: a SQLite-only run then prints one
+    ``SKIPPED [n] tests/conftest.py: PostgreSQL tests need ...`` line, not one per test module
+    and line, while the other skip reasons keep their places.
+    """
+    report = yield
+    if (report.skipped and isinstance(report.longrepr, tuple)
+            and str(report.longrepr[2]).endswith(PG_SKIP_REASON)):
+        report.longrepr = (__file__, None, report.longrepr[2])
+    return report
 
 
 def empty_database(app: Flask) -> None:
@@ -157,6 +179,18 @@ def make_app(database_url: str) -> Iterator:
 
 
 @pytest.fixture
+def fresh_app(make_app) -> Callable[..., Flask]:
+    """``make_app`` on this test's database emptied first: a listener test starts from no rows."""
+
+    def factory(**config: object) -> Flask:
+        app = make_app(**config)
+        empty_database(app)
+        return app
+
+    return factory
+
+
+@pytest.fixture
 def app(make_app) -> Iterator[Flask]:
     application = make_app()
     empty_database(application)
@@ -180,8 +214,93 @@ def runner(app: Flask) -> FlaskCliRunner:
 
 
 @pytest.fixture
-def session(app: Flask) -> Iterator:
-    """A database session inside an app context, for arranging and checking state."""
+def session(app: Flask) -> Iterator[so.Session]:
+    """The test's own database session, for arranging and checking state.
+
+    Not the app's ``db.session``, and no app context is held while the test runs: a request of
+    the test client pushes its own context and gets its own session, as in production. Holding a
+    context here made every request reuse it, so requests shared the test's session (identity
+    map, transaction) and its ``g``, and state left by one request leaked into the next
+    (docs/ARCHITECTURE.md, "Tests"). A test that calls something needing the app (a service
+    reading ``current_app.config``) wraps that call in ``with app.app_context():``.
+    """
     with app.app_context():
-        yield db.session
-        db.session.remove()
+        engine = db.engine
+    with so.Session(engine) as own:
+        yield own
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request, tmp_path) -> Iterator[str]:
+    """An empty, unmigrated database for a migration test (a PostgreSQL scratch one, or skip)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/migration.db"
+        return
+    if not os.environ.get(PG_URL_ENV):
+        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV}")
+    with scratch_postgresql_database("elemta_mig", migrate=False) as scratch:
+        yield scratch.url
+
+
+def schema_drift(connection: sa.Connection, tables: set[str]) -> list:
+    """Differences between the migrated schema and the models, for these tables only."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    diffs = compare_metadata(MigrationContext.configure(connection), db.metadata)
+    return [d for d in diffs if any(table in repr(d) for table in tables)]
+
+
+def assert_migration_round_trip(database_url: str, tables: set[str], down_to: str,
+                                left_alone: set[str] = frozenset()) -> None:
+    """The revision that adds ``tables``: after ``upgrade`` its schema is the models', a
+    downgrade to ``down_to`` removes exactly them (``left_alone``, tables of the revisions
+    below, stay), and an upgrade brings them back the same."""
+    from flask_migrate import downgrade, upgrade
+
+    app = create_app({"DATABASE_URL": database_url, "TESTING": True})
+    with app.app_context():
+        try:
+            upgrade()
+            with db.engine.connect() as conn:
+                assert tables <= set(sa.inspect(conn).get_table_names())
+                assert schema_drift(conn, tables) == []
+            downgrade(revision=down_to)
+            with db.engine.connect() as conn:
+                names = set(sa.inspect(conn).get_table_names())
+                assert not tables & names
+                assert left_alone <= names
+            upgrade()
+            with db.engine.connect() as conn:
+                assert schema_drift(conn, tables) == []
+        finally:
+            db.session.remove()
+            db.engine.dispose()
+
+
+def plan_of(client, session, url: str, marker: str) -> list[dict]:
+    """The executed plan (EXPLAIN ANALYZE, no timing) of the statement of ``url`` that
+    contains ``marker``: its nodes, flattened."""
+    engine = session.get_bind()
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if marker in statement:
+            statements.append((statement, parameters))
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        assert client.get(url).status_code == 200
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
+    [(statement, parameters)] = statements
+    with engine.connect() as conn:
+        [[plan]] = conn.exec_driver_sql(
+            f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) {statement}", parameters).all()
+
+    def nodes(node):
+        yield node
+        for child in node.get("Plans", []):
+            yield from nodes(child)
+
+    return list(nodes(plan[0]["Plan"]))

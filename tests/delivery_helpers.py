@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +18,7 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
+import pytest
 import sqlalchemy as sa
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
@@ -58,7 +63,7 @@ class _Handler:
         if b.stall_at == point:
             try:
                 await asyncio.wait_for(self.peer.release_stall.wait(), b.stall_seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if b.drop_at == point:
             server.transport.abort()
@@ -289,3 +294,35 @@ def rollup_rows(app: Flask) -> list[tuple[dt.datetime, str, int]]:
             sa.select(DeliveryRollup).order_by(DeliveryRollup.hour, DeliveryRollup.outcome))]
         db.session.remove()
         return rows
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker_process(database_url: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    """``flask worker [args]`` as a process of its own (to be killed), settings as
+    ELEMTA_<KEY>."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("ELEMTA_")}
+    environment.update({"FLASK_APP": "wsgi.py", "ELEMTA_DATABASE_URL": database_url,
+                        "ELEMTA_LOG_LEVEL": "warning"})
+    environment.update({f"ELEMTA_{k.upper()}": v for k, v in env.items()})
+    flask = os.path.join(os.path.dirname(sys.executable), "flask")
+    return subprocess.Popen([flask, "worker", *args], cwd=ROOT, env=environment,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    pytest.fail("condition not reached")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(10)
+    if process.stderr:
+        process.stderr.close()

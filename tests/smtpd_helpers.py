@@ -25,6 +25,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port`` of 127.0.0.1 (a stopped listener left it bindable)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @contextmanager
 def running_listener(app: Flask) -> Iterator[int]:
     """The listener of ``app`` on 127.0.0.1:<free port>; yields the port."""

@@ -1,4 +1,4 @@
-"""A pure-Python reference of the delivery statistics windows (SPEC 3), for the tests.
+"""A pure-Python reference of the delivery statistics windows (API.md §3), for the tests.
 
 Written from the calendar, not from the service: bucket keys are tuples (hour, date, ISO week,
 month), the window is walked back from ``now``'s key one calendar step at a time.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 SIZES = {"hour": 24, "day": 30, "week": 12, "month": 12}
 OUTCOMES = ("delivered", "failed", "deferred")
 

@@ -23,6 +23,7 @@ import ast
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -129,7 +130,7 @@ def test_the_import_graph_of_app_has_no_cycle() -> None:
     graph = {name: imports_of(name, modules) for name in modules}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(
-        f"{a} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
+        f"{a} (line {graph[a][b]})" for a, b in pairwise(cycle)) + f" -> {cycle[-1]}"
 
 
 def test_the_cycle_finder_finds_a_function_level_cycle() -> None:

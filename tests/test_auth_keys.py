@@ -1,4 +1,4 @@
-"""API keys: generation, storage (hash only), expiry, revocation, CLI and HTTP (SPEC 8)."""
+"""API keys: generation, storage (hash only), expiry, revocation, CLI and HTTP (API.md §8)."""
 
 from __future__ import annotations
 

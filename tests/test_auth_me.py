@@ -1,4 +1,4 @@
-"""``GET /api/auth/me`` (SPEC 8, docs/DASHBOARD.md section 2): who the caller is, in every
+"""``GET /api/auth/me`` (API.md §8, docs/DASHBOARD.md section 2): who the caller is, in every
 auth mode; a bad key is a 401 in every mode but off."""
 
 from __future__ import annotations

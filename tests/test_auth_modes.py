@@ -1,4 +1,4 @@
-"""ELEMTA_AUTH_MODE against every endpoint class, with every kind of credential (SPEC 8).
+"""ELEMTA_AUTH_MODE against every endpoint class, with every kind of credential (API.md §8).
 
 Classes: read (GET), mutate (POST), delete (DELETE), health (probes), keys (/api/auth/keys,
 admin only), WebSocket (GET upgrade, also ``?api_key=``). Credentials: none, a wrong key, a

@@ -245,6 +245,8 @@ def test_gunicorn_halts_with_the_reason_in_its_log():
     assert "Error: ELEMTA_LOG_QUEUE_SIZE: 'lots' is not a whole number" in done.stderr
     assert "configuration refused: ELEMTA_LOG_QUEUE_SIZE" in done.stdout  # the JSON log
     assert "Traceback" not in output
+    # Refused once, by the master, before any worker is forked (gunicorn.conf.py)
+    assert "Booting worker" not in output and output.count("configuration refused") == 1
 
 
 def test_a_misspelt_variable_is_named_in_a_warning(monkeypatch, caplog, tmp_path):

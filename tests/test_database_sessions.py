@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from flask.testing import FlaskClient
 
-from app.database import writable
+from app.database import Session, read_connection, writable
 from app.extensions import db
 from app.models import QueueCountDelta
 from app.queue import counters
@@ -81,6 +81,62 @@ def test_a_get_request_folds_the_counters_in_one_transaction(app, client, monkey
         assert db.session.scalar(sa.select(sa.func.count()).select_from(QueueCountDelta)) == 0
         db.session.remove()
     assert client.get("/api/queue/stats").get_json()["total"] == 5
+
+
+def test_a_get_request_reads_the_counts_without_creating_a_session(
+        app, client, anonymous_client, monkeypatch) -> None:
+    with app.app_context():
+        for state in ("pending", "held", "held"):
+            queue_message(db.session, state=state)
+        db.session.remove()
+    made = []
+    init = Session.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "__init__", spy)
+    expected = {"pending": 1, "deferred": 0, "held": 2, "failed": 0, "total": 3}
+    response = anonymous_client.get("/api/queue/stats")
+    assert response.status_code == 200
+    assert response.get_json() == expected
+    assert made == []
+    # With a key, the check already made the request's session: the read uses it.
+    response = client.get("/api/queue/stats")
+    assert response.get_json() == expected
+    assert len(made) == 1
+
+
+def test_read_connection_is_the_sessions_wherever_a_session_could_matter(
+        app, database_url) -> None:
+    postgresql = database_url.startswith("postgresql")
+    with app.test_request_context("/api/queue/stats", method="GET"):
+        with read_connection(db.session) as connection:
+            assert not db.session.registry.has()
+            if postgresql:
+                assert connection.connection.dbapi_connection.autocommit is True
+            assert connection.scalar(sa.text("SELECT 1")) == 1
+        assert connection.closed  # back to the pool
+        # A session already in use in this request: its connection (its transaction, its
+        # uncommitted writes), left open with it.
+        mine = db.session().connection()
+        with read_connection(db.session) as connection:
+            assert connection is mine
+        assert not mine.closed
+        db.session.remove()
+    # Not a GET request, or no request at all: the session's own connection.
+    with app.test_request_context("/api/queue/message/x/hold", method="POST"):
+        with read_connection(db.session) as connection:
+            assert db.session.registry.has()
+            assert connection is db.session().connection()
+        db.session.remove()
+    with app.app_context():
+        with read_connection(db.session) as connection:
+            assert connection is db.session().connection()
+            if postgresql:
+                assert connection.connection.dbapi_connection.autocommit is False
+        db.session.remove()
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ from app.delivery import maintenance
 from app.delivery.outcomes import OutcomePolicy, retry_delay
 from app.delivery.worker import Worker
 from app.models import DeliveryEvent, Message, Recipient, WorkerHeartbeat
-from app.queue.leases import lease_due
-from app.queue.leases import release_leases
+from app.queue.leases import lease_due, release_leases
 from app.queue.retention import purge_expired_failed
 from app.timeutil import utcnow
 from tests.delivery_helpers import Peer

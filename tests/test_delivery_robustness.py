@@ -35,8 +35,8 @@ from tests.smtpd_helpers import queued_id, running_listener
 UTF8_MESSAGE = ("From: a@example.com\r\nTo: undisclosed-recipients:;\r\n"
                 "Subject: Grüße\r\nMessage-ID: <utf8@example.com>\r\n\r\nHallo Jörg.\r\n"
                 ).encode()
-ASCII_MESSAGE = ("From: a@example.com\r\nTo: undisclosed-recipients:;\r\n"
-                 "Subject: Hello\r\nMessage-ID: <ascii@example.com>\r\n\r\nHello.\r\n").encode()
+ASCII_MESSAGE = (b"From: a@example.com\r\nTo: undisclosed-recipients:;\r\n"
+                 b"Subject: Hello\r\nMessage-ID: <ascii@example.com>\r\n\r\nHello.\r\n")
 
 
 @pytest.fixture

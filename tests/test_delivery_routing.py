@@ -11,6 +11,7 @@ import dns.resolver
 import pytest
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from app.delivery import routing
 from app.extensions import db
 from tests.delivery_helpers import (
     Behaviour,
@@ -118,14 +119,30 @@ def test_nxdomain_from_a_broken_resolver_defers(mx_app):
     assert rollup(app) == {"deferred": 1}
 
 
-def test_a_broken_resolver_is_logged_once_per_check(mx_app, caplog):
-    app = mx_app(free_port())
-    for n in range(3):
-        queue(app, recipients=(f"user@example{n}.net",))
-    with caplog.at_level("WARNING", logger="elemta.delivery"):
+def test_a_broken_resolver_is_logged_once_per_process(mx_app, caplog, monkeypatch):
+    """Several workers (routers) and threads meet the broken resolver: one warning, then one
+    notice when it works again."""
+    monkeypatch.setattr(routing, "dns_health_notice", routing.DnsHealthNotice())
+    app = mx_app(free_port(), send_bounces=False)
+
+    def said(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level("INFO", logger="elemta.delivery"):
+        for round_ in range(2):
+            for n in range(3):
+                queue(app, recipients=(f"user{round_}@example{n}.net",))
+            run_worker(app, FakeResolver({}, broken=True))
+        assert said("DNS is not working") == 1
+        # The next workers' resolver works (the root zone resolves): said once.
+        for n in range(2):
+            queue(app, recipients=(f"user@gone{n}.example",))
+            run_worker(app, FakeResolver({}))
+        assert said("DNS works again") == 1
+        # A later failure is news again.
+        queue(app, recipients=("user@example9.net",))
         run_worker(app, FakeResolver({}, broken=True))
-    warnings = [r for r in caplog.records if "DNS is not working" in r.getMessage()]
-    assert len(warnings) == 1
+        assert said("DNS is not working") == 2
 
 
 @pytest.mark.parametrize("error", [dns.exception.Timeout(timeout=1.0),

@@ -247,3 +247,40 @@ def test_a_message_whose_header_cannot_be_parsed_is_queued_unsigned(app, zone):
     assert code == 250  # DKIM never costs a message
     raw = raw_of(app, queued_id(reply))
     assert b"not a header line" in raw and signatures_of(raw) == []
+
+
+def test_a_group_commit_reads_the_keys_once_signs_every_message_and_a_retired_key_stops(app,
+                                                                                        zone):
+    """The listener's batch: one key query per transaction (no flush per message), each
+    message signed; the memo ends with the transaction, so a retired key signs nothing more."""
+    from app.smtpd.acceptor import Job, accept_batch
+    from app.smtpd.stamping import Trace
+
+    selector, _ = make_key(app, zone)
+    trace = Trace(helo="client.example", client_ip="127.0.0.1", hostname="mx.example",
+                  esmtp=True, tls=False, authenticated=False, smtputf8=False,
+                  recipients=("bob@example.net",))
+    raw = crlf(email_message(sender="Alice <alice@example.com>", subject="Batch"))
+    jobs = [Job("alice@example.com", ("bob@example.net",), raw, trace) for _ in range(5)]
+    statements: list[str] = []
+
+    def seen(_conn, _cursor, statement, *_args):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    with app.app_context():
+        engine = db.engine
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        ids = accept_batch(app, jobs)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", seen)
+    assert all(isinstance(i, str) for i in ids), ids
+    assert sum("FROM dkim_keys" in s for s in statements) == 1
+    for queue_id in ids:
+        assert [s.selector for s in signatures_of(raw_of(app, queue_id))] == [selector]
+
+    with app.app_context():
+        dkim_keys.retire_key(db.session, dkim_keys.find_key(db.session, "example.com", selector))
+        db.session.remove()
+    [later] = accept_batch(app, jobs[:1])
+    assert signatures_of(raw_of(app, later)) == []

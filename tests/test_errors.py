@@ -141,3 +141,11 @@ def test_openapi_document_lists_every_queue_endpoint(client):
     assert asset.status_code == 200 and len(asset.data) > 100_000
     asset.close()
     assert_error(client.get("/api/docs/static/../../app/config.py"), 404, "NOT_FOUND")
+
+
+def test_doubled_slashes_are_a_json_404_not_a_redirect(client):
+    """Werkzeug merged them with a 308 and an HTML body (a POST bounced to another URL)."""
+    for method, path in (("POST", "/api//queue/all/flush"), ("GET", "//api/queue/stats"),
+                         ("GET", "/api/queue//stats"), ("DELETE", "/api/auth//keys/1")):
+        body = assert_error(client.open(path, method=method), 404, "NOT_FOUND")
+        assert body["details"] is None

@@ -1,4 +1,4 @@
-"""Hardening (SPEC 1 and 9): CORS, headers, body limits, hostile parameters, every error status.
+"""Hardening (API.md §1 and §9): CORS, headers, body limits, hostile parameters, every error status.
 
 Hostile strings (SQL injection, path traversal, NUL, LIKE wildcards, markup) go into every
 parameter of every operation of the OpenAPI document: nothing may change in the database and no
@@ -212,7 +212,7 @@ def test_hostile_strings_in_every_parameter_change_nothing_and_leak_nothing(make
     before = snapshot(session)
     # No hostile string is a domain name, so the domain check refuses each before any DNS.
     defaults = {"message_id": real_id, "queue_type": "all", "key_id": str(key_id + 1000),
-                "domain": "example.invalid"}
+                "domain": "example.invalid", "webhook_id": "999999", "delivery_id": "999999"}
     count = 0
     for method, template, params in operations(client):
         for param in params:
@@ -220,10 +220,10 @@ def test_hostile_strings_in_every_parameter_change_nothing_and_leak_nothing(make
                 path = template
                 for other in params:
                     if other["in"] == "path" and other["name"] != param["name"]:
-                        path = path.replace("{%s}" % other["name"], defaults[other["name"]])
+                        path = path.replace("{" + other["name"] + "}", defaults[other["name"]])
                 query = ""
                 if param["in"] == "path":
-                    path = path.replace("{%s}" % param["name"], quote(hostile, safe=""))
+                    path = path.replace("{" + param["name"] + "}", quote(hostile, safe=""))
                 else:
                     path = path.replace("{message_id}", defaults["message_id"])
                     query = f"?{param['name']}={quote(hostile, safe='')}"
@@ -284,6 +284,31 @@ def test_unstorable_characters_in_json_bodies_are_refused(make_app, session, uns
     assert snapshot(session) == before
 
 
+@pytest.mark.parametrize("depth", [33, 900, 1000, 100_000])
+def test_deeply_nested_json_bodies_are_400_and_change_nothing(make_app, session, depth):
+    """``[[[...]]]`` once reached RecursionError (a 500) in the parser and the NUL check."""
+    client = make_app(ratelimit_strict="100000 per minute").test_client()
+    before = snapshot(session)
+    nested = "[" * depth + '"b@example.net"' + "]" * depth
+    for path, body in (
+            ("/api/send-test", f'{{"from": "a@example.com", "to": {nested}}}'),
+            ("/api/auth/keys", f'{{"name": "ok", "role": "read", "x": {nested}}}'),
+            ("/api/auth/keys", '{"name": ' + '{"a": ' * depth + "1" + "}" * depth + "}"),
+            ("/api/dkim/keys", f'{{"domain": "example.com", "selector": {nested}}}')):
+        response = client.post(path, data=body, content_type="application/json")
+        assert_error(response, 400, "INVALID_JSON")
+    assert snapshot(session) == before
+
+
+def test_brackets_inside_json_strings_do_not_count_as_nesting(make_app, session):
+    client = make_app(ratelimit_strict="100000 per minute").test_client()
+    subject = "[" * 200 + '\\"{' * 50
+    response = client.post("/api/send-test", data=(
+        '{"from": "a@example.com", "to": ["b@example.net"], "subject": "' + subject + '"}'),
+        content_type="application/json")
+    assert response.status_code == 200, response.get_json()
+
+
 def test_path_traversal_on_the_docs_assets(client):
     for path in ("/api/docs/static/../../../etc/passwd",
                  "/api/docs/static/%2e%2e/%2e%2e/app/config.py",
@@ -293,7 +318,7 @@ def test_path_traversal_on_the_docs_assets(client):
         assert b"root:x:0:0" not in response.data and b"ELEMTA_" not in response.data
 
 
-# --- every error status of SPEC 1, with its exact body ------------------------------------------
+# --- every error status of API.md §1, with its exact body ---------------------------------------
 
 def test_error_statuses_of_the_contract(make_app, session, anonymous_client, client):
     message_id = queue_message(session, state="held")
@@ -380,3 +405,14 @@ def test_api_key_in_a_websocket_query_never_reaches_the_access_log():
     line = json.loads(JsonFormatter(role="api").format(record))
     assert "elemta_secret" not in json.dumps(line)
     assert line["query"] == "since_event=3&api_key=[redacted]&x=1"
+
+
+def test_the_unstorable_check_walks_any_depth():
+    """It also guards values that never went through the JSON parser (the URL, the CLI)."""
+    from app.http import contains_unstorable
+
+    nested: list = ["ok"]
+    for _ in range(100_000):
+        nested = [nested, {"k": "v"}]
+    assert contains_unstorable(nested) is False
+    assert contains_unstorable([nested, {"k": ["\x00"]}]) is True

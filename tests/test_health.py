@@ -1,4 +1,4 @@
-"""SPEC 5: /api/health, /livez, /readyz, and recovery when the database comes back."""
+"""API.md §5: /api/health, /livez, /readyz, and recovery when the database comes back."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tests.helpers import assert_error, queue_message
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 DOCUMENT_KEYS = {"status", "uptime", "uptime_formatted", "started_at", "python_version",
-                 "num_threads", "memory", "database", "worker", "queue"}
+                 "num_threads", "memory", "database", "worker", "queue", "webhook_dispatcher"}
 
 
 @pytest.mark.parametrize(("seconds", "text"), [
@@ -124,6 +124,8 @@ def _assert_unhealthy(client) -> None:
     assert body["code"] == "SERVICE_UNAVAILABLE" and body["error"] and body["details"] is None
     assert body["database"] == {"status": "unavailable", "latency_ms": None}
     assert body["worker"] == {"status": "unknown", "last_heartbeat": None}
+    assert body["webhook_dispatcher"] == {"status": "unknown", "last_heartbeat": None,
+                                          "pending": None, "active_webhooks": None}
     assert body["queue"] is None
     assert body["uptime_formatted"] == format_uptime(body["uptime"])
     assert_error(client.get("/readyz"), 503, "SERVICE_UNAVAILABLE")

@@ -1,4 +1,4 @@
-"""The database logging handler (SPEC 4.1): every process's records, never in the way.
+"""The database logging handler (API.md §4.1): every process's records, never in the way.
 
 Each test installs the process's handler through ``create_app`` (``LOG_TO_DATABASE`` is off by
 default under TESTING) and shuts it down afterwards; no thread survives a test.
@@ -84,7 +84,7 @@ def test_records_reach_the_table_through_the_api(logging_app):
     log = logging.getLogger("elemta.test.api")
     log.info("first")
     log.error("second %s", "formatted")
-    assert handler.flush()
+    assert handler.drain()
     body = app.test_client().get("/api/logs?level=info").get_json()
     mine = [item for item in body["logs"] if item["logger"] == "elemta.test.api"]
     assert [(i["level"], i["message"]) for i in mine] == [("error", "second formatted"),
@@ -147,11 +147,11 @@ def test_records_made_while_writing_are_not_stored(logging_app):
     try:
         outside = logging.getLogger("elemta.test.outside")
         outside.error("one")
-        assert handler.flush()
+        assert handler.drain()
         logging.getLogger("sqlalchemy.pool").warning("never stored")
         logging.getLogger("elemta.logs.handler").error("never stored")
         outside.error("two")
-        assert handler.flush()
+        assert handler.drain()
     finally:
         sql_logger.setLevel(previous)
         sa.event.remove(handler._engine, "before_cursor_execute", log_inside)
@@ -305,7 +305,7 @@ def test_writing_resumes_when_the_database_is_back(logging_app, database_url, tm
         # creating the database takes long enough for the pause to reach its maximum.
         wait_until(lambda: handler.written >= 1, timeout=2 * MAX_RETRY_PAUSE + 30)
         log.error("logged after it came back")
-        assert handler.flush()
+        assert handler.drain()
         assert [r.message for r in stored(app, "elemta.test.resume")] == [
             "logged while the database is missing", "logged after it came back"]
         assert handler.failures == 0
@@ -329,3 +329,29 @@ def test_old_records_are_pruned_automatically(logging_app):
         db.session.remove()
     wait_until(lambda: [r.message for r in stored(app, "elemta.test.prune")] == ["recent"])
     assert handler.pruned >= 1
+
+
+def test_records_logged_close_together_share_a_transaction(logging_app):
+    """The drain thread lets a batch fill (``gather``) before writing it: a burst of records,
+    as a busy listener logs one per message, goes in one INSERT, every record in its order."""
+    app = logging_app()
+    handler = installed_handler()
+    handler.drain()
+    inserts: list[int] = []
+
+    @sa.event.listens_for(handler._engine, "before_cursor_execute")
+    def count(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT"):
+            inserts.append(len(parameters) if executemany else 1)
+
+    handler.gather = 60.0  # longer than any test: the drain below ends the pause
+    log = logging.getLogger("elemta.test.burst")
+    try:
+        for n in range(20):
+            log.info("queued %d", n)
+        assert handler.drain()
+    finally:
+        sa.event.remove(handler._engine, "before_cursor_execute", count)
+    assert inserts == [20]
+    assert [r.message for r in stored(app, "elemta.test.burst")] == [
+        f"queued {n}" for n in range(20)]

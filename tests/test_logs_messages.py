@@ -1,10 +1,9 @@
-"""GET /api/logs/messages (SPEC 4.2): filters, item shape, keyset paging, bad input."""
+"""GET /api/logs/messages (API.md §4.2): filters, item shape, keyset paging, bad input."""
 
 from __future__ import annotations
 
 import base64
 import json
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -14,10 +13,11 @@ from app.events import record_event
 from app.models import DeliveryEvent
 from app.timeutil import utcnow
 
+from .conftest import plan_of
 from .helpers import assert_error
 
 ITEM_KEYS = {"id", "timestamp", "event_type", "message_id", "sender", "recipient", "delivery_ip",
-             "delivery_host", "smtp_code", "spam_score", "threats", "message"}
+             "delivery_host", "smtp_code", "spam_score", "threats", "message", "failure_class"}
 
 
 def add_events(session, count: int, **fields) -> list[int]:
@@ -252,29 +252,10 @@ def test_event_type_page_reads_ids_from_the_type_index_on_postgresql(client, ses
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("VACUUM (ANALYZE) delivery_events")
 
-    statements: list[tuple[str, Any]] = []
-
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        if "FROM delivery_events" in statement:
-            statements.append((statement, parameters))
-
-    sa.event.listen(engine, "before_cursor_execute", capture)
-    try:
-        body = client.get("/api/logs/messages?event_type=delivery&limit=100").get_json()
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", capture)
+    url = "/api/logs/messages?event_type=delivery&limit=100"
+    body = client.get(url).get_json()
     assert body["count"] == 100 and all(i["event_type"] == "delivery" for i in body["logs"])
-    [(statement, parameters)] = statements
-
-    with engine.connect() as conn:
-        [[plan]] = conn.exec_driver_sql(
-            f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) {statement}", parameters).all()
-
-    def nodes(node):
-        yield node
-        for child in node.get("Plans", []):
-            yield from nodes(child)
-
-    every = list(nodes(plan[0]["Plan"]))
+    every = plan_of(client, session, url, "FROM delivery_events")
+    plan = every[0]
     assert sum(n.get("Rows Removed by Filter", 0) for n in every) == 0, plan
     assert any(n.get("Index Name") == "ix_delivery_events_type_id" for n in every), plan

@@ -1,4 +1,4 @@
-"""SPEC 5: /metrics, in one process and summed over several gunicorn workers."""
+"""API.md §5: /metrics, in one process and summed over several gunicorn workers."""
 
 from __future__ import annotations
 

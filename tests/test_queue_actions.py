@@ -6,7 +6,6 @@ import pytest
 import sqlalchemy as sa
 
 from app.models import Recipient
-
 from tests.helpers import assert_error, queue_message, state_of, system_events
 
 
@@ -117,17 +116,21 @@ def test_delete_removes_message_and_records_it(client, session):
     "msg-..%2F..%2Fetc%2Fpasswd", "..%2F..%2Fetc%2Fpasswd",
 ])
 def test_unknown_or_malformed_ids_are_not_found(client, session, method, suffix, message_id):
-    queue_message(session)
+    queued = queue_message(session)
+    before = client.get(f"/api/queue/message/{queued}").get_json()
     response = getattr(client, method)(f"/api/queue/message/{message_id}{suffix}")
     # An encoded slash becomes a path separator: no route matches, a plain NOT_FOUND.
     expected = "NOT_FOUND" if "%2F" in message_id else "MESSAGE_NOT_FOUND"
     body = assert_error(response, 404, expected)
     assert "Traceback" not in body["error"]
     assert client.get("/api/queue/stats").get_json()["total"] == 1
+    # The message that exists is untouched: same state, recipients, timestamps, events.
+    assert client.get(f"/api/queue/message/{queued}").get_json() == before
 
 
 def test_path_tricks_never_reach_a_message(client, session):
     message_id = queue_message(session)
+    before = client.get(f"/api/queue/message/{message_id}").get_json()
     for path in (f"/api/queue/message/../message/{message_id}/../../stats/x",
                  f"/api/queue/message/{message_id}/../../../../etc/passwd",
                  "/api/queue/message/%2e%2e/%2e%2e/stats"):
@@ -135,7 +138,10 @@ def test_path_tricks_never_reach_a_message(client, session):
         assert response.status_code in (404, 405), path
         assert response.get_json()["code"] in (
             "NOT_FOUND", "MESSAGE_NOT_FOUND", "METHOD_NOT_ALLOWED")
+    # Still there, unchanged (state, recipients, timestamps), and no action was recorded.
+    assert client.get(f"/api/queue/message/{message_id}").get_json() == before
     assert state_of(session, message_id) == "pending"
+    assert system_events(session, message_id) == []
 
 
 def test_cli_actions_record_the_cli_actor(app, runner, session):

@@ -155,3 +155,33 @@ def test_raw_format_is_the_message_itself(client, session):
     assert response.mimetype == "message/rfc822"
     assert b"Subject: Raw please" in response.data
     assert_error(client.get(f"/api/queue/message/{message_id}?format=xml"), 400, "VALIDATION_ERROR")
+
+
+def test_links_are_relative_whatever_host_the_client_names(client, session):
+    """Never built from Host or X-Forwarded-*: a client could point them at any host."""
+    for _ in range(3):
+        queue_message(session)
+    for headers in ({}, {"Host": "evil.example"},
+                    {"X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}):
+        link = client.get("/api/queue/pending?limit=1", headers=headers).headers["Link"]
+        assert link.startswith("</api/queue/pending?limit=1&cursor="), link
+    link = client.get("/api/logs/messages?limit=1").headers["Link"]
+    assert link.startswith("</api/logs/messages?limit=1&cursor="), link
+
+
+def test_links_are_absolute_on_the_configured_public_url(make_app, session):
+    app = make_app(public_url="https://mail.example.com/elemta/")
+    for _ in range(3):
+        queue_message(session)
+    link = app.test_client().get("/api/queue/pending?limit=1",
+                                 headers={"Host": "evil.example"}).headers["Link"]
+    assert link.startswith("<https://mail.example.com/elemta/api/queue/pending?limit=1&cursor=")
+
+
+@pytest.mark.parametrize("value", ["mail.example.com", "ftp://mail.example.com",
+                                   "https://mail.example.com/?x=1", "https://u@mail.example.com"])
+def test_a_public_url_that_is_not_one_stops_the_start(make_app, value):
+    from app.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        make_app(public_url=value)

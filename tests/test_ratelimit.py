@@ -1,4 +1,4 @@
-"""Rate limiting (SPEC 9): budgets, identity, headers, exemptions, proxies, shared storage."""
+"""Rate limiting (API.md §9): budgets, identity, headers, exemptions, proxies, shared storage."""
 
 from __future__ import annotations
 
@@ -123,8 +123,6 @@ def test_strict_limit_on_bulk_actions_and_send_test(make_app, session):
 
 def test_send_test_has_the_strict_limit(make_app, session):
     app = make_app(ratelimit_strict="2 per minute")
-    if not any(rule.rule == "/api/send-test" for rule in app.url_map.iter_rules()):
-        pytest.skip("send-test is not registered")
     client = app.test_client()
     body = {"from": "a@example.com", "to": "b@example.net"}
     assert [client.post("/api/send-test", json=body).status_code for _ in range(2)] == [200, 200]
@@ -266,3 +264,46 @@ def test_the_lean_check_counts_exactly_as_flask_limiter(make_app):
     assert traces[0] == traces[1]
     statuses = [status for _, _, status, *_ in traces[0]]
     assert 429 in statuses and 200 in statuses and 404 in statuses
+
+
+def test_unknown_routes_and_wrong_methods_count_too(make_app):
+    """docs/SECURITY.md: every request counts; a limited client gets 429, not 404s."""
+    client = anonymous(make_app(ratelimit_default="3 per minute"))
+    first = client.get("/api/no/such/route")
+    assert_error(first, 404, "NOT_FOUND")
+    assert first.headers["X-RateLimit-Remaining"] == "2"
+    assert_error(client.get("/api/queue/all/flush"), 405, "METHOD_NOT_ALLOWED")
+    assert client.get("/api/queue/stats").status_code == 200
+    assert_rate_limited(client.get("/api/no/such/route"))
+    assert_rate_limited(client.get("/nowhere"))
+
+
+def _remaining_under_concurrency(apps, requests: int) -> list[int]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    clients = [anonymous(app) for app in apps]
+
+    def one(index: int) -> int:
+        response = clients[index % len(clients)].get("/api/queue/stats")
+        assert response.status_code == 200
+        return int(response.headers["X-RateLimit-Remaining"])
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        return list(pool.map(one, range(requests)))
+
+
+def test_remaining_never_repeats_under_concurrency(make_app):
+    seen = _remaining_under_concurrency([make_app(ratelimit_default="100 per minute")], 48)
+    assert sorted(seen) == list(range(52, 100))  # one value per request, none repeated
+
+
+def test_remaining_never_repeats_across_workers_sharing_redis(make_app, redis_prefix):
+    settings = {"ratelimit_default": "100 per minute", "ratelimit_storage_uri": REDIS_URL,
+                "ratelimit_key_prefix": redis_prefix}
+    apps = [make_app(**settings), make_app(**settings)]
+    try:
+        seen = _remaining_under_concurrency(apps, 48)
+        assert sorted(seen) == list(range(52, 100))
+    finally:
+        for app in apps:
+            close_storage(app)

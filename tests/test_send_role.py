@@ -1,4 +1,4 @@
-"""The ``send`` role (SPEC 8): SMTP AUTH and POST /api/send-test, nothing else."""
+"""The ``send`` role (API.md §8): SMTP AUTH and POST /api/send-test, nothing else."""
 
 from __future__ import annotations
 

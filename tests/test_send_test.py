@@ -1,4 +1,4 @@
-"""POST /api/send-test (SPEC 6): strict validation, a well-formed message, queued pending."""
+"""POST /api/send-test (API.md §6): strict validation, a well-formed message, queued pending."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import email.policy
 import pytest
 import sqlalchemy as sa
 
-from app.models import DeliveryEvent, Message
+from app.mail.addresses import LINE_BREAKS
+from app.models import DeliveryEvent, Message, Recipient
 from tests.helpers import assert_error
 
 
@@ -92,10 +93,46 @@ def test_invalid_bodies_are_refused_and_change_nothing(client, session, body, fi
     assert _count(session, DeliveryEvent) == 0
 
 
-def test_fifty_recipients_are_accepted(client):
-    response = client.post("/api/send-test", json={
-        "from": "a@example.com", "to": [f"r{i}@example.net" for i in range(50)]})
+# Every separator str.splitlines() knows: the email library refuses a header holding any of them.
+SEPARATORS = ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\r", "\n"]
+
+
+@pytest.mark.parametrize("separator", SEPARATORS)
+def test_line_separators_in_header_fields_are_refused(client, session, separator):
+    bodies = {
+        "subject": {"from": "a@example.com", "to": "b@example.net",
+                    "subject": f"hi{separator}Bcc: x@evil.example"},
+        "from": {"from": f"Eve{separator}Bcc: x@evil.example <a@example.com>",
+                 "to": "b@example.net"},
+        "to": {"from": "a@example.com", "to": [f"Bob{separator}Bcc: x <b@example.net>"]},
+    }
+    for field, body in bodies.items():
+        response = client.post("/api/send-test", json=body)
+        details = assert_error(response, 400, "VALIDATION_ERROR")["details"]
+        assert list(details) == [field]
+    assert _count(session, Message) == 0
+
+
+def test_the_refused_separators_are_exactly_those_splitlines_knows():
+    for code in range(0x110000):
+        char = chr(code)
+        splits = len(f"a{char}b".splitlines()) > 1
+        assert bool(LINE_BREAKS.search(char)) == splits, hex(code)
+
+
+def test_fifty_recipients_are_accepted(client, session):
+    addresses = [f"r{i}@example.net" for i in range(50)]
+    response = client.post("/api/send-test", json={"from": "a@example.com", "to": addresses})
     assert response.status_code == 200
+    message_id = response.get_json()["message_id"]
+    # Every one is queued for delivery on the one message, in the order given.
+    assert session.scalar(sa.select(Message.queue_state).where(Message.id == message_id)) \
+        == "pending"
+    stored = session.execute(
+        sa.select(Recipient.address, Recipient.status).where(Recipient.message_id == message_id)
+        .order_by(Recipient.id)).all()
+    assert [tuple(row) for row in stored] == [(address, "pending") for address in addresses]
+    assert client.get(f"/api/queue/message/{message_id}").get_json()["to"] == addresses
 
 
 def test_non_json_is_415_and_broken_json_is_400(client, session):

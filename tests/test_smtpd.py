@@ -1,4 +1,4 @@
-"""The SMTP listener accepts mail into the queue (SPEC 11), with smtplib as the client."""
+"""The SMTP listener accepts mail into the queue (API.md §11), with smtplib as the client."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def test_8bit_message_is_stored_byte_for_byte(port, app):
            f"Date: {CLIENT_DATE}\r\n"
            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
            "Content-Transfer-Encoding: 8bit\r\nMessage-ID: <8bit@example.com>\r\n\r\n"
-           "Grüße, naïve café — ✓\r\n").encode("utf-8") + b"latin-1 \xe9t\xe9\r\n"
+           "Grüße, naïve café — ✓\r\n").encode() + b"latin-1 \xe9t\xe9\r\n"
     with smtplib.SMTP("127.0.0.1", port) as client:
         client.ehlo("client.example")
         assert client.has_extn("8bitmime")
@@ -163,7 +163,7 @@ def test_8bit_message_is_stored_byte_for_byte(port, app):
 def test_smtputf8_addresses_are_accepted(port, app):
     sender, recipient = "pelé@exämple.com", "用户@例子.测试"
     raw = (f"From: {sender}\r\nTo: {recipient}\r\nSubject: ünïcode\r\nDate: {CLIENT_DATE}\r\n"
-           "Message-ID: <u8@example.com>\r\n\r\nhi\r\n").encode("utf-8")
+           "Message-ID: <u8@example.com>\r\n\r\nhi\r\n").encode()
     with smtplib.SMTP("127.0.0.1", port) as client:
         client.ehlo("client.example")
         assert client.has_extn("smtputf8")
@@ -183,7 +183,7 @@ def test_8bit_and_smtputf8_headers_read_as_utf8_in_the_queue_and_detail(port, ap
            "Subject: Grüße aus Köln – 日本\r\n"
            "X-Mixed: =?utf-8?q?caf=C3=A9?= und Bär\r\n"
            "X-Folded: Straße\r\n und Weg\r\n"
-           "Message-ID: <u8-headers@example.com>\r\n").encode("utf-8") + (
+           "Message-ID: <u8-headers@example.com>\r\n").encode() + (
            b"X-Latin: caf\xe9\r\n\r\nhi\r\n")
     with smtplib.SMTP("127.0.0.1", port) as client:
         client.ehlo("client.example")
@@ -341,3 +341,76 @@ def test_bare_lf_line_ends_are_stored_as_crlf(port, app):
     assert b"\n" not in raw.replace(b"\r\n", b"")
     # smtplib ends the data with CRLF when it does not: "...\n" + "\r\n".
     assert raw.endswith(lf_message.replace(b"\n", b"\r\n") + b"\r\n")
+
+
+def _construction(session, loop) -> dict:
+    """A session's attributes, comparable between two sessions: bound methods as (function,
+    bound to the session itself or to what), asyncio objects by type."""
+    import asyncio
+    import inspect
+    import weakref
+
+    def norm(value):
+        if isinstance(value, dict):
+            return {key: norm(item) for key, item in value.items()}
+        if isinstance(value, tuple):
+            return tuple(norm(item) for item in value)
+        if inspect.ismethod(value):
+            return ("method", value.__func__,
+                    "session" if value.__self__ is session else value.__self__)
+        if isinstance(value, asyncio.StreamReader):
+            return ("reader", value._limit, value._loop is loop)
+        if isinstance(value, (weakref.ref, asyncio.Future)):
+            return type(value)
+        return value
+
+    return {key: norm(value) for key, value in vars(session).items()}
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"hostname": "mx.example", "ident": "Elemta ESMTP", "data_size_limit": 1000,
+     "enable_SMTPUTF8": True, "decode_data": False, "timeout": 30, "auth_require_tls": False},
+    {"tls_context": "server", "proxy_protocol_timeout": 30, "require_starttls": True},
+    {"auth_exclude_mechanism": ["LOGIN"], "auth_required": True, "data_size_limit": None,
+     "authenticator": print},
+    {"auth_callback": print, "ident": ""},
+])
+def test_a_session_is_built_as_aiosmtpd_builds_it(options, monkeypatch):
+    """``ElemtaSMTP`` builds its sessions without aiosmtpd's per-connection method lookups
+    (``inspect.getmembers``): the session has every attribute aiosmtpd's own constructor
+    gives it, with the same values (and the same methods and hooks)."""
+    import asyncio
+    import ssl
+    import types
+
+    from app.smtpd import protocol
+    from app.smtpd.handler import QueueHandler
+
+    handler = QueueHandler(types.SimpleNamespace(relay_networks=["127.0.0.0/8"]), None, None)
+    loop = asyncio.new_event_loop()
+    try:
+        options = dict(options, loop=loop)
+        if options.get("tls_context") == "server":
+            options["tls_context"] = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ours = protocol.ElemtaSMTP(handler, listener=None, **options)
+        assert protocol._lookups(protocol.ElemtaSMTP, handler) is not None
+        monkeypatch.setattr(protocol, "_lookups", lambda _protocol, _handler: None)
+        theirs = protocol.ElemtaSMTP(handler, listener=None, **options)
+        assert _construction(ours, loop) == _construction(theirs, loop)
+        assert set(ours._smtp_methods) >= {"EHLO", "MAIL", "RCPT", "DATA", "QUIT"}
+        assert set(ours._handle_hooks) >= {"EHLO", "RCPT", "DATA"}
+        assert ours._auth_methods  # PLAIN and LOGIN, the handler's own
+    finally:
+        loop.close()
+
+
+def test_a_handler_with_hooks_of_its_own_gets_aiosmtpds_constructor():
+    """Lookups are kept per class: a handler with a hook set on the instance is looked up
+    as aiosmtpd does."""
+    import types
+
+    from app.smtpd import protocol
+
+    handler = types.SimpleNamespace(handle_DATA=lambda *args: "250 OK")
+    assert protocol._lookups(protocol.ElemtaSMTP, handler) is None

@@ -18,24 +18,27 @@ import pytest
 from app.auth.keys import create_key
 from app.config import ConfigError
 from app.extensions import db
-from app.smtpd.admission import (RATE_WINDOW_SECONDS, SWEEP_SECONDS, Admission,
-                                 AdmissionLimits, Refusal, RefusalThrottle, Ticket, client_key)
-from tests.conftest import empty_database
-from tests.smtpd_helpers import (ProxiedSMTP, crlf, email_message, queued_id, running_listener,
-                                 stored)
+from app.smtpd.admission import (
+    RATE_WINDOW_SECONDS,
+    SWEEP_SECONDS,
+    Admission,
+    AdmissionLimits,
+    Refusal,
+    RefusalThrottle,
+    Ticket,
+    client_key,
+)
+from tests.smtpd_helpers import (
+    ProxiedSMTP,
+    crlf,
+    email_message,
+    queued_id,
+    running_listener,
+    stored,
+)
 
 TRUSTED = {"relay_networks": "127.0.0.1/32,127.0.0.3/32,::1"}
 FLOODER, OTHER_UNTRUSTED, TRUSTED_CLIENT = "127.0.0.2", "127.0.0.4", "127.0.0.3"
-
-
-@pytest.fixture
-def fresh_app(make_app):
-    def factory(**config):
-        app = make_app(**config)
-        empty_database(app)
-        return app
-
-    return factory
 
 
 def open_from(port: int, source: str, stack: ExitStack) -> tuple[socket.socket, bytes]:

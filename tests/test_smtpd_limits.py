@@ -1,5 +1,5 @@
 """The listener's limits and failure behaviour: size, recipients, lines, sessions, timeouts,
-errors, and a database that fails (SPEC 11; 451, never 250, nothing half-written)."""
+errors, and a database that fails (API.md §11; 451, never 250, nothing half-written)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,9 @@ import sqlalchemy as sa
 
 from app.extensions import db
 from app.smtpd.acceptor import Job, accept_batch
-from app.smtpd.stamping import Trace
-from tests.conftest import empty_database
 from app.smtpd.server import ListenerSettings, ListenerThread
-from tests.smtpd_helpers import (crlf, email_message, free_port, queued_id, running_listener,
-                                 stored)
-
-
-@pytest.fixture
-def fresh_app(make_app):
-    def factory(**config):
-        app = make_app(**config)
-        empty_database(app)
-        return app
-
-    return factory
+from app.smtpd.stamping import Trace
+from tests.smtpd_helpers import crlf, email_message, free_port, queued_id, running_listener, stored
 
 
 def test_size_limit_is_advertised_and_enforced(fresh_app):

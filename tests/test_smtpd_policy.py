@@ -1,4 +1,4 @@
-"""Who may send through the listener: relay networks, AUTH with API keys, STARTTLS (SPEC 11)."""
+"""Who may send through the listener: relay networks, AUTH with API keys, STARTTLS (API.md §11)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,16 @@ from app.extensions import db
 from app.smtpd.policy import RelayPolicy, address_problem, client_ip
 from app.smtpd.server import ListenerConfigError, parse_listen
 from app.smtpd.stamping import Trace, has_message_id, stamp
-from tests.conftest import empty_database
-from tests.smtpd_helpers import (ProxiedSMTP, crlf, email_message, make_certificate, queued_id,
-                                 raw_of, running_listener, stored)
+from tests.smtpd_helpers import (
+    ProxiedSMTP,
+    crlf,
+    email_message,
+    make_certificate,
+    queued_id,
+    raw_of,
+    running_listener,
+    stored,
+)
 
 # Loopback is not a relay network here: local clients must authenticate (they still may use
 # AUTH without TLS, being on loopback).
@@ -25,18 +32,6 @@ UNTRUSTED_LOOPBACK = {"relay_networks": "192.0.2.0/24"}
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
     return make_certificate(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture
-def fresh_app(make_app):
-    """An app with extra config on this test's (emptied) database."""
-
-    def factory(**config):
-        app = make_app(**config)
-        empty_database(app)
-        return app
-
-    return factory
 
 
 def api_key(app, name="mailer", role="admin"):
@@ -98,7 +93,7 @@ def test_auth_with_a_valid_api_key_allows_relaying(untrusted_app, mechanism):
 
 
 def test_auth_with_a_read_key_is_refused(untrusted_app):
-    """A dashboard's read key must not become a way to send mail (SPEC 8)."""
+    """A dashboard's read key must not become a way to send mail (API.md §8)."""
     key = api_key(untrusted_app, "dashboard", role="read")
     with running_listener(untrusted_app) as port, smtplib.SMTP("127.0.0.1", port) as client:
         client.ehlo("laptop.example")
@@ -187,6 +182,34 @@ def test_starttls_lets_a_remote_client_authenticate(fresh_app, certificate):
         client.login("mailer", key)
         code, _ = send(client)
     assert code == 250
+
+
+def send_proxied_after_starttls(fresh_app, certificate, relay_networks: str):
+    """A client behind a PROXY-protocol proxy (as 203.0.113.7) says STARTTLS, then sends."""
+    cert, key_file = certificate
+    app = fresh_app(tls_cert=cert, tls_key=key_file, relay_networks=relay_networks,
+                    smtpd_proxy_protocol=True)
+    with running_listener(app) as port, ProxiedSMTP("127.0.0.1", port) as client:
+        client.ehlo("office.example")
+        client.starttls(context=ssl.create_default_context(cafile=cert))
+        client.ehlo("office.example")
+        return app, send(client)
+
+
+def test_starttls_keeps_the_client_of_the_proxy_header(fresh_app, certificate):
+    """The PROXY header comes before STARTTLS; after it the client is still the proxied one,
+    not the proxy on loopback (a relay network by default): no open relay through TLS."""
+    app, (code, _) = send_proxied_after_starttls(fresh_app, certificate, "127.0.0.0/8")
+    assert code == 554  # 203.0.113.7 is no relay network, TLS or not
+    (event,) = stored(app)["events"]
+    assert event.delivery_ip == ProxiedSMTP.source_ip
+
+
+def test_a_trusted_proxied_client_is_named_in_received_after_starttls(fresh_app, certificate):
+    app, (code, reply) = send_proxied_after_starttls(fresh_app, certificate, "203.0.113.0/24")
+    assert code == 250
+    assert raw_of(app, queued_id(reply)).startswith(
+        b"Received: from office.example ([203.0.113.7])")
 
 
 def test_half_a_tls_configuration_is_refused_at_start(fresh_app, certificate):

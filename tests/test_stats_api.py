@@ -16,7 +16,7 @@ from app.stats import service
 from app.timeutil import utcnow
 from tests.helpers import assert_error
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 SIZES = {"hour": 24, "day": 30, "week": 12, "month": 12}
 
 

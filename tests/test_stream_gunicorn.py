@@ -22,13 +22,15 @@ from flask import Flask
 from simple_websocket import ConnectionClosed
 
 from app.extensions import db
+from app.queue import service
 from tests.conftest import TEST_ADMIN_KEY
-from tests.helpers import queue_message
+from tests.helpers import queue_message, raw_message
 from tests.stream_helpers import (
     ROOT,
     StreamClient,
     close_quietly,
     flask_cli,
+    raw_websocket,
     receive,
     receive_until,
 )
@@ -55,15 +57,21 @@ def _http(port: int, method: str, path: str) -> tuple[int, bytes]:
 
 
 @pytest.fixture
-def gunicorn(app: Flask, database_url: str,
-             tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen]]:
+def gunicorn_env() -> dict[str, str]:
+    """Settings added to the server's environment (a test parametrizes this to change them)."""
+    return {}
+
+
+@pytest.fixture
+def gunicorn(app: Flask, database_url: str, tmp_path: Path,
+             gunicorn_env: dict[str, str]) -> Iterator[tuple[int, subprocess.Popen]]:
     port = _free_port()
     # The project's own configuration file, unchanged: its post_worker_init hook is under test.
     config = os.path.join(ROOT, "gunicorn.conf.py")
     env = {**os.environ, "ELEMTA_DATABASE_URL": database_url,
            "ELEMTA_API_LISTEN": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "2",
            "ELEMTA_API_THREADS": "24", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
-           "ELEMTA_STREAM_POLL_INTERVAL": "0.5"}
+           "ELEMTA_STREAM_POLL_INTERVAL": "0.5", **gunicorn_env}
     env.pop("ELEMTA_STARTED_AT", None)
     binary = os.path.join(os.path.dirname(sys.executable), "gunicorn")
     with open(tmp_path / "gunicorn.log", "wb") as log:
@@ -133,6 +141,72 @@ def test_two_workers_stream_every_change_and_close_cleanly_on_sigterm(
     finally:
         for client in clients:
             close_quietly(client)
+
+
+def _frame(sock: socket.socket) -> tuple[int, bytes]:
+    """The opcode and payload of the next (server-to-client, unmasked) frame on a raw socket."""
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = sock.recv(count - len(data))
+            assert chunk, "the server closed the connection"
+            data += chunk
+        return data
+
+    head = exactly(2)
+    length = head[1] & 0x7F
+    if length == 126:
+        length = int.from_bytes(exactly(2), "big")
+    elif length == 127:
+        length = int.from_bytes(exactly(8), "big")
+    return head[0] & 0x0F, exactly(length)
+
+
+def _close_code(sock: socket.socket) -> int:
+    """Skip frames up to the server's close frame; its code."""
+    sock.settimeout(30)
+    while True:
+        opcode, payload = _frame(sock)
+        if opcode == 0x8:
+            return int.from_bytes(payload[:2], "big")
+
+
+# One worker, so that every client below is its own (with two, the kernel hands new clients
+# to whichever worker is free). A queue of one frame: the burst below overflows every stalled
+# client's queue at once, so the worker cuts them all off (1013) together.
+@pytest.mark.parametrize("gunicorn_env", [{"WEB_CONCURRENCY": "1",
+                                           "ELEMTA_STREAM_QUEUE_SIZE": "1"}])
+def test_a_worker_cutting_off_stalled_clients_still_answers_new_ones(app, gunicorn):
+    """Clients that stop reading and never answer the close frame (a frozen or vanished
+    client) are cut off; that must not stop their worker from serving new clients meanwhile.
+
+    gunicorn closed each such connection on the worker's main loop and waited up to 2 s for
+    the client there: with ten of them, the worker accepted nothing for 20 s."""
+    port, _, _ = gunicorn
+    stalled = [raw_websocket(port, "/api/queue/ws" if i % 2 else "/api/logs/ws")
+               for i in range(10)]
+    probes: list[socket.socket] = []
+    try:
+        with app.app_context():  # every stream gets far more than its queue of one frame
+            for _ in range(20):
+                service.accept_message(
+                    db.session, sender="a@example.com", recipients=["b@example.net"],
+                    raw=raw_message("a@example.com", "b@example.net", "burst"), origin="api")
+            db.session.commit()
+            db.session.remove()
+        # The server is cutting them off: in the defect, each worker's main loop was then stuck
+        # in one close after the other, for 2 s each.
+        assert _close_code(stalled[0]) == 1013
+        for _ in range(6):
+            # Generous (raw_websocket's handshake and the frame each within 10 s): the first
+            # frame takes milliseconds; the defect took 2 s per client cut off.
+            probes.append(raw_websocket(port, "/api/queue/ws"))
+            opcode, payload = _frame(probes[-1])
+            assert (opcode, json.loads(payload)["type"]) == (0x1, "queue_stats")
+        assert [_close_code(sock) for sock in stalled[1:]] == [1013] * 9
+    finally:
+        for sock in stalled + probes:
+            sock.close()
 
 
 def test_sigterm_hook_is_installed_once_and_chains_to_gunicorns_handler(tmp_path):

@@ -11,7 +11,8 @@ from flask.testing import FlaskClient
 
 from app.ui import CONTENT_SECURITY_POLICY, STATIC_DIR
 
-PAGES = ["/ui/", "/ui/queue", "/ui/message/msg-anything", "/ui/logs", "/ui/keys", "/ui/health"]
+PAGES = ["/ui/", "/ui/queue", "/ui/control", "/ui/message/msg-anything", "/ui/logs", "/ui/keys",
+         "/ui/health"]
 ASSETS = sorted(p.relative_to(STATIC_DIR).as_posix() for p in Path(STATIC_DIR).rglob("*")
                 if p.is_file())
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import click
 from flask.cli import AppGroup
 
@@ -9,6 +12,8 @@ from ..extensions import db
 from ..timeutil import isoformat_z, utcnow
 from . import keys
 from .schemas import KeySchema
+
+T = TypeVar("T")
 
 apikey_cli = AppGroup("apikey", help="Create, list and revoke API keys.")
 
@@ -33,7 +38,7 @@ def create_cmd(name: str, role: str, expires_days: int | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_cmd(as_json: bool) -> None:
     """List keys (never the keys themselves: only their display prefix)."""
-    rows = keys.list_keys(db.session)
+    rows = keys.list_keys(db.session())
     if as_json:
         from ..cli import emit_json
 
@@ -57,12 +62,12 @@ def revoke_cmd(name: str) -> None:
     click.echo(f"API key {key.name} revoked")
 
 
-def _run(func, *args):  # type: ignore[no-untyped-def]
+def _run(func: Callable[..., T], *args: Any) -> T:
     """Service errors become a one-line message and exit status 1."""
     from ..errors import ApiError
 
     try:
-        return func(db.session, *args)
+        return func(db.session(), *args)
     except ApiError as exc:
         detail = ""
         if isinstance(exc.details, dict):

@@ -1,4 +1,4 @@
-"""The auth check applied to every request (SPEC 8), before any view runs.
+"""The auth check applied to every request (API.md §8), before any view runs.
 
 ``ELEMTA_AUTH_MODE``:
 - ``admin`` (default): reads are open; every mutation (any method but GET/HEAD/OPTIONS) needs
@@ -37,8 +37,8 @@ OPEN_BLUEPRINTS = frozenset({"ui"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # WebSocket endpoints: browsers cannot set headers there, so ?api_key= is accepted too.
 WEBSOCKET_PATH = re.compile(r"^/api/(?:[^/]+/)*ws/?$")
-ADMIN_ONLY_BLUEPRINTS = frozenset({"auth", "dkim"})
-# Endpoints that send mail: the ``send`` role's whole reach (SPEC 8), admin keys too.
+ADMIN_ONLY_BLUEPRINTS = frozenset({"auth", "dkim", "webhooks"})
+# Endpoints that send mail: the ``send`` role's whole reach (API.md §8), admin keys too.
 SENDING_ENDPOINTS = frozenset({"mail.SendTest"})
 # Who am I (the dashboard's sign-in, GET /api/auth/me): any valid key, whatever its role;
 # without a key wherever reads are open.
@@ -90,7 +90,7 @@ def authenticate() -> Principal | None:
     g.auth_unverified = None
     if plain is not None and current_app.config["AUTH_MODE"] != "off":
         try:
-            key = verify_key(db.session, plain)
+            key = verify_key(db.session(), plain)
         except Exception as exc:
             if not is_database_unavailable(exc):
                 raise

@@ -1,4 +1,4 @@
-"""API keys (SPEC 8): creation, listing, revocation and verification.
+"""API keys (API.md §8): creation, listing, revocation and verification.
 
 A key is ``elemta_`` followed by 32 random bytes in base64url. Only its SHA-256 (hex) and a
 short display prefix are stored: the key itself is shown once, at creation, and cannot be

@@ -7,7 +7,8 @@ from typing import Any
 from flask import current_app
 from flask.views import MethodView
 
-from ..extensions import Blueprint, db
+from ..api import Blueprint
+from ..extensions import db
 from ..schemas import StatusSchema
 from . import keys
 from .guard import authenticate
@@ -22,13 +23,13 @@ class ApiKeys(MethodView):
     @blp.response(200, KeySchema(many=True))
     def get(self) -> Any:
         """List API keys (revoked and expired ones included)"""
-        return keys.list_keys(db.session)
+        return keys.list_keys(db.session())
 
     @blp.arguments(KeyCreateSchema)
     @blp.response(201, CreatedKeySchema)
     def post(self, data: dict[str, Any]) -> Any:
         """Create an API key; the response is the only place the key ever appears"""
-        key, plain = keys.create_key(db.session, data["name"], data["role"], data["expires_days"])
+        key, plain = keys.create_key(db.session(), data["name"], data["role"], data["expires_days"])
         return {"key": plain, **{name: getattr(key, name) for name in KeySchema().fields}}
 
 
@@ -37,7 +38,7 @@ class ApiKeyById(MethodView):
     @blp.response(200, StatusSchema)
     def delete(self, key_id: int) -> dict[str, str]:
         """Revoke an API key"""
-        key = keys.revoke_key(db.session, key_id)
+        key = keys.revoke_key(db.session(), key_id)
         return {"status": "success", "message": f"API key {key.name} revoked"}
 
 

@@ -1,4 +1,4 @@
-"""API key request and response schemas (SPEC 8)."""
+"""API key request and response schemas (API.md §8)."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ _UTF8_QP.body_encoding = QP  # readable in any mail client's "show source"
 def _text(text: str, subtype: str) -> MIMEText:
     if text.isascii():
         return MIMEText(text, subtype, "us-ascii")
+    # email.mime accepts a Charset object (its quoted-printable body encoding); typeshed says str.
     return MIMEText(text, subtype, _UTF8_QP)  # type: ignore[arg-type]
 
 
@@ -97,6 +98,7 @@ def build_dsn(*, original_raw: bytes, original_sender: str, message_id: str,
         block["Diagnostic-Code"] = f"{diagnostic_type}; {diagnostic}"
         block["Last-Attempt-Date"] = email.utils.format_datetime(r.attempted_at)
         blocks.append(block)
+    # message/delivery-status carries a list of header blocks; typeshed omits list payloads.
     status.set_payload(blocks)  # type: ignore[arg-type]
     report.attach(status)
 

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import sqlalchemy.orm as so
 
+from ..database import describe_error, is_unreachable
 from ..dkim.signing import sign_outgoing
 from ..metrics import observe_delivery_latency
 from ..models import Message
+from ..queue.failing import FailedMessage
 from ..queue.outcomes import Attempt, AttemptResult, Recorded, Verdict, record_attempts
 from ..queue.service import add_message
 from ..queue.states import RecipientStatus
@@ -84,6 +86,16 @@ def record_outcome(session: so.Session, worker_id: str, message_id: str,
     return recorded
 
 
+class NotRecorded(Exception):
+    """Some attempts of a batch were not recorded: ``unrecorded`` (the others committed),
+    because of ``cause`` (the database error, say)."""
+
+    def __init__(self, unrecorded: Sequence[Attempt], cause: BaseException) -> None:
+        super().__init__(f"{len(unrecorded)} attempt(s) not recorded: {type(cause).__name__}")
+        self.unrecorded = list(unrecorded)
+        self.cause = cause
+
+
 def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Attempt],
                     policy: OutcomePolicy, now: dt.datetime | None = None) -> None:
     """Record many attempts in one transaction (one commit, one rollup bump); commits.
@@ -91,8 +103,11 @@ def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Atte
     The worker's hot path: with several messages per transaction the database does a few
     statements per batch instead of a dozen per message. Attempts that may need a bounce are
     recorded one by one (``record_outcome``) so each bounce commits with its own outcome.
-    If the batch fails (a deadlock with an operator's bulk action, say), every attempt is
-    recorded on its own instead.
+    If the batch fails for a reason of its own (a conflict with an operator's action, an
+    outcome the database refuses), every attempt is recorded on its own instead; if the
+    database cannot be reached, nothing more is tried. Raises ``NotRecorded`` naming the
+    attempts that were not committed, so the caller can keep them and try again later
+    without recording any attempt twice.
     """
     now = now or utcnow()
     singles: list[Attempt] = []
@@ -103,15 +118,21 @@ def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Atte
             hold_back=functools.partial(_may_bounce, policy, now))
         session.commit()
         latencies = [seconds for r in recorded for seconds in r.latencies]
-    except Exception:
+    except Exception as exc:
         session.rollback()
-        log.warning("recording %d outcomes together failed; recording them one by one",
-                    len(attempts), exc_info=True)
+        if is_unreachable(exc):
+            raise NotRecorded(attempts, exc) from exc
+        log.warning("recording %d outcomes together failed (%s); recording them one by one",
+                    len(attempts), describe_error(exc), exc_info=True)
         singles = list(attempts)
     _observe_latencies(latencies)
-    for attempt in singles:
-        record_outcome(session, worker_id, attempt.message_id, attempt.results, policy,
-                       now=now, sender=attempt.sender)
+    for n, attempt in enumerate(singles):
+        try:
+            record_outcome(session, worker_id, attempt.message_id, attempt.results, policy,
+                           now=now, sender=attempt.sender)
+        except Exception as exc:
+            session.rollback()
+            raise NotRecorded(singles[n:], exc) from exc
 
 
 def _may_bounce(policy: OutcomePolicy, now: dt.datetime, message: Message,
@@ -123,7 +144,7 @@ def _may_bounce(policy: OutcomePolicy, now: dt.datetime, message: Message,
 
 
 def _observe_latencies(latencies: Sequence[float]) -> None:
-    """Feed the delivery latency histogram (SPEC 5: acceptance into the queue -> delivered).
+    """Feed the delivery latency histogram (API.md §5: acceptance into the queue -> delivered).
 
     After the commit and in memory only (a histogram bucket increment each), so the batched
     recorder does no extra database work. Recipients of a message deleted during delivery are
@@ -142,14 +163,29 @@ def _queue_bounce(session: so.Session, recorded: Recorded, policy: OutcomePolicy
         status=dsn_status(f.result.enhanced_code, f.result.smtp_code, f.expired),
         diagnostic=f.text, remote_host=f.result.remote_host, smtp_code=f.result.smtp_code,
         attempted_at=now) for f in recorded.failures]
-    dsn = build_dsn(original_raw=content.raw(session, recorded.message_id),
-                    original_sender=recorded.sender, message_id=recorded.message_id,
-                    arrival=recorded.created_at, failed=failed,
-                    reporting_mta=policy.reporting_mta)
+    return _add_dsn(session, recorded.message_id, recorded.sender, recorded.created_at, failed,
+                    policy.reporting_mta)
+
+
+def queue_operator_bounce(reporting_mta: str, session: so.Session, failed: FailedMessage,
+                          reason: str, now: dt.datetime, *, status: str = "5.7.1") -> None:
+    """The DSN of recipients an operator failed (a ``bounce`` rule: ``queue.failing``), in the
+    session's transaction; no remote host was involved."""
+    _add_dsn(session, failed.message_id, failed.sender, failed.created_at,
+             [FailedRecipient(address=address, status=status, diagnostic=reason,
+                              remote_host=None, smtp_code=None, attempted_at=now)
+              for address in failed.addresses], reporting_mta)
+
+
+def _add_dsn(session: so.Session, message_id: str, sender: str, arrival: dt.datetime,
+             failed: Sequence[FailedRecipient], reporting_mta: str) -> str:
+    dsn = build_dsn(original_raw=content.raw(session, message_id), original_sender=sender,
+                    message_id=message_id, arrival=arrival, failed=failed,
+                    reporting_mta=reporting_mta)
     bounce = add_message(
-        session, sender="", recipients=[recorded.sender], raw=sign_outgoing(session, dsn),
+        session, sender="", recipients=[sender], raw=sign_outgoing(session, dsn),
         origin="bounce",
-        reception_note=f"Delivery status notification for {recorded.message_id} "
+        reception_note=f"Delivery status notification for {message_id} "
                        f"({len(failed)} failed recipient(s))",
     )
     return bounce.id

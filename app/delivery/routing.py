@@ -33,8 +33,35 @@ log = logging.getLogger("elemta.delivery")
 RELAY_HINT = "no relay configured (set ELEMTA_RELAY_HOST to deliver through a smarthost)"
 
 
+class DnsHealthNotice:
+    """Says "DNS is not working" once per process, and "works again" once when it recovers.
+
+    A worker has several routers and delivery threads that find the same broken resolver
+    within the same second; the operator needs the news once, not once per finder.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reported_broken = False
+
+    def observe(self, healthy: bool) -> None:
+        with self._lock:
+            changed = self._reported_broken == healthy
+            self._reported_broken = not healthy
+        if not changed:
+            return
+        if healthy:
+            log.info("DNS works again (the root zone resolves)")
+        else:
+            log.warning("DNS is not working (the root zone does not resolve): MX mail "
+                        "waits deferred; %s", RELAY_HINT)
+
+
+dns_health_notice = DnsHealthNotice()
+
+
 class Resolver(Protocol):
-    def resolve(self, qname: str, rdtype: str, **kwargs: Any) -> Any: ...
+    def resolve(self, qname: str, rdtype: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -52,7 +79,7 @@ class Route:
 
     destination: str
     hops: tuple[Hop, ...]
-    tls: str  # "opportunistic" (MX), or the relay's none | starttls | tls
+    tls: str  # "opportunistic" (MX), "required" (a policy), or the relay's none | starttls | tls
     username: str = ""
     password: str = field(default="", repr=False)
 
@@ -179,11 +206,9 @@ class Router:
                 healthy = False
             with self._lock:
                 self._sane, self._sane_checked_at = healthy, now
-            if not healthy:
-                # Once per check (at most every SANITY_TTL): the operator sees why all MX mail
-                # waits without a log line per recipient.
-                log.warning("DNS is not working (the root zone does not resolve): MX mail "
-                            "waits deferred; %s", RELAY_HINT)
+            # Once per process (not per check, router or thread): the operator sees why all MX
+            # mail waits without a log line per recipient.
+            dns_health_notice.observe(healthy)
         if not healthy:
             raise RoutingError(
                 f"DNS says {domain} does not exist, but the resolver cannot resolve the root "

@@ -21,8 +21,8 @@ import ssl
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import dns.exception
 import dns.name
@@ -90,6 +90,22 @@ def enhanced_of(response: bytes | str, code: int | None) -> str | None:
     return None
 
 
+class DestinationLimits(Protocol):
+    """What ``deliver`` applies of a destination policy (``control.policies.Limits``)."""
+
+    # Read-only: the worker's limits are a frozen dataclass.
+    @property
+    def key(self) -> str: ...
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def messages_per_connection(self) -> int | None: ...
+    @property
+    def require_tls(self) -> bool: ...
+    @property
+    def shared(self) -> bool: ...
+
+
 class Connection:
     """An open SMTP session with the server it reached."""
 
@@ -117,53 +133,123 @@ def _peer_ip(smtp: smtplib.SMTP) -> str | None:
         return None
 
 
-class ConnectionPool:
-    """Idle connections per destination, and at most ``limit`` open at once per destination."""
+class NoConnectionSlot(Exception):
+    """Every connection slot of the destination is taken and none of ours will free soon."""
 
-    def __init__(self, limit: int, idle_seconds: float = 30.0) -> None:
+
+class SlotKeeper(Protocol):
+    """Shared connection slots (``control.gate.DeliveryControl``)."""
+
+    def take_slot(self, key: str, limit: int) -> int | None: ...
+
+    def give_slot(self, key: str, slot: int) -> None: ...
+
+
+class ConnectionPool:
+    """Idle connections per destination, and at most ``limit`` open at once per destination.
+
+    With ``slots`` and a ``slot_key``, opening a connection also needs one of the
+    destination's shared slots (held by the database across every worker); without a free
+    one, a job waits for a connection of this worker to the destination when there is one
+    (and few others wait already), else ``acquire`` raises ``NoConnectionSlot``.
+    """
+
+    def __init__(self, limit: int, idle_seconds: float = 30.0,
+                 slots: SlotKeeper | None = None) -> None:
         self.limit = max(1, limit)
         self.idle_seconds = idle_seconds
+        self.slots = slots
         self._cond = threading.Condition()
         self._idle: dict[str, list[Connection]] = defaultdict(list)
         self._open: dict[str, int] = defaultdict(int)
+        self._waiting: dict[str, int] = defaultdict(int)
+        self._held: dict[str, list[tuple[str, int]]] = defaultdict(list)  # shared slots
+        self._full_until: dict[str, float] = {}
 
-    def acquire(self, destination: str) -> Connection | None:
+    def acquire(self, destination: str, limit: int | None = None,
+                slot_key: str | None = None) -> Connection | None:
         """An idle connection, or ``None`` with a slot reserved to open one (waits at the limit)."""
+        limit = max(1, limit or self.limit)
+        shared = slot_key is not None and self.slots is not None
+        while True:
+            with self._cond:
+                while True:
+                    if self._idle[destination]:
+                        return self._idle[destination].pop()
+                    full = shared and time.monotonic() < self._full_until.get(destination, 0)
+                    if self._open[destination] < limit and not full:
+                        self._open[destination] += 1
+                        break
+                    if shared and (self._open[destination] == 0 or self._waiting[destination]
+                                   >= self._open[destination]):
+                        raise NoConnectionSlot(destination)
+                    self._waiting[destination] += 1
+                    self._cond.wait(1.0)
+                    self._waiting[destination] -= 1
+            if not shared:
+                return None
+            assert self.slots is not None and slot_key is not None
+            try:
+                slot = self.slots.take_slot(slot_key, limit)
+            except BaseException:
+                self._unreserve(destination)
+                raise
+            if slot is not None:
+                with self._cond:
+                    self._held[destination].append((slot_key, slot))
+                return None
+            self._unreserve(destination, full_for=0.5)
+
+    def _unreserve(self, destination: str, full_for: float = 0.0) -> None:
         with self._cond:
-            while True:
-                if self._idle[destination]:
-                    return self._idle[destination].pop()
-                if self._open[destination] < self.limit:
-                    self._open[destination] += 1
-                    return None
-                self._cond.wait()
+            self._open[destination] -= 1
+            if full_for:
+                self._full_until[destination] = time.monotonic() + full_for
+            self._cond.notify_all()
 
     def release(self, destination: str, conn: Connection | None) -> None:
         """Give back a reusable connection, or ``None`` to free the slot (it was closed)."""
+        freed: list[tuple[str, int]] = []
         with self._cond:
             if conn is None:
                 self._open[destination] -= 1
+                freed = self._free_slots(destination, 1)
             else:
                 conn.idle_since = time.monotonic()
                 self._idle[destination].append(conn)
             self._cond.notify_all()
+        self._give(freed)
+
+    def _free_slots(self, destination: str, count: int) -> list[tuple[str, int]]:
+        held = self._held[destination]
+        freed = held[-count:] if count else []
+        del held[len(held) - len(freed):]
+        return freed
+
+    def _give(self, freed: list[tuple[str, int]]) -> None:
+        if self.slots is not None:
+            for key, slot in freed:
+                self.slots.give_slot(key, slot)
 
     def close_idle(self, older_than: float | None = None) -> int:
         """Close idle connections (all, or those idle longer than ``older_than`` seconds)."""
         limit = self.idle_seconds if older_than is None else older_than
         now = time.monotonic()
         closing: list[Connection] = []
+        freed: list[tuple[str, int]] = []
         with self._cond:
             for destination, conns in self._idle.items():
                 keep = [c for c in conns if now - c.idle_since < limit]
                 gone = [c for c in conns if now - c.idle_since >= limit]
                 self._idle[destination] = keep
                 self._open[destination] -= len(gone)
+                freed.extend(self._free_slots(destination, len(gone)))
                 closing.extend(gone)
             if closing:
                 self._cond.notify_all()
         for conn in closing:
             conn.close()
+        self._give(freed)
         return len(closing)
 
 
@@ -192,9 +278,22 @@ class SmtpClient:
         self.ca_file = ca_file  # ELEMTA_RELAY_TLS_CA_FILE: a private CA for the relay
 
     def deliver(self, route: Route, sender: str, recipients: list[tuple[int, str]],
-                raw: bytes) -> list[RecipientResult]:
-        data = _LINE_END.sub(b"\r\n", raw)
-        conn = self.pool.acquire(route.destination)
+                raw: bytes, limits: DestinationLimits | None = None) -> list[RecipientResult]:
+        """Deliver over a pooled connection; with ``limits`` (a destination policy), within its
+        connection count (``NoConnectionSlot`` when none can be had), messages per connection
+        and TLS requirement."""
+        # Stored messages are CRLF already (the listener's stamp): two counts in C tell, where
+        # the regex would copy the whole message for every attempt.
+        data = raw if raw.count(b"\n") == raw.count(b"\r\n") else _LINE_END.sub(b"\r\n", raw)
+        per_connection = None
+        if limits is not None:
+            per_connection = limits.messages_per_connection
+            if limits.require_tls and route.tls == "opportunistic":
+                route = replace(route, tls="required")
+            conn = self.pool.acquire(route.destination, limits.max_connections,
+                                     limits.key if limits.shared else None)
+        else:
+            conn = self.pool.acquire(route.destination)
         keep: Connection | None = None
         try:
             for attempt in range(2):
@@ -233,7 +332,9 @@ class SmtpClient:
                     conn.smtp.close()
                     raise
                 conn.transactions += 1
-                if conn.smtp.sock is not None and not any(r.smtp_code == 421 for r in results):
+                spent = per_connection is not None and conn.transactions >= per_connection
+                if (conn.smtp.sock is not None and not spent
+                        and not any(r.smtp_code == 421 for r in results)):
                     keep = conn
                 else:
                     conn.close()
@@ -282,6 +383,15 @@ class SmtpClient:
                 smtp.starttls(context=_verified_context(self.ca_file))
                 smtp.ehlo()
                 tls = True
+            elif route.tls == "required":
+                # A destination policy requires encryption; like opportunistic TLS the
+                # certificate is not verified (MX hosts rarely have one for their name).
+                if not smtp.has_extn("starttls"):
+                    raise smtplib.SMTPNotSupportedError(
+                        "TLS required by the destination policy but STARTTLS not offered")
+                smtp.starttls(context=_opportunistic_context())
+                smtp.ehlo()
+                tls = True
             elif route.tls == "opportunistic" and allow_starttls and smtp.has_extn("starttls"):
                 try:
                     # Opportunistic TLS (RFC 7435): encrypt when offered, without verification.
@@ -311,7 +421,7 @@ class SmtpClient:
             options.append(f"SIZE={len(data)}")
         # RFC 6152 wants 8-bit data converted for a server without 8BITMIME; like sendmail's
         # default (pass8) it is sent unchanged: practically every server takes it.
-        if smtp.has_extn("8bitmime") and any(b > 127 for b in data):
+        if smtp.has_extn("8bitmime") and not data.isascii():
             options.append("BODY=8BITMIME")
         refused: dict[int, RecipientResult] = {}
         wire: list[tuple[int, str, str]] = []  # (id, address, as sent in RCPT)
@@ -344,6 +454,7 @@ class SmtpClient:
                     wire.append((rid, address, plain))
             if not wire:
                 return [refused[rid] for rid, _ in recipients]
+        response: bytes | str  # smtplib's replies are bytes; SMTPDataError's may be a str
         try:
             code, response = smtp.mail(sender, options)
         except smtplib.SMTPServerDisconnected as exc:

@@ -1,9 +1,11 @@
 """The delivery loop: claim due work, deliver it on a thread pool, keep house.
 
 A *job* is one message's claimed recipients that share a destination (one SMTP transaction).
-Delivery threads run jobs and pass their results to one recorder thread, which records them in
-batches (one transaction for many outcomes). The main thread claims in batches (the next one
-while a batch's worth is still queued), submits jobs, beats the
+Delivery threads run jobs and hand their results to the recorder (``recorder.py``), which
+commits the outcomes of every thread that finished meanwhile in one transaction; a thread starts
+its next job only once its outcome is committed, so a crash can send again at most one
+transaction per thread. The main thread claims in batches (the next one while a batch's worth
+is still queued; nothing while the recorder waits for the database), submits jobs, beats the
 heartbeat, folds the queue counters and purges expired failed mail. ``stop()`` (SIGTERM) ends
 claiming; jobs not yet started give their claims back at once; jobs under way get up to
 ``SHUTDOWN_GRACE`` seconds to finish.
@@ -18,28 +20,36 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
-import queue
 import secrets
 import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy.exc
 from flask import Flask
 
-from ..database import unit_of_work
+from ..control.gate import Clock, DeliveryControl, Postpone
+from ..database import (
+    describe_error,
+    is_transient_conflict,
+    is_unreachable,
+    unit_of_work,
+)
 from ..mail.service import local_hostname
-from ..queue import counters
-from ..queue.leases import ClaimedRecipient, lease_due, release_leases
+from ..queue import counters, shape
+from ..queue.leases import ClaimedRecipient, lease_due, postpone_leases, release_leases
 from ..queue.outcomes import Attempt
 from ..queue.retention import purge_expired_failed
 from ..timeutil import utcnow
 from . import content, maintenance
-from .outcomes import OutcomePolicy, record_outcomes
+from .outcomes import OutcomePolicy
+from .recorder import Recorder, Recorders
 from .routing import Resolver, Router, RoutingError
-from .smtp_client import ConnectionPool, RecipientResult, SmtpClient
+from .smtp_client import ConnectionPool, NoConnectionSlot, RecipientResult, SmtpClient
 
 log = logging.getLogger("elemta.delivery")
 
@@ -49,7 +59,6 @@ PURGE_EVERY = 300.0
 IDLE_POLL = 1.0
 CLAIM_BATCH_MIN = 32  # messages per claim
 PREFETCH_MAX_BYTES = 256 * 1024  # larger messages are read by the job itself
-RECORD_BATCH = 64  # outcomes per recording transaction
 SHUTDOWN_GRACE = 30.0
 LEASE_MARGIN = 0.8  # a job that waited past 80% of its lease gives the claim back instead
 
@@ -71,7 +80,7 @@ def new_worker_id() -> str:
 
 class Worker:
     def __init__(self, app: Flask, *, resolver: Resolver | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, clock: Clock = utcnow) -> None:
         cfg = app.config
         self.app = app
         self.worker_id = worker_id or new_worker_id()
@@ -80,7 +89,12 @@ class Worker:
         self.failed_retention = int(cfg["FAILED_RETENTION"])
         hostname = local_hostname(cfg["SMTP_HOSTNAME"])
         self.router = Router(cfg, resolver)
-        self.pool = ConnectionPool(int(cfg["MAX_CONNECTIONS_PER_DOMAIN"]))
+        # Destination policies, shared limits and backoff (control/gate.py); ``clock`` lets
+        # tests move time on without waiting.
+        self.clock = clock
+        self.control = DeliveryControl(app, self.worker_id,
+                                       int(cfg["MAX_CONNECTIONS_PER_DOMAIN"]), clock)
+        self.pool = ConnectionPool(int(cfg["MAX_CONNECTIONS_PER_DOMAIN"]), slots=self.control)
         self.client = SmtpClient(self.pool, local_hostname=hostname,
                                  timeout=float(cfg["SMTP_TIMEOUT"]),
                                  ca_file=cfg["RELAY_TLS_CA_FILE"])
@@ -89,9 +103,16 @@ class Worker:
                                     send_bounces=bool(cfg["SEND_BOUNCES"]),
                                     reporting_mta=hostname)
         self.batch_size = max(CLAIM_BATCH_MIN, 4 * self.concurrency)
-        self.recorded_attempts = 0
+        writers = 2 if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql") \
+            and self.concurrency >= 4 else 1
+        self.recorder = Recorders([Recorder(app, self.worker_id, self.policy, self.lease_seconds)
+                                   for _ in range(writers)])
         self._stop = threading.Event()
-        self._recorder: queue.Queue[Attempt | None] = queue.Queue()
+
+    @property
+    def recorded_attempts(self) -> int:
+        """Attempts whose outcome this worker has committed."""
+        return self.recorder.recorded_attempts
 
     def stop(self) -> None:
         """Ask the loop to end (signal handlers call this)."""
@@ -107,19 +128,26 @@ class Worker:
                  f"relay {self.router.relay[0]}:{self.router.relay[1]}" if self.router.relay
                  else "MX routing")
         executor = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="elemta-delivery")
-        recorder = threading.Thread(target=self._record_loop, name="elemta-recorder")
-        recorder.start()
+        self.recorder.start()
         inflight: dict[cf.Future[None], Job] = {}
+        reclaimed: dict[cf.Future[None], list[int]] = {}
         next_beat = next_fold = 0.0
         next_purge = time.monotonic() + 10
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
+                if not self.recorder.is_healthy():
+                    # The recorder is waiting for the database and says so in the log; the
+                    # housekeeping would only add a traceback per step and second.
+                    self._stop.wait(IDLE_POLL)
+                    continue
                 if now >= next_beat:
                     self._housekeeping(maintenance.beat, self.worker_id, started)
                     next_beat = now + HEARTBEAT_EVERY
                 if now >= next_fold:
                     self._housekeeping(counters.maybe_fold)
+                    self._housekeeping(shape.maybe_fold)
+                    self._safely(self.control.housekeeping)
                     next_fold = now + FOLD_EVERY
                 if now >= next_purge:
                     self._housekeeping(purge_expired_failed, self.failed_retention)
@@ -129,8 +157,14 @@ class Worker:
                 # the next batch while a batch's worth is still queued: the threads never wait
                 # for a claim.
                 # (Read before claiming: outcomes recorded meanwhile may have queued a bounce.)
-                recording = self._recorder.unfinished_tasks
-                jobs = self._claim(self.batch_size) if len(inflight) < self.batch_size else []
+                recording = self.recorder.busy
+                # While outcomes wait for the database nothing new is claimed: the claim could
+                # take back (after a long outage, their leases expired) recipients whose
+                # delivery is only waiting to be recorded.
+                claiming = len(inflight) < self.batch_size and self.recorder.is_healthy()
+                jobs = self._claim(self.batch_size) if claiming else []
+                if jobs and inflight:
+                    jobs = self._skip_in_flight(jobs, inflight, reclaimed)
                 for job in jobs:
                     inflight[executor.submit(self._run_job, job)] = job
                 if not inflight:
@@ -147,14 +181,33 @@ class Worker:
                                   return_when=cf.FIRST_COMPLETED)
                 for future in done:
                     inflight.pop(future)
+                    # Claimed again while this job held them: the job is over (recorded or
+                    # given back), so the new claim is given back too, and they are due again.
+                    if future in reclaimed:
+                        self._housekeeping(release_leases, self.worker_id, reclaimed.pop(future))
         finally:
-            self._shutdown(executor, inflight, recorder)
-        log.info("delivery worker %s stopped after %d delivery attempt(s)", self.worker_id,
-                 self.recorded_attempts)
+            self._shutdown(executor, inflight)
+        log.info("delivery worker %s stopped after %d delivery attempt(s) recorded in %d "
+                 "transaction(s)", self.worker_id, self.recorded_attempts,
+                 self.recorder.transactions)
         return 0
 
-    def _shutdown(self, executor: cf.ThreadPoolExecutor, inflight: dict[cf.Future[None], Job],
-                  recorder: threading.Thread) -> None:
+    @staticmethod
+    def _skip_in_flight(jobs: list[Job], inflight: dict[cf.Future[None], Job],
+                        reclaimed: dict[cf.Future[None], list[int]]) -> list[Job]:
+        """``without_recipients_in_flight``, noting which job holds each recipient skipped."""
+        holder = {r.id: future for future, job in inflight.items() for r in job.recipients}
+        for job in jobs:
+            for r in job.recipients:
+                if r.id in holder:
+                    reclaimed.setdefault(holder[r.id], []).append(r.id)
+        return without_recipients_in_flight(jobs, inflight.values())
+
+    def _shutdown(self, executor: cf.ThreadPoolExecutor,
+                  inflight: dict[cf.Future[None], Job]) -> None:
+        # Outcomes the database still cannot take when the grace ends are given up (their
+        # leases expire, as after a crash): the process must be able to end.
+        self.recorder.give_up_after(time.monotonic() + SHUTDOWN_GRACE)
         unstarted = [job for future, job in inflight.items() if future.cancel()]
         executor.shutdown(wait=False, cancel_futures=True)
         if unstarted:
@@ -167,16 +220,22 @@ class Worker:
             log.warning("%d delivery(ies) still running after %.0f s; their leases will "
                         "expire and another worker will take them over", len(late),
                         SHUTDOWN_GRACE)
-        self._recorder.put(None)  # record what is left, then end
-        recorder.join(SHUTDOWN_GRACE)
+        self.recorder.close(SHUTDOWN_GRACE)  # record what is left, then end
         self.pool.close_idle(0)
+        self.control.close()
         self._housekeeping(maintenance.remove_heartbeat, self.worker_id)
 
-    def _housekeeping(self, func, *args) -> None:  # type: ignore[no-untyped-def]
+    def _housekeeping(self, func: Callable[..., object], *args: Any) -> None:
         """Run a maintenance step in its own unit of work; a failure is logged, not fatal."""
         try:
             with unit_of_work(self.app) as session:
                 func(session, *args)
+        except Exception:
+            log.exception("%s failed", getattr(func, "__name__", func))
+
+    def _safely(self, func: Callable[[], object]) -> None:
+        try:
+            func()
         except Exception:
             log.exception("%s failed", getattr(func, "__name__", func))
 
@@ -186,9 +245,13 @@ class Worker:
         try:
             with unit_of_work(self.app) as session:
                 claimed = lease_due(session, self.worker_id, max_messages=max_messages,
-                                    lease_seconds=self.lease_seconds)
-        except Exception:
-            log.exception("claiming due recipients failed")
+                                    lease_seconds=self.lease_seconds, now=self.clock())
+        except Exception as exc:
+            if is_unreachable(exc) or is_transient_conflict(exc):
+                # The database is away or busy, not a bug: no traceback every second.
+                log.warning("claiming due recipients failed: %s", describe_error(exc))
+            else:
+                log.exception("claiming due recipients failed")
             return []
         if not claimed:
             return []
@@ -214,7 +277,9 @@ class Worker:
     # ----------------------------------------------------------------- one job
 
     def _run_job(self, job: Job) -> None:
-        """Deliver one job over SMTP and hand its results to the recorder."""
+        """Deliver one job over SMTP; return once its results are recorded."""
+        self.recorder.begin()
+        results: list[RecipientResult] | None = None
         try:
             if time.monotonic() - job.claimed_at > self.lease_seconds * LEASE_MARGIN:
                 self._housekeeping(release_leases, self.worker_id, [r.id for r in job.recipients])
@@ -222,14 +287,24 @@ class Worker:
             if job.raw is None and not self._load_content(job):
                 return  # deleted since the claim; its recipients went with it
             results = self._attempt(job, job.sender, job.raw or b"")
+        except Postpone as wait:
+            # Not an attempt: the destination's limits say "later" (docs/DELIVERY.md).
+            log.debug("postponed %s: %s", job.message_id, wait.reason)
+            self._housekeeping(postpone_leases, self.worker_id,
+                               [r.id for r in job.recipients], wait.until)
+            job.raw = None
+            return
         except Exception as exc:
             # Keeping the lease would bring the job back every lease period, failing the same
             # way for ever with no retry schedule, no expiry and no bounce: record it instead.
             log.exception("delivery of %s to %s failed unexpectedly; recorded as a temporary "
                           "failure", job.message_id, job.destination)
             results = internal_error_results(job, exc)
+        finally:
+            if results is None:
+                self.recorder.abandon()
         job.raw = None
-        self._recorder.put(Attempt(job.message_id, job.sender, results))
+        self.recorder.record(Attempt(job.message_id, job.sender, results))
 
     def _load_content(self, job: Job) -> bool:
         with unit_of_work(self.app) as session:
@@ -239,42 +314,6 @@ class Worker:
         job.sender, job.raw = row
         return True
 
-    # ----------------------------------------------------------------- recording
-
-    def _record_loop(self) -> None:
-        """The recorder thread: outcomes in batches, one transaction each, until told to end."""
-        while True:
-            first = self._recorder.get()
-            if first is None:
-                self._recorder.task_done()
-                return
-            batch = [first]
-            end = False
-            while len(batch) < RECORD_BATCH:
-                try:
-                    item = self._recorder.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    end = True
-                    self._recorder.task_done()
-                    break
-                batch.append(item)
-            self._record(batch)
-            for _ in batch:
-                self._recorder.task_done()
-            if end:
-                return
-
-    def _record(self, batch: list[Attempt]) -> None:
-        try:
-            with unit_of_work(self.app) as session:
-                record_outcomes(session, self.worker_id, batch, self.policy)
-            self.recorded_attempts += len(batch)  # only this thread writes it
-        except Exception:
-            # The leases stay: the recipients come back when they expire.
-            log.exception("recording %d delivery outcomes failed", len(batch))
-
     def _attempt(self, job: Job, sender: str, raw: bytes) -> list[RecipientResult]:
         pairs = [(r.id, r.address) for r in job.recipients]
         try:
@@ -283,7 +322,34 @@ class Worker:
             kind = "rejection" if exc.permanent else "tempfail"
             return [RecipientResult(rid, address, kind, exc.message, None, exc.enhanced_code)
                     for rid, address in pairs]
-        return self.client.deliver(route, sender, pairs, raw)
+        hosts = [hop.hostname for hop in route.hops] \
+            if self.control.needs_hosts(job.domain) else []
+        limits = self.control.limits_for(route.destination, job.domain, hosts)
+        admission = self.control.admit(limits)  # or Postpone
+        try:
+            results = self.client.deliver(route, sender, pairs, raw, limits)
+        except NoConnectionSlot:
+            raise self.control.slot_busy(admission) from None
+        self.control.observe(limits, results)
+        return results
+
+
+def without_recipients_in_flight(jobs: list[Job], inflight: Iterable[Job]) -> list[Job]:
+    """``jobs`` without the recipients this worker is delivering already.
+
+    A job still under way when its lease expires (it waited in the queue, then met a slow
+    server or a slow commit) can be claimed again by this very worker, whose claim renews the
+    lease in its own name: a second job would send it again. The job under way records it.
+    """
+    busy = {r.id for job in inflight for r in job.recipients}
+    kept = []
+    for job in jobs:
+        if any(r.id in busy for r in job.recipients):
+            job.recipients = [r for r in job.recipients if r.id not in busy]
+            if not job.recipients:
+                continue
+        kept.append(job)
+    return kept
 
 
 def internal_error_results(job: Job, exc: Exception) -> list[RecipientResult]:

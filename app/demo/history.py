@@ -12,6 +12,7 @@ set-based recount ``flask stats rebuild`` does, so events and rollup agree by co
 from __future__ import annotations
 
 import datetime as dt
+import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -21,12 +22,14 @@ import sqlalchemy.orm as so
 
 from ..events import rebuild_rollup
 from ..models import DeliveryEvent
+from ..stats.classify import failure_class
 from ..timeutil import utcnow
-from .vocabulary import DOMAINS, PERM_ERRORS, TEMP_ERRORS, USERS, run_tag
+from .vocabulary import DEMO_ID_PREFIX, DOMAINS, PERM_ERRORS, TEMP_ERRORS, USERS, run_tag
 
 PG_CHUNK = 500_000
 SQLITE_CHUNK = 5000
 EVENTS_PER_MESSAGE = 3  # consecutive events share a message id
+LATENCY_LOG_SPAN = math.log(86400)  # the longest demo latency: a day
 
 # Cumulative shares of the event types: most events are deliveries and receptions.
 TYPE_MIX = (("reception", 0.30), ("delivery", 0.85), ("tempfail", 0.92), ("rejection", 0.95),
@@ -57,6 +60,7 @@ def seed_history(session: so.Session, count: int, *, days: int = 365, seed: int 
     session.commit()
     if session.get_bind().dialect.name == "postgresql":
         session.execute(sa.text("ANALYZE delivery_events"))
+        session.execute(sa.text("ANALYZE domain_rollup"))
         session.commit()
     return {"events": count, "rollup_rows": rows, "since": since, "until": now}
 
@@ -78,7 +82,7 @@ def _insert_python(session: so.Session, count: int, since: dt.datetime, now: dt.
 
 
 def _message_id(tag: str, g: int) -> str:
-    return f"msg-h{tag}{(g - 1) // EVENTS_PER_MESSAGE:010x}"
+    return f"{DEMO_ID_PREFIX}h{tag}{(g - 1) // EVENTS_PER_MESSAGE:010x}"
 
 
 def _sender(g: int) -> str:
@@ -101,6 +105,7 @@ def _event(rng: random.Random, g: int, timestamp: dt.datetime, tag: str) -> dict
                                sender=_sender(g), recipient=recipient, threats=[],
                                delivery_ip=None, delivery_host=None, smtp_code=None,
                                enhanced_code=None, spam_score=None)
+    row.update(failure_class=None, domain=None, latency=None)
     if event_type == "reception":
         row.update(spam_score=round(rng.random() * 4, 1),
                    message=f"Message accepted (smtp, {rng.randint(800, 60000)} bytes)")
@@ -110,23 +115,32 @@ def _event(rng: random.Random, g: int, timestamp: dt.datetime, tag: str) -> dict
                    action=action, queue_state=state)
         return row
     else:
-        row.update(delivery_host=f"mx.{domain}", delivery_ip=f"192.0.2.{1 + g % 254}")
+        row.update(delivery_host=f"mx.{domain}", delivery_ip=f"192.0.2.{1 + g % 254}",
+                   domain=domain)
         if event_type == "delivery":
             row.update(smtp_code=250, enhanced_code="2.0.0",
-                       message=f"250 2.0.0 Ok: queued as {g:X}")
+                       message=f"250 2.0.0 Ok: queued as {g:X}", latency=_latency(rng.random()))
         else:
             errors = TEMP_ERRORS if event_type == "tempfail" else PERM_ERRORS
             code, enhanced, text = rng.choice(errors)
-            row.update(smtp_code=code, enhanced_code=enhanced, message=text.format(domain=domain))
+            row.update(smtp_code=code, enhanced_code=enhanced, message=text.format(domain=domain),
+                       failure_class=failure_class(code, enhanced, text))
     row["action"], row["queue_state"] = EFFECT[event_type]
     return row
+
+
+def _latency(draw: float) -> float:
+    """Seconds from reception to delivery: most mail goes in seconds, some waits for hours
+    (a retry), a long tail up to a day. ``_PG_INSERT`` computes the same from its draw."""
+    return round(math.exp(draw * draw * LATENCY_LOG_SPAN), 3)
 
 
 # The SQL twin of ``_event``: random draws once per row in ``draws``, the rest derived from them
 # and from the row number ``g``. Arrays are bound parameters (never inside a GROUP BY here).
 _PG_INSERT = sa.text("""
 INSERT INTO delivery_events (timestamp, event_type, message_id, sender, recipient, delivery_ip,
-    delivery_host, smtp_code, enhanced_code, spam_score, threats, message, action, queue_state)
+    delivery_host, smtp_code, enhanced_code, spam_score, threats, message, action, queue_state,
+    failure_class, domain, latency)
 SELECT ts, etype, mid, sender,
        CASE WHEN etype = 'system' THEN NULL ELSE rcpt_user || '@' || rcpt_domain END,
        CASE WHEN etype IN ('delivery', 'tempfail', 'rejection')
@@ -153,7 +167,12 @@ SELECT ts, etype, mid, sender,
                   ELSE (CAST(:sys_actions AS text[]))[1 + pick % :n_sys] END,
        CASE etype WHEN 'reception' THEN 'pending' WHEN 'delivery' THEN NULL
                   WHEN 'tempfail' THEN 'deferred' WHEN 'rejection' THEN 'failed'
-                  ELSE (CAST(:sys_states AS text[]))[1 + pick % :n_sys] END
+                  ELSE (CAST(:sys_states AS text[]))[1 + pick % :n_sys] END,
+       CASE etype WHEN 'tempfail' THEN (CAST(:temp_class AS text[]))[1 + pick % :n_temp]
+                  WHEN 'rejection' THEN (CAST(:perm_class AS text[]))[1 + pick % :n_perm] END,
+       CASE WHEN etype IN ('delivery', 'tempfail', 'rejection') THEN rcpt_domain END,
+       CASE WHEN etype = 'delivery'
+            THEN round(CAST(exp(spam / 4 * spam / 4 * :latency_span) AS numeric), 3) END
 FROM (
     SELECT g, draws.pick, draws.spam,
            CAST(:since AS timestamptz)
@@ -163,7 +182,7 @@ FROM (
                 WHEN draws.kind < :cut_tempfail THEN 'tempfail'
                 WHEN draws.kind < :cut_rejection THEN 'rejection'
                 ELSE 'system' END AS etype,
-           'msg-h' || :tag || lpad(to_hex((g - 1) / :per_message), 10, '0') AS mid,
+           :id_prefix || 'h' || :tag || lpad(to_hex((g - 1) / :per_message), 10, '0') AS mid,
            (CAST(:users AS text[]))[1 + ((g - 1) / :per_message) % :n_users] || '@'
                || (CAST(:domains AS text[]))[1 + (((g - 1) / :per_message) * 7) % :n_domains]
                AS sender,
@@ -186,12 +205,16 @@ def _insert_postgresql(session: so.Session, count: int, since: dt.datetime, now:
     cuts = dict(TYPE_MIX)
     params: dict[str, Any] = {
         "since": since, "step": (now - since).total_seconds() / count, "tag": tag,
+        "id_prefix": DEMO_ID_PREFIX,
         "per_message": EVENTS_PER_MESSAGE,
         "users": USERS, "n_users": len(USERS), "domains": DOMAINS, "n_domains": len(DOMAINS),
         "temp_codes": [e[0] for e in TEMP_ERRORS], "temp_enh": [e[1] for e in TEMP_ERRORS],
         "temp_text": [e[2] for e in TEMP_ERRORS], "n_temp": len(TEMP_ERRORS),
         "perm_codes": [e[0] for e in PERM_ERRORS], "perm_enh": [e[1] for e in PERM_ERRORS],
         "perm_text": [e[2] for e in PERM_ERRORS], "n_perm": len(PERM_ERRORS),
+        "temp_class": [failure_class(*e) for e in TEMP_ERRORS],
+        "perm_class": [failure_class(*e) for e in PERM_ERRORS],
+        "latency_span": LATENCY_LOG_SPAN,
         "sys_actions": [a for a, _ in SYSTEM_ACTIONS], "sys_states": [s for _, s in SYSTEM_ACTIONS],
         "n_sys": len(SYSTEM_ACTIONS),
         "cut_reception": cuts["reception"], "cut_delivery": cuts["delivery"],

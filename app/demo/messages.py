@@ -18,14 +18,23 @@ from typing import Any
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from ..events import bump_rollup, outcome_increments
+from ..events import Increments, recipient_domain
 from ..models import DeliveryEvent
-from ..queue import counters
+from ..queue import counters, shape
 from ..queue.bulk import accept_bulk
 from ..queue.states import QueueState, RecipientStatus
+from ..stats.classify import failure_class
 from ..timeutil import utcnow
 from .bulk import seed_messages_postgresql
-from .vocabulary import DOMAINS, PERM_ERRORS, STATE_WEIGHTS, SUBJECTS, TEMP_ERRORS, USERS
+from .vocabulary import (
+    DEMO_ID_PREFIX,
+    PERM_ERRORS,
+    STATE_WEIGHTS,
+    SUBJECTS,
+    TEMP_ERRORS,
+    USERS,
+    AddressPicker,
+)
 
 # What a delivery outcome does to the queue entry: the event's action and queue_state columns.
 EVENT_EFFECT = {
@@ -51,6 +60,58 @@ def _raw_message(rng: random.Random, sender: str, rcpts: list[str], subject: str
     return msg.as_bytes()
 
 
+def _recipient(rng: random.Random, message_id: str, sender: str, address: str, state: str,
+               attempts: int, created: dt.datetime, now: dt.datetime,
+               events: list[dict[str, Any]]) -> dict[str, Any]:
+    """One recipient as the worker would have left it, and the events of its attempts.
+
+    As after real deliveries (queue/outcomes.py): ``last_attempt_at`` is its last attempt's
+    event time; a deferred recipient is due after it, a failed one never.
+    """
+    domain = address.rpartition("@")[2]
+    due: dt.datetime | None
+    status, error, due = RecipientStatus.PENDING, None, created
+    if state in (QueueState.DEFERRED, QueueState.HELD) and attempts:
+        code, enhanced, text = rng.choice(TEMP_ERRORS)
+        status, error = RecipientStatus.DEFERRED, text.format(domain=domain)
+        due = now + dt.timedelta(seconds=rng.randint(60, 6 * 3600))
+    elif state == QueueState.FAILED:
+        code, enhanced, text = rng.choice(PERM_ERRORS)
+        status, error, due = RecipientStatus.FAILED, text, None
+    at = created
+    for attempt in range(attempts):
+        # Later attempts come later, the last one no later than now.
+        at = min(at + dt.timedelta(seconds=(attempt + 1) * rng.randint(60, 900)), now)
+        last = attempt == attempts - 1
+        etype = "rejection" if (state == QueueState.FAILED and last) else "tempfail"
+        ecode, eenh, etext = (code, enhanced, text) if last else rng.choice(TEMP_ERRORS)
+        events.append(dict(timestamp=at, event_type=etype, message_id=message_id,
+                           sender=sender, recipient=address, smtp_code=ecode,
+                           enhanced_code=eenh, delivery_host=f"mx.{domain}",
+                           delivery_ip=f"192.0.2.{rng.randint(1, 254)}", threats=[],
+                           message=etext.format(domain=domain), **EVENT_EFFECT[etype],
+                           failure_class=failure_class(ecode, eenh, etext),
+                           domain=recipient_domain(address), latency=None))
+    return dict(message_id=message_id, address=address, domain=domain, status=status,
+                attempts=attempts, last_error=error,
+                last_attempt_at=at if attempts else None, next_attempt_at=due)
+
+
+def _message(message_id: str, sender: str, subject: str, size: int, state: str,
+             created: dt.datetime, rcpts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The message row its recipients imply, as ``queue.service.settle_message_state`` sets it:
+    due with its earliest open recipient, its last error, touched at its last attempt."""
+    open_due = [r["next_attempt_at"] for r in rcpts
+                if r["status"] in (RecipientStatus.PENDING, RecipientStatus.DEFERRED)]
+    errors = [r["last_error"] for r in rcpts if r["last_error"]]
+    touched = [r["last_attempt_at"] for r in rcpts if r["last_attempt_at"]]
+    return dict(id=message_id, sender=sender, subject=subject, size=size, priority=0,
+                queue_state=state, attempts=max(r["attempts"] for r in rcpts), origin="demo",
+                created_at=created, updated_at=max(touched, default=created),
+                next_attempt_at=min(open_due) if open_due else None,
+                last_error=errors[-1] if errors else None)
+
+
 def _chunks(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
     for start in range(0, len(rows), CHUNK):
         yield rows[start : start + CHUNK]
@@ -66,67 +127,37 @@ def seed_messages(session: so.Session, count: int, *, seed: int | None = None,
     rng = random.Random(seed)
     states = list(STATE_WEIGHTS)
     weights = list(STATE_WEIGHTS.values())
-    made = dict.fromkeys(states, 0)
+    made: dict[str, int] = dict.fromkeys(states, 0)
     messages: list[dict[str, Any]] = []
     recipients: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
-    for n in range(count):
+    addresses = AddressPicker(rng)
+    for _ in range(count):
         state = rng.choices(states, weights)[0]
         made[state] += 1
         created = now - dt.timedelta(seconds=rng.randint(30, spread_hours * 3600))
-        sender = f"{rng.choice(USERS)}@{rng.choice(DOMAINS)}"
-        count = rng.choice((1, 1, 1, 2, 3))
-        rcpts = sorted({f"{rng.choice(USERS)}@{rng.choice(DOMAINS)}" for _ in range(count)})
+        sender = addresses.address()
+        how_many = rng.choice((1, 1, 1, 2, 3))
+        rcpts = sorted({addresses.address() for _ in range(how_many)})
         subject = rng.choice(SUBJECTS).format(n=rng.randint(1000, 99999))
         raw = _raw_message(rng, sender, rcpts, subject, created)
-        message_id = "msg-" + secrets.token_urlsafe(16)
+        message_id = DEMO_ID_PREFIX + secrets.token_hex(8)
         attempts = 0 if state == QueueState.PENDING else rng.randint(1, 6)
-        error: str | None = None
-        next_attempt: dt.datetime | None = created
         events.append(dict(timestamp=created, event_type="reception", message_id=message_id,
                            sender=sender, recipient=", ".join(rcpts), threats=[],
                            message=f"Message accepted (demo, {len(raw)} bytes)",
                            action="queued", queue_state=QueueState.PENDING))
-        for address in rcpts:
-            domain = address.rpartition("@")[2]
-            r_status, r_error, r_next = RecipientStatus.PENDING, None, created
-            if state in (QueueState.DEFERRED, QueueState.HELD) and attempts:
-                code, enhanced, text = rng.choice(TEMP_ERRORS)
-                r_status, r_error = RecipientStatus.DEFERRED, text.format(domain=domain)
-                r_next = now + dt.timedelta(seconds=rng.randint(60, 6 * 3600))
-            elif state == QueueState.FAILED:
-                code, enhanced, text = rng.choice(PERM_ERRORS)
-                r_status, r_error, r_next = RecipientStatus.FAILED, text, None
-            for attempt in range(attempts):
-                at = created + dt.timedelta(seconds=(attempt + 1) * rng.randint(60, 900))
-                at = min(at, now)
-                last = attempt == attempts - 1
-                etype = "rejection" if (state == QueueState.FAILED and last) else "tempfail"
-                ecode, eenh, etext = (code, enhanced, text) if last else rng.choice(TEMP_ERRORS)
-                events.append(dict(timestamp=at, event_type=etype, message_id=message_id,
-                                   sender=sender, recipient=address, smtp_code=ecode,
-                                   enhanced_code=eenh, delivery_host=f"mx.{domain}",
-                                   delivery_ip=f"192.0.2.{rng.randint(1, 254)}", threats=[],
-                                   message=etext.format(domain=domain),
-                                   **EVENT_EFFECT[etype]))
-            error = r_error or error
-            recipients.append(dict(message_id=message_id, address=address, domain=domain,
-                                   status=r_status, attempts=attempts, last_error=r_error,
-                                   last_attempt_at=(created if attempts else None),
-                                   next_attempt_at=r_next))
-            if r_next is not None and state != QueueState.FAILED:
-                next_attempt = r_next
-        messages.append(dict(id=message_id, sender=sender, subject=subject, size=len(raw),
-                             priority=0, queue_state=state, attempts=attempts, origin="demo",
-                             created_at=created, updated_at=created,
-                             next_attempt_at=None if state == QueueState.FAILED else next_attempt,
-                             last_error=error))
+        rows = [_recipient(rng, message_id, sender, address, state, attempts, created, now,
+                           events) for address in rcpts]
+        recipients.extend(rows)
+        messages.append(_message(message_id, sender, subject, len(raw), state, created, rows))
         contents.append(dict(message_id=message_id, raw=raw))
         if len(messages) >= CHUNK:
             _flush(session, messages, recipients, contents, events)
     _flush(session, messages, recipients, contents, events)
     counters.fold_deltas(session)
+    shape.fold(session)
     return made
 
 
@@ -138,7 +169,11 @@ def _flush(session: so.Session, messages: list[dict[str, Any]], recipients: list
     events.sort(key=lambda e: e["timestamp"])  # ids grow with time, as in a real history
     for chunk in _chunks(events):
         session.execute(sa.insert(DeliveryEvent), chunk)
-    bump_rollup(session, outcome_increments((e["event_type"], e["timestamp"]) for e in events))
+    increments = Increments()
+    for event in events:
+        if event["event_type"] != "reception":
+            increments.add_row(event)
+    increments.bump(session)
     session.commit()
     for rows in (messages, recipients, contents, events):
         rows.clear()

@@ -25,8 +25,35 @@ PERM_ERRORS = [
     (554, "5.7.1", "554 5.7.1 Message rejected as spam"),
     (553, "5.1.3", "553 5.1.3 Bad destination mailbox address syntax"),
 ]
+# Every demo message id starts with this (queued, history and bulk alike): `flask demo reset`
+# deletes exactly these; real ids are "msg-" and 22 URL-safe characters.
+DEMO_ID_PREFIX = "msg-demo-"
 STATE_WEIGHTS = {QueueState.PENDING: 20, QueueState.DEFERRED: 50, QueueState.HELD: 10,
                  QueueState.FAILED: 20}
+
+
+def _zipf(n: int) -> list[float]:
+    return [1 / rank for rank in range(1, n + 1)]
+
+
+class AddressPicker:
+    """Addresses as real mail has them: a few domains and a few people send most of it.
+
+    Domains are drawn by Zipf's law in DOMAINS order (example.com most often); within each
+    domain the people are too, each domain with its own ranking (alice leads at example.com,
+    bob at example.net ...). So the README's filter combinations
+    (``?domain=example.com&sender=alice``) find messages, as they would on a real queue.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.domain_weights = _zipf(len(DOMAINS))
+        self.user_weights = _zipf(len(USERS))
+
+    def address(self) -> str:
+        index = self.rng.choices(range(len(DOMAINS)), self.domain_weights)[0]
+        people = USERS[index:] + USERS[:index]
+        return f"{self.rng.choices(people, self.user_weights)[0]}@{DOMAINS[index]}"
 
 
 def run_tag(seed: int | None) -> str:

@@ -52,7 +52,7 @@ def _state_words(key: DkimKey) -> str:
 @reports_errors
 def create_cmd(domain: str, selector: str | None, algorithm: str, as_json: bool) -> None:
     """Create a key and print the DNS record to publish (never the private key)."""
-    key = keys.create_key(db.session, domain, selector, algorithm)
+    key = keys.create_key(db.session(), domain, selector, algorithm)
     if as_json:
         emit_json(DkimKeySchema().dump(key))
         return
@@ -67,7 +67,7 @@ def create_cmd(domain: str, selector: str | None, algorithm: str, as_json: bool)
 @reports_errors
 def list_cmd(domain: str | None, as_json: bool) -> None:
     """List keys (retired ones included)."""
-    rows = keys.list_keys(db.session, domain)
+    rows = keys.list_keys(db.session(), domain)
     if as_json:
         emit_json(DkimKeySchema(many=True).dump(rows))
         return
@@ -89,7 +89,7 @@ def _key_arguments(func: Any) -> Any:
 @reports_errors
 def show_cmd(domain: str, selector: str, as_json: bool) -> None:
     """Show one key and its DNS record."""
-    key = keys.find_key(db.session, domain, selector)
+    key = keys.find_key(db.session(), domain, selector)
     if as_json:
         emit_json(DkimKeySchema().dump(key))
         return
@@ -107,7 +107,7 @@ def show_cmd(domain: str, selector: str, as_json: bool) -> None:
 @reports_errors
 def activate_cmd(domain: str, selector: str) -> None:
     """Switch signing to a standby key (rotation); the key it replaces is retired."""
-    key, retired = keys.activate_key(db.session, keys.find_key(db.session, domain, selector))
+    key, retired = keys.activate_key(db.session(), keys.find_key(db.session(), domain, selector))
     click.echo(f"DKIM key {key.selector} now signs mail from {key.domain} ({key.algorithm}).")
     for old in retired:
         click.echo(f"Retired {old.selector}: keep its record published for a few days (mail "
@@ -119,5 +119,5 @@ def activate_cmd(domain: str, selector: str) -> None:
 @reports_errors
 def retire_cmd(domain: str, selector: str) -> None:
     """Stop signing with a key, for good."""
-    key = keys.retire_key(db.session, keys.find_key(db.session, domain, selector))
+    key = keys.retire_key(db.session(), keys.find_key(db.session(), domain, selector))
     click.echo(f"DKIM key {key.selector} of {key.domain} retired: it signs nothing from now on.")

@@ -22,6 +22,7 @@ import email.utils
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dkim
 import sqlalchemy as sa
@@ -69,18 +70,44 @@ def from_domain(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
         return None
 
 
+_MEMO = "dkim_signing_keys"
+# The key read, built once: Core columns on the session's connection (no ORM compile state,
+# no autoflush), the candidate domains an expanding IN.
+_ACTIVE_KEYS = sa.select(DkimKey.__table__.c.domain, DkimKey.__table__.c.selector,
+                         DkimKey.__table__.c.algorithm, DkimKey.__table__.c.private_key).where(
+    DkimKey.__table__.c.state == "active",
+    DkimKey.__table__.c.domain.in_(sa.bindparam("candidates", expanding=True)))
+
+
 def signing_keys(session: so.Session, domain: str) -> list[tuple[str, str, str, str]]:
     """``(domain, selector, algorithm, private key)`` of the active keys that sign for
     ``domain``: those of the most specific of it and its parents that has any."""
     candidates = parent_domains(domain)
-    rows = session.execute(
-        sa.select(DkimKey.domain, DkimKey.selector, DkimKey.algorithm, DkimKey.private_key)
-        .where(DkimKey.state == "active", DkimKey.domain.in_(candidates))
-    ).all()
+    # Read once per domain and transaction: the listener's group commit signs up to 64
+    # messages in one transaction, mostly from one domain. The memo ends with the transaction
+    # (``_forget_keys``), so a key activated or retired applies from the next one.
+    memo: dict[str, list[tuple[str, str, str, str]]] = session.info.setdefault(_MEMO, {})
+    if domain in memo:
+        return memo[domain]
+    # On the session's connection, so without autoflush: the messages added earlier in the
+    # transaction cannot change which keys sign, and a flush per message would undo the group
+    # commit's one flush per batch.
+    rows = session.connection().execute(_ACTIVE_KEYS, {"candidates": candidates}).all()
+    memo[domain] = _nearest(rows, candidates)
+    return memo[domain]
+
+
+@sa.event.listens_for(so.Session, "after_transaction_end")
+def _forget_keys(session: so.Session, transaction: so.SessionTransaction) -> None:
+    if transaction.parent is None:  # the outermost transaction, not a savepoint
+        session.info.pop(_MEMO, None)
+
+
+def _nearest(rows: Any, candidates: list[str]) -> list[tuple[str, str, str, str]]:
     if not rows:
         return []
     nearest = min((row.domain for row in rows), key=candidates.index)
-    return sorted((tuple(row) for row in rows if row.domain == nearest),  # type: ignore[misc]
+    return sorted((tuple(row) for row in rows if row.domain == nearest),
                   key=lambda row: row[2], reverse=True)  # rsa first, then ed25519
 
 

@@ -260,7 +260,7 @@ def check_dmarc(ctx: Context, keys: Sequence[DkimKey], spf_item: Item,
         item.publish = publish
         return item
     tags = parse_tags(records[0])
-    policy = (tags.get("sp") if where != ctx.domain and tags.get("sp") else tags.get("p", ""))
+    policy = (tags["sp"] if where != ctx.domain and tags.get("sp") else tags.get("p", ""))
     if not records[0].replace(" ", "").lower().startswith("v=dmarc1;") \
             or policy.lower() not in DMARC_POLICIES:
         item.status = "fail"

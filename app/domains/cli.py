@@ -42,7 +42,7 @@ def _print_item(item: dict[str, Any]) -> None:
 def check_cmd(domain: str, cached: bool, as_json: bool) -> None:
     """Check SPF, DKIM, DMARC, MX, reverse DNS and MTA-STS of DOMAIN as receivers see it."""
     report = DomainReportSchema().dump(
-        check_domain(db.session, domain, current_app.config, refresh=not cached))
+        check_domain(db.session(), domain, current_app.config, refresh=not cached))
     if as_json:
         emit_json(report)
         return

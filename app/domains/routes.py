@@ -7,7 +7,8 @@ from typing import Any
 from flask import current_app
 from flask.views import MethodView
 
-from ..extensions import Blueprint, db
+from ..api import Blueprint
+from ..extensions import db
 from .check import cache_of, check_domain
 from .schemas import CheckQuerySchema, DomainReportSchema
 
@@ -21,5 +22,5 @@ class DomainCheck(MethodView):
     @blp.response(200, DomainReportSchema)
     def get(self, args: dict[str, Any], domain: str) -> Any:
         """Check SPF, DKIM, DMARC, MX, reverse DNS and MTA-STS of a domain as receivers see it"""
-        return check_domain(db.session, domain, current_app.config,
+        return check_domain(db.session(), domain, current_app.config,
                             cache=cache_of(current_app), refresh=args["refresh"])

@@ -1,1 +1,1 @@
-"""Health of the running service (SPEC 5): /api/health, /livez, /readyz."""
+"""Health of the running service (API.md §5): /api/health, /livez, /readyz."""

@@ -1,12 +1,13 @@
-"""/api/health for people and dashboards, /livez and /readyz for orchestrators (SPEC 5)."""
+"""/api/health for people and dashboards, /livez and /readyz for orchestrators (API.md §5)."""
 
 from __future__ import annotations
 
 from flask import Response, current_app, jsonify
 from flask.views import MethodView
 
+from ..api import Blueprint
 from ..errors import error_response
-from ..extensions import Blueprint, db
+from ..extensions import db
 from . import service
 from .schemas import HealthSchema, ProbeSchema
 
@@ -27,7 +28,7 @@ class Health(MethodView):
                       description="Unhealthy: the database does not answer")
     def get(self) -> Response:
         """Service health: database, delivery worker, queue and this process"""
-        report = service.health_report(db.session)
+        report = service.health_report(db.session())
         body = report.body
         if report.status == "unhealthy":
             # The health document and the contract's error shape in one body: dashboards read
@@ -52,7 +53,7 @@ class Ready(MethodView):
     @blp.alt_response(503, description="The database does not answer")
     def get(self) -> Response:
         """Readiness: the database answers and holds this release's schema"""
-        problem = service.readiness_problem(db.session,
+        problem = service.readiness_problem(db.session(),
                                             current_app.extensions["migrate"].directory)
         if problem is None:
             return _no_store(jsonify({"status": "ready"}))

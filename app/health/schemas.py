@@ -1,4 +1,4 @@
-"""Health documents (SPEC 5), for the OpenAPI document."""
+"""Health documents (API.md §5), for the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ class WorkerHealthSchema(ma.Schema):
                                       metadata={"description": "Newest heartbeat of any worker"})
 
 
+class WebhookDispatcherHealthSchema(ma.Schema):
+    status = ma.fields.String(metadata={"description": "running | stale | absent | unknown"})
+    last_heartbeat = ma.fields.String(
+        allow_none=True, metadata={"description": "Newest heartbeat of `flask webhook dispatch`"})
+    pending = ma.fields.Integer(allow_none=True,
+                                metadata={"description": "Webhook deliveries waiting to be sent"})
+    active_webhooks = ma.fields.Integer(allow_none=True,
+                                        metadata={"description": "Webhooks that get events"})
+
+
 class QueueFiguresSchema(ma.Schema):
     pending = ma.fields.Integer()
     deferred = ma.fields.Integer()
@@ -43,6 +53,9 @@ class HealthSchema(ma.Schema):
     database = ma.fields.Nested(DatabaseHealthSchema)
     worker = ma.fields.Nested(WorkerHealthSchema)
     queue = ma.fields.Nested(QueueFiguresSchema, allow_none=True)
+    webhook_dispatcher = ma.fields.Nested(WebhookDispatcherHealthSchema, metadata={
+        "description": "An addition to the contract: stale, or absent while a webhook is "
+                       "active, makes the status degraded"})
     error = ma.fields.String(metadata={"description": "Only when unhealthy"})
     code = ma.fields.String(metadata={"description": "SERVICE_UNAVAILABLE, only when unhealthy"})
     details = ma.fields.Raw(allow_none=True, metadata={"description": "Only when unhealthy"})

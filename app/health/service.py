@@ -20,12 +20,13 @@ from typing import Any
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
+from ..delivery.maintenance import newest_heartbeat
 from ..errors import is_database_unavailable, is_missing_schema
-from ..models import WorkerHeartbeat
 from ..queue.service import queue_stats
-from ..timeutil import UTC, isoformat_z, parse_iso, utcnow
+from ..timeutil import UTC, isoformat_z, utcnow
+from ..webhooks.service import dispatcher_backlog
 
-# A worker beats at least every 15 s (SPEC 10); four missed beats make it stale.
+# A worker beats at least every 15 s (API.md §10); four missed beats make it stale.
 HEARTBEAT_STALE_SECONDS = 60
 # gunicorn.conf.py stores the master's start here, so every API worker reports the uptime of
 # the service (not of a worker that was recycled a minute ago).
@@ -113,19 +114,32 @@ def database_latency_ms(session: so.Session) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
 
-def worker_status(session: so.Session, now: dt.datetime) -> dict[str, Any]:
+def _heartbeat_status(newest: dt.datetime | None, now: dt.datetime) -> dict[str, Any]:
     """``running``: newest heartbeat at most 60 s old; ``stale``: older; else ``absent``."""
-    newest = session.scalar(sa.select(sa.func.max(WorkerHeartbeat.last_heartbeat)))
     if newest is None:
         return {"status": "absent", "last_heartbeat": None}
-    # max() bypasses the column type: SQLite answers text or a naive datetime.
-    if isinstance(newest, str):
-        newest = parse_iso(newest)
-    elif newest.tzinfo is None:
-        newest = newest.replace(tzinfo=UTC)
     age = (now - newest).total_seconds()
     status = "running" if age <= HEARTBEAT_STALE_SECONDS else "stale"
     return {"status": status, "last_heartbeat": isoformat_z(newest)}
+
+
+def worker_status(session: so.Session, now: dt.datetime) -> dict[str, Any]:
+    """The delivery workers: the newest heartbeat of any."""
+    return _heartbeat_status(newest_heartbeat(session), now)
+
+
+def dispatcher_status(session: so.Session, now: dt.datetime) -> dict[str, Any]:
+    """The webhook dispatcher (``flask webhook dispatch``), as the workers, plus the
+    deliveries waiting to be sent and whether any webhook is active (without one, no
+    dispatcher is needed and its absence is no fault)."""
+    backlog = dispatcher_backlog(session)
+    return {**_heartbeat_status(newest_heartbeat(session, dispatcher=True), now),
+            "pending": backlog.pending, "active_webhooks": backlog.active_webhooks}
+
+
+def _dispatcher_degrades(dispatcher: dict[str, Any]) -> bool:
+    return dispatcher["status"] == "stale" or (
+        dispatcher["status"] == "absent" and dispatcher["active_webhooks"] > 0)
 
 
 @dataclass
@@ -152,6 +166,7 @@ def health_report(session: so.Session) -> HealthReport:
     try:
         latency = database_latency_ms(session)
         worker = worker_status(session, now)
+        dispatcher = dispatcher_status(session, now)
         queue = queue_stats(session)
         session.commit()  # end the read transaction; no connection is kept checked out
     except Exception as exc:
@@ -163,13 +178,17 @@ def health_report(session: so.Session) -> HealthReport:
             database={"status": "unavailable", "latency_ms": None},
             worker={"status": "unknown", "last_heartbeat": None},
             queue=None,
+            webhook_dispatcher={"status": "unknown", "last_heartbeat": None, "pending": None,
+                                "active_webhooks": None},
         )
         return HealthReport(body)
+    healthy = worker["status"] == "running" and not _dispatcher_degrades(dispatcher)
     body.update(
-        status="healthy" if worker["status"] == "running" else "degraded",
+        status="healthy" if healthy else "degraded",
         database={"status": "ok", "latency_ms": latency},
         worker=worker,
         queue=queue,
+        webhook_dispatcher=dispatcher,
     )
     return HealthReport(body)
 

@@ -62,7 +62,7 @@ def log_rows_by_ids(session: so.Session, ids: Iterable[int]) -> list[Any]:
     return _rows_by_ids(session, _LOGS, ids)
 
 
-def _rows_by_ids(session: so.Session, table: sa.Table, ids: Iterable[int]) -> list[Any]:
+def _rows_by_ids(session: so.Session, table: sa.FromClause, ids: Iterable[int]) -> list[Any]:
     wanted = sorted(ids)
     rows: list[Any] = []
     for start in range(0, len(wanted), IDS_PER_QUERY):

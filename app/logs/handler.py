@@ -1,11 +1,13 @@
-"""The database logging handler (SPEC 4.1): every process's records in ``system_logs``.
+"""The database logging handler (API.md §4.1): every process's records in ``system_logs``.
 
 The code that logs must never wait for, fail because of, or loop through the database:
 
 - ``emit`` only turns the record into a row and puts it on a bounded in-memory queue
   (``put_nowait``); when the queue is full the record is dropped and counted.
 - One daemon thread per process drains the queue and inserts batches through an engine of its
-  own (one pooled connection), never through a request's session.
+  own (one pooled connection), never through a request's session. After the first record of a
+  batch it lets the batch fill for ``DEFAULT_GATHER`` (0.1 s): a listener logging a line per
+  message then writes one transaction per tenth of a second instead of one per record.
 - While the database is unavailable the drain thread keeps its current batch and retries with
   a growing pause (at most 30 s); the queue fills, further records are dropped and counted, the
   application is untouched. When the database answers again the batch and the queue are written.
@@ -35,7 +37,7 @@ import queue
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from flask import Flask
@@ -56,6 +58,8 @@ MAX_MESSAGE_CHARS = 4000
 DEFAULT_CAPACITY = DEFAULTS["LOG_QUEUE_SIZE"]
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_FLUSH_INTERVAL = DEFAULTS["LOG_FLUSH_INTERVAL"]
+# Seconds the thread lets a batch fill after its first record before writing it.
+DEFAULT_GATHER = 0.1
 DEFAULT_PRUNE_INTERVAL = DEFAULTS["LOG_PRUNE_INTERVAL"]
 MAX_RETRY_PAUSE = 30.0
 SHUTDOWN_TIMEOUT = 5.0
@@ -126,6 +130,7 @@ class DatabaseLogHandler(logging.Handler):
         batch_size: int = DEFAULT_BATCH_SIZE,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         prune_interval: float = DEFAULT_PRUNE_INTERVAL,
+        gather: float = DEFAULT_GATHER,
     ) -> None:
         super().__init__(level=level)
         self.url = url
@@ -136,6 +141,7 @@ class DatabaseLogHandler(logging.Handler):
         self.capacity = capacity
         self.batch_size = batch_size
         self.flush_interval = flush_interval
+        self.gather = gather
         self.prune_interval = prune_interval
         self.written = 0
         self.dropped_full = 0  # queue full (emit side)
@@ -172,7 +178,7 @@ class DatabaseLogHandler(logging.Handler):
             if self._closed:
                 return
             row = {
-                "timestamp": dt.datetime.fromtimestamp(record.created, dt.timezone.utc),
+                "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC),
                 "levelno": canonical_levelno(record.levelno),
                 "level": level_name(record.levelno),
                 "logger": _clean_text(record.name[:255]),
@@ -187,8 +193,13 @@ class DatabaseLogHandler(logging.Handler):
         except Exception:  # whatever happens here, the caller's logging call returns normally
             self.dropped_full += 1
 
-    def flush(self, timeout: float = SHUTDOWN_TIMEOUT) -> bool:
-        """Wait (at most ``timeout``) until everything queued so far was attempted.
+    def flush(self) -> None:
+        """logging's flush (``logging.shutdown`` calls it): ``drain`` with its default wait."""
+        self.drain()
+
+    def drain(self, timeout: float = SHUTDOWN_TIMEOUT) -> bool:
+        """Wait (at most ``timeout``) until everything queued so far was attempted; whether it
+        was.
 
         Only tests and shutdown call this; logging calls never wait for the database.
         """
@@ -196,6 +207,7 @@ class DatabaseLogHandler(logging.Handler):
         if self._closed or thread is None or not thread.is_alive() or self.failures:
             return False  # nothing to wait for, or an outage that no flush should wait out
         marker = _FlushMarker()
+        self._wake.set()  # before the marker: the thread clears it when it takes the marker
         try:
             self._queue.put(marker, timeout=timeout)
         except queue.Full:
@@ -207,6 +219,7 @@ class DatabaseLogHandler(logging.Handler):
         if not self._closed:
             self._closed = True
             self._stop.set()
+            self._wake.set()
             try:
                 self._queue.put_nowait(_STOP)  # wakes the thread up at once
             except queue.Full:
@@ -226,6 +239,7 @@ class DatabaseLogHandler(logging.Handler):
     def _new_queue(self) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(self.capacity)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # ends the pause that lets a batch fill
         self._thread: threading.Thread | None = None
 
     def _start_thread(self) -> None:
@@ -285,9 +299,17 @@ class DatabaseLogHandler(logging.Handler):
             item = self._queue.get(timeout=self.flush_interval)
         except queue.Empty:
             return rows, markers
+        if self.gather and not isinstance(item, _FlushMarker) and item is not _STOP:
+            # Let the batch fill for a moment: a busy listener logs a record per message, and
+            # a transaction per record (checkout, ping, BEGIN, INSERT, COMMIT: ~0.7 ms of
+            # this process's CPU, and a WAL flush) cost more than the rest of the log line.
+            # ``drain`` and ``close`` cut the pause short.
+            self._wake.wait(self.gather)
+            self._wake.clear()
         while True:
             if isinstance(item, _FlushMarker):
                 markers.append(item)
+                self._wake.clear()
             elif item is not _STOP:
                 rows.append(item)
             if len(rows) >= self.batch_size:
@@ -307,7 +329,8 @@ class DatabaseLogHandler(logging.Handler):
         """``ok``, ``retry`` (database unavailable: keep the batch) or ``drop``."""
         try:
             with self._engine.begin() as conn:
-                conn.execute(sa.insert(SystemLog.__table__), batch)
+                # Core insert into the table (declarative types __table__ as a FromClause)
+                conn.execute(sa.insert(cast(sa.Table, SystemLog.__table__)), batch)
             return "ok"
         except Exception as exc:
             reason = _short_reason(exc)

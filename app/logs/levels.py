@@ -1,4 +1,4 @@
-"""The log level vocabulary of the API (SPEC 4.1).
+"""The log level vocabulary of the API (API.md §4.1).
 
 Records are stored with one of five canonical levels; the API names them ``debug``, ``info``,
 ``warn``, ``error`` and ``fatal`` (the reference's words). ``warning`` and ``critical`` are

@@ -1,4 +1,4 @@
-"""Shapes of log records and message events (SPEC 4), in and out."""
+"""Shapes of log records and message events (API.md §4), in and out."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from typing import Any
 
 import marshmallow as ma
 
+from ..export import EXPORT_FORMATS, FORMAT_DESCRIPTION
 from ..models import EVENT_TYPES
 from ..schemas import Limit, Timestamp
+from ..stats.classify import FAILURE_CLASSES
 from .levels import ACCEPTED, levelno_of
 
 
 class MessageEventSchema(ma.Schema):
-    """One message delivery event (SPEC 4.2 item)."""
+    """One message delivery event (API.md §4.2 item)."""
 
     id = ma.fields.Integer(required=True)
     timestamp = Timestamp(required=True)
@@ -26,6 +28,9 @@ class MessageEventSchema(ma.Schema):
     spam_score = ma.fields.Float(allow_none=True)
     threats = ma.fields.List(ma.fields.Raw(), required=True)
     message = ma.fields.String(allow_none=True)
+    failure_class = ma.fields.String(allow_none=True, metadata={
+        "description": "Why a tempfail or rejection failed (docs/STATS.md); null otherwise",
+        "enum": [*FAILURE_CLASSES, None]})
 
     @ma.post_dump
     def _threats_never_null(self, data: dict[str, Any], **_kwargs: Any) -> dict[str, Any]:
@@ -36,7 +41,7 @@ class MessageEventSchema(ma.Schema):
 
 
 class SystemLogSchema(ma.Schema):
-    """One system log record (SPEC 4.1 item); ``level`` is debug|info|warn|error|fatal."""
+    """One system log record (API.md §4.1 item); ``level`` is debug|info|warn|error|fatal."""
 
     id = ma.fields.Integer(required=True)
     timestamp = Timestamp(required=True)
@@ -49,7 +54,11 @@ class SystemLogSchema(ma.Schema):
 class MinimumLevel(ma.fields.String):
     """A level name or alias, any letter case, loaded as its level number."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+    # marshmallow types String as Field[str], output included; this one checks a string (and
+    # stays a string in the OpenAPI document) but loads a level number.
+    def _deserialize(  # type: ignore[override]
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> int:
         text = super()._deserialize(value, attr, data, **kwargs)
         try:
             return levelno_of(text)
@@ -83,6 +92,10 @@ class MessageEventQuerySchema(ma.Schema):
                                   metadata={"description": "Exact message id"})
     recipient = ma.fields.String(validate=ma.validate.Length(min=1, max=320),
                                  metadata={"description": "Exact recipient address"})
+    failure_class = ma.fields.String(validate=ma.validate.OneOf(FAILURE_CLASSES),
+                                     metadata={"description": "Only failures of this class"})
+    format = ma.fields.String(validate=ma.validate.OneOf(EXPORT_FORMATS),
+                              metadata={"description": FORMAT_DESCRIPTION})
     limit = Limit()
     cursor = ma.fields.String(validate=ma.validate.Length(max=512),
                               metadata={"description": "Opaque cursor (next_cursor or the "

@@ -1,1 +1,1 @@
-"""Test email (SPEC 6): validation, building a well-formed message, queueing it."""
+"""Test email (API.md §6): validation, building a well-formed message, queueing it."""

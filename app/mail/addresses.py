@@ -13,6 +13,11 @@ _QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _NAME_ADDR = re.compile(r"^(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]*)>$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Every character str.splitlines() ends a line at. The email library folds and refuses headers
+# by that rule, so a header value holding any of them (not only CR and LF) either breaks the
+# header in two or makes the message impossible to build.
+LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+LINE_BREAKS_REFUSED = "Must not contain line breaks (CR, LF or another line separator)."
 
 MAX_ADDRESS = 254  # RFC 5321 path limit (256 with the angle brackets)
 MAX_LOCAL = 64
@@ -33,8 +38,8 @@ class AddressError(ValueError):
 
 def parse_mailbox(text: str) -> Mailbox:
     """``user@example.com`` or ``Name <user@example.com>``; raises ``AddressError``."""
-    if "\r" in text or "\n" in text:
-        raise AddressError("Must not contain CR or LF.")
+    if LINE_BREAKS.search(text):
+        raise AddressError(LINE_BREAKS_REFUSED)
     if _CONTROL.search(text):
         raise AddressError("Must not contain control characters.")
     text = text.strip()
@@ -47,6 +52,12 @@ def parse_mailbox(text: str) -> Mailbox:
         text = match.group("addr").strip()
     check_address(text)
     return Mailbox(address=text, display_name=name)
+
+
+def check_header_text(value: str) -> None:
+    """Raise ``AddressError`` when ``value`` cannot be one header line (a line break in it)."""
+    if LINE_BREAKS.search(value):
+        raise AddressError(LINE_BREAKS_REFUSED)
 
 
 def check_address(address: str) -> None:

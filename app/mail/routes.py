@@ -1,4 +1,4 @@
-"""``POST /api/send-test`` (SPEC 6): a thin view over ``mail.service``."""
+"""``POST /api/send-test`` (API.md §6): a thin view over ``mail.service``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 from flask import current_app
 from flask.views import MethodView
 
-from ..extensions import Blueprint, db
+from ..api import Blueprint
+from ..extensions import db
 from . import service
 from .schemas import SendTestResultSchema, SendTestSchema
 
@@ -21,7 +22,7 @@ class SendTest(MethodView):
     def post(self, args: dict[str, Any]) -> dict[str, str]:
         """Queue a test email; the delivery worker then delivers it like any other message"""
         hostname = service.local_hostname(current_app.config["SMTP_HOSTNAME"])
-        message = service.send_test(db.session, args["sender"], args["to"], args["subject"],
+        message = service.send_test(db.session(), args["sender"], args["to"], args["subject"],
                                     args["body"], hostname)
         return {"status": "success", "message_id": message.id,
                 "message": "Test email queued successfully"}

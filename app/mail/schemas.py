@@ -1,4 +1,4 @@
-"""Request and response shapes of ``POST /api/send-test`` (SPEC 6)."""
+"""Request and response shapes of ``POST /api/send-test`` (API.md §6)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import marshmallow as ma
 
-from .addresses import AddressError, Mailbox, parse_mailbox
+from .addresses import AddressError, Mailbox, check_header_text, parse_mailbox
 
 MAX_RECIPIENTS = 50
 MAX_MAILBOX = 512  # display name and address together
@@ -16,10 +16,24 @@ DEFAULT_SUBJECT = "Test Email"
 DEFAULT_BODY = "This is a test email from Elemta."
 
 
+# What the document promises about a mailbox, so that generated clients and fuzzers form ones
+# the server can accept: 3..512 characters, an "@", no control character or line separator.
+# The full syntax (RFC 5321 address, optional display name) is checked by parse_mailbox.
+_NO_BREAK = "[^\\x00-\\x1f\\x7f\\x85\\u2028\\u2029]"
+MAILBOX_DOC = {"type": "string", "minLength": 3, "maxLength": MAX_MAILBOX,
+               "pattern": f"^{_NO_BREAK}*@{_NO_BREAK}*$"}
+# The subject: one header line (see single_header_line).
+SUBJECT_PATTERN = "^[^\\n\\r\\x0b\\x0c\\x1c-\\x1e\\x85\\u2028\\u2029]*$"
+
+
 class MailboxField(ma.fields.String):
     """A mailbox (``a@b.c`` or ``Name <a@b.c>``) loaded as a ``Mailbox``; no CR/LF, no DNS."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Mailbox:
+    # marshmallow types String as Field[str], output included; this one checks a string (and
+    # stays a string in the OpenAPI document) but loads a Mailbox.
+    def _deserialize(  # type: ignore[override]
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> Mailbox:
         text = super()._deserialize(value, attr, data, **kwargs)
         if len(text) > MAX_MAILBOX:
             raise ma.ValidationError(f"Longer than {MAX_MAILBOX} characters.")
@@ -39,40 +53,45 @@ class RecipientsField(ma.fields.Field):
         if len(items) > MAX_RECIPIENTS:
             raise ma.ValidationError(f"At most {MAX_RECIPIENTS} recipients.")
         inner = MailboxField()
-        errors: dict[int, list[str]] = {}
+        errors: dict[int, str | list[Any] | dict[Any, Any]] = {}  # ValidationError.messages
         mailboxes = []
         for index, item in enumerate(items):
             try:
                 mailboxes.append(inner.deserialize(item))
             except ma.ValidationError as exc:
-                errors[index] = exc.messages  # type: ignore[assignment]
+                errors[index] = exc.messages
         if errors:
             if isinstance(value, list):
-                raise ma.ValidationError(errors)  # type: ignore[arg-type]
+                raise ma.ValidationError(errors)
             raise ma.ValidationError(errors[0])
         return mailboxes
 
 
-def _no_line_breaks(value: str) -> None:
-    if "\r" in value or "\n" in value:
-        raise ma.ValidationError("Must not contain CR or LF.")
+def single_header_line(value: str) -> None:
+    """marshmallow validator of a field that becomes a header value (the subject)."""
+    try:
+        check_header_text(value)
+    except AddressError as exc:
+        raise ma.ValidationError(str(exc)) from None
 
 
 class SendTestSchema(ma.Schema):
     """Body of ``POST /api/send-test``; unknown fields are refused."""
 
     sender = MailboxField(required=True, data_key="from",
-                          metadata={"description": "Sender mailbox (envelope and From header)",
+                          metadata={**MAILBOX_DOC,
+                                    "description": "Sender mailbox (envelope and From header)",
                                     "example": "test@example.com"})
     to = RecipientsField(required=True, metadata={
         "description": f"One recipient mailbox or a list of up to {MAX_RECIPIENTS}",
-        "oneOf": [{"type": "string"},
-                  {"type": "array", "items": {"type": "string"}, "maxItems": MAX_RECIPIENTS,
+        "oneOf": [MAILBOX_DOC,
+                  {"type": "array", "items": MAILBOX_DOC, "maxItems": MAX_RECIPIENTS,
                    "minItems": 1}],
         "example": "recipient@example.com"})
     subject = ma.fields.String(load_default=DEFAULT_SUBJECT,
-                               validate=[ma.validate.Length(max=MAX_SUBJECT), _no_line_breaks],
-                               metadata={"example": DEFAULT_SUBJECT})
+                               validate=[ma.validate.Length(max=MAX_SUBJECT), single_header_line],
+                               metadata={"example": DEFAULT_SUBJECT,
+                                         "pattern": SUBJECT_PATTERN})
     body = ma.fields.String(load_default=DEFAULT_BODY, validate=ma.validate.Length(max=MAX_BODY),
                             metadata={"example": DEFAULT_BODY})
 

@@ -11,7 +11,10 @@ from email.message import EmailMessage
 
 import sqlalchemy.orm as so
 
+from ..control import intake
 from ..dkim.signing import sign_outgoing
+from ..errors import ValidationFailed
+from ..events import record_event
 from ..models import Message
 from ..queue.service import accept_message
 from ..timeutil import rfc5322_date
@@ -50,7 +53,20 @@ def build_test_message(sender: Mailbox, recipients: Sequence[Mailbox], subject: 
 
 def send_test(session: so.Session, sender: Mailbox, recipients: Sequence[Mailbox], subject: str,
               body: str, hostname: str) -> Message:
-    """Queue a test email as ``pending`` with its ``reception`` event; commits."""
+    """Queue a test email as ``pending`` with its ``reception`` event; commits.
+
+    A suppressed recipient or a bounce rule refuses the whole request (400, nothing queued),
+    with a ``rejection`` event per refused recipient, as the SMTP listener records them.
+    """
+    refused = intake.refusals(session, sender.address, [r.address for r in recipients])
+    if refused:
+        for address, reply in refused.items():
+            record_event(session, "rejection", sender=sender.address, recipient=address,
+                         message=f"send-test refused: {reply}", smtp_code=int(reply[:3]),
+                         enhanced_code=reply.split()[1], counts_as_outcome=False)
+        session.commit()
+        raise ValidationFailed("Recipient refused; nothing was queued",
+                               {"to": sorted(refused.values())})
     raw = sign_outgoing(session, build_test_message(sender, recipients, subject, body, hostname))
     return accept_message(
         session,

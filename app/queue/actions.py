@@ -6,8 +6,10 @@ message with the actor, and commits.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,8 +20,9 @@ from ..errors import ApiError, Conflict, ValidationFailed, is_database_unavailab
 from ..events import record_event, record_system_events
 from ..models import Message, Recipient
 from ..timeutil import utcnow
+from . import shape
 from .locking import lock_in_id_order, locks_rows
-from .reading import LIST_TYPES, MessageFilters, state_condition, get_message
+from .reading import LIST_TYPES, MessageFilters, get_message, state_condition
 from .states import OPEN_STATES, QueueState, RecipientStatus
 
 BULK_TYPES = {
@@ -27,12 +30,14 @@ BULK_TYPES = {
     "retry": (QueueState.DEFERRED.value, QueueState.FAILED.value, "all"),
     "hold": (QueueState.PENDING.value, QueueState.DEFERRED.value, "all"),
     "release": (QueueState.HELD.value,),
+    "defer": (QueueState.PENDING.value, QueueState.DEFERRED.value, "all"),
 }
 # Which queue states each action applies to (its 409 otherwise).
 ACTION_FROM_STATES = {
     "retry": (QueueState.PENDING, QueueState.DEFERRED, QueueState.FAILED),
     "hold": (QueueState.PENDING, QueueState.DEFERRED),
     "release": (QueueState.HELD,),
+    "defer": (QueueState.PENDING, QueueState.DEFERRED),
 }
 BULK_CHUNK = 1000
 
@@ -41,6 +46,9 @@ log = logging.getLogger("elemta.queue")
 
 def delete_message(session: so.Session, message_id: str, actor: str) -> None:
     message = get_message(session, message_id)
+    if locks_rows(session):  # held until the commit: what the shape takes out is what goes
+        lock_in_id_order(session, [Message.id == message.id], for_delete=True)
+    shape.leaving(session, Message.id == message.id)
     record_event(session, "system", message_id=message.id, sender=message.sender,
                  message=f"Message {message.id} deleted by {actor}", action="deleted",
                  queue_state=None)
@@ -60,7 +68,8 @@ def release_message(session: so.Session, message_id: str, actor: str) -> Message
     return _act_on_one(session, "release", message_id, actor)
 
 
-PAST_TENSE = {"retry": "retried", "hold": "held", "release": "released", "flush": "flushed"}
+PAST_TENSE = {"retry": "retried", "hold": "held", "release": "released", "flush": "flushed",
+              "defer": "deferred"}
 
 
 def _act_on_one(session: so.Session, action: str, message_id: str, actor: str) -> Message:
@@ -86,8 +95,11 @@ def bulk_action(
     actor: str,
     *,
     dry_run: bool = False,
+    until: dt.datetime | None = None,
 ) -> int:
     """Apply an action to every matching message; returns how many were (or would be) affected.
+
+    ``defer`` (rules, docs/DELIVERY.md) makes the messages' open recipients due at ``until``.
 
     Works in chunks of ids, each its own short transaction, so a flush of a million messages
     never holds one giant lock. Each write re-checks the state, so a message that moved on
@@ -114,7 +126,8 @@ def bulk_action(
         chunk = ids[start : start + BULK_CHUNK]
         try:
             total += len(retry_on_conflict(
-                session, lambda: _apply(session, action, chunk, actor, queue_type=queue_type),
+                session, partial(_apply, session, action, chunk, actor, queue_type=queue_type,
+                                 until=until),
                 what=f"bulk {action} of {queue_type}"))
         except Exception as exc:
             raise BulkActionIncomplete(action, queue_type, total, len(ids), exc) from exc
@@ -157,10 +170,11 @@ def _apply(
     actor: str,
     *,
     queue_type: str = "all",
+    until: dt.datetime | None = None,
 ) -> list[str]:
     """The state change itself, for a set of ids; returns the ids it changed. No commit."""
     now = utcnow()
-    where = [Message.id.in_(ids)]
+    where: list[sa.ColumnElement[bool]] = [Message.id.in_(ids)]
     if queue_type != "all":
         where.append(Message.queue_state == queue_type)
     if action != "flush":
@@ -170,9 +184,12 @@ def _apply(
         if not ids:
             return []
         where = [Message.id.in_(ids)]  # locked, and still in a state the action applies to
+    # The shape's deltas: out before the change, in after it (the rows are locked, or SQLite's
+    # write lock is held from this first write on).
+    shape.leaving(session, sa.and_(*where))
     if action == "flush":
-        stmt = sa.delete(Message).where(*where).returning(Message.id, Message.sender)
-        rows = session.execute(stmt).mappings().all()
+        delete = sa.delete(Message).where(*where).returning(Message.id, Message.sender)
+        rows = session.execute(delete).mappings().all()
         record_system_events(session, rows,
                              f"Message {{id}} flushed from the {queue_type} queue by {actor}",
                              action="flushed", queue_state=None, timestamp=now)
@@ -180,6 +197,10 @@ def _apply(
 
     if action == "hold":
         values: dict[str, Any] = {"queue_state": QueueState.HELD, "updated_at": now}
+    elif action == "defer":
+        if until is None:
+            raise ValueError("defer needs a time")
+        values = {"queue_state": QueueState.DEFERRED, "updated_at": now, "next_attempt_at": until}
     else:  # retry, release: due now
         values = {"queue_state": QueueState.PENDING, "updated_at": now, "next_attempt_at": now}
     stmt = (
@@ -200,8 +221,17 @@ def _apply(
             .values(status=RecipientStatus.PENDING, next_attempt_at=now)
             .execution_options(synchronize_session=False)
         )
+    if changed and action == "defer":
+        session.execute(
+            sa.update(Recipient)
+            .where(Recipient.message_id.in_(changed), Recipient.status.in_(OPEN_STATES))
+            .values(next_attempt_at=until)
+            .execution_options(synchronize_session=False)
+        )
     failed_ids = _fail_released_without_open_recipients(session, changed) \
         if action == "release" else set()
+    if changed:
+        shape.arriving(session, Message.id.in_(changed))
     for state, group in ((values["queue_state"], [r for r in rows if r["id"] not in failed_ids]),
                          (QueueState.FAILED, [r for r in rows if r["id"] in failed_ids])):
         if group:

@@ -17,6 +17,8 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from ..models import Message, MessageContent, Recipient
+from . import shape
+from .locking import lock_in_id_order, locks_rows
 
 
 def accept_bulk(session: so.Session, messages: Sequence[Mapping[str, Any]],
@@ -31,6 +33,8 @@ def accept_bulk(session: so.Session, messages: Sequence[Mapping[str, Any]],
         session.execute(sa.insert(Recipient), list(recipients))
     if contents:
         session.execute(sa.insert(MessageContent), list(contents))
+    if messages:
+        shape.arriving(session, Message.id.in_([m["id"] for m in messages]))
 
 
 def generate_postgresql(session: so.Session, params: Mapping[str, Any]) -> None:
@@ -45,12 +49,16 @@ def generate_postgresql(session: so.Session, params: Mapping[str, Any]) -> None:
     queue_state filled.
     """
     session.execute(_GENERATE, dict(params))
+    # The ids of this call: fixed-width hex after the run's prefix, so a range is exactly them.
+    stem = f"{params['id_prefix']}b{params['tag']}"
+    shape.arriving(session, Message.id.between(f"{stem}{int(params['first']):010x}",
+                                               f"{stem}{int(params['last']):010x}"))
 
 
 _GENERATE = sa.text("""
 WITH draws AS MATERIALIZED (
     SELECT g,
-           'msg-b' || :tag || lpad(to_hex(g), 10, '0') AS id,
+           :id_prefix || 'b' || :tag || lpad(to_hex(g), 10, '0') AS id,
            CASE WHEN s < :cut_pending THEN 'pending' WHEN s < :cut_deferred THEN 'deferred'
                 WHEN s < :cut_held THEN 'held' ELSE 'failed' END AS state,
            CAST(:now AS timestamptz) - make_interval(secs => 30 + age * :spread) AS created,
@@ -63,7 +71,11 @@ WITH draws AS MATERIALIZED (
                AS n_rcpt,
            (CAST(:users AS text[]))[1 + (pick + 7) % :n_users] || '@'
                || (CAST(:domains AS text[]))[1 + (pick / 7 + 1) % :n_domains] AS first_rcpt,
-           1 + pick % 6 AS tries, pick
+           1 + pick % 6 AS tries, pick,
+           -- The last attempt: its event's time and its recipients' last_attempt_at.
+           LEAST(CAST(:now AS timestamptz) - make_interval(secs => 30 + age * :spread)
+                     + make_interval(secs => 60 + pick % 900),
+                 CAST(:now AS timestamptz)) AS last_try
     FROM (
         SELECT g, random() AS s, random() AS age, random() AS later, random() AS r2,
                floor(random() * 100000)::int AS u, floor(random() * 100000)::int AS d,
@@ -87,7 +99,9 @@ messages_in AS (
                           created_at, updated_at, next_attempt_at, last_error)
     SELECT id, sender, subject, 420 + length(subject) + pick % 2000, 0, state,
            CASE WHEN state = 'pending' OR (state = 'held' AND pick % 2 = 1) THEN 0 ELSE tries END,
-           'demo', created, created,
+           'demo', created,
+           CASE WHEN state = 'pending' OR (state = 'held' AND pick % 2 = 1) THEN created
+                ELSE last_try END,
            CASE WHEN state = 'failed' THEN NULL
                 WHEN state = 'deferred' OR (state = 'held' AND pick % 2 = 0) THEN retry_at
                 ELSE created END,
@@ -106,7 +120,7 @@ recipients_in AS (
            CASE r.r_status WHEN 'failed' THEN (CAST(:perm_text AS text[]))[r.perm_i]
                 WHEN 'deferred' THEN replace((CAST(:temp_text AS text[]))[r.temp_i], '{domain}',
                                              r.domain) END,
-           CASE WHEN r.r_status = 'pending' THEN NULL ELSE r.created END,
+           CASE WHEN r.r_status = 'pending' THEN NULL ELSE r.last_try END,
            CASE r.r_status WHEN 'failed' THEN NULL WHEN 'deferred' THEN r.retry_at
                 ELSE r.created END
     FROM rcpts AS r JOIN messages_in AS m ON m.id = r.id
@@ -124,13 +138,14 @@ contents_in AS (
 )
 INSERT INTO delivery_events (timestamp, event_type, message_id, sender, recipient, delivery_ip,
                              delivery_host, smtp_code, enhanced_code, threats, message, action,
-                             queue_state)
+                             queue_state, failure_class, domain)
 SELECT * FROM (
     SELECT created AS ts, 'reception', id, sender, first_rcpt, NULL::text, NULL::text,
-           NULL::int, NULL::text, CAST('[]' AS json), 'Message accepted (demo)', 'queued', 'pending'
+           NULL::int, NULL::text, CAST('[]' AS json), 'Message accepted (demo)', 'queued',
+           'pending', NULL::text, NULL::text
     FROM draws
     UNION ALL
-    SELECT LEAST(created + make_interval(secs => 60 + pick % 900), CAST(:now AS timestamptz)),
+    SELECT last_try,
            CASE r_status WHEN 'failed' THEN 'rejection' ELSE 'tempfail' END, id, sender, address,
            '192.0.2.' || (1 + pick % 254), 'mx.' || domain,
            CASE r_status WHEN 'failed' THEN (CAST(:perm_codes AS int[]))[perm_i]
@@ -141,8 +156,36 @@ SELECT * FROM (
            CASE r_status WHEN 'failed' THEN (CAST(:perm_text AS text[]))[perm_i]
                 ELSE replace((CAST(:temp_text AS text[]))[temp_i], '{domain}', domain) END,
            CASE r_status WHEN 'failed' THEN 'failed' ELSE 'deferred' END,
-           CASE r_status WHEN 'failed' THEN 'failed' ELSE 'deferred' END
+           CASE r_status WHEN 'failed' THEN 'failed' ELSE 'deferred' END,
+           CASE r_status WHEN 'failed' THEN (CAST(:perm_class AS text[]))[perm_i]
+                ELSE (CAST(:temp_class AS text[]))[temp_i] END,
+           domain
     FROM rcpts WHERE r_status <> 'pending'
 ) AS events
 ORDER BY 1
 """)
+
+
+def delete_bulk(session: so.Session, *, origin: str, id_prefix: str, chunk: int = 10_000) -> int:
+    """Delete the messages of ``origin`` whose id starts with ``id_prefix`` (recipients and
+    contents go with them), ``chunk`` at a time, each chunk committed; no events (the caller
+    deletes their history too). Returns how many messages were deleted.
+
+    The other way out of the bulk entry: ``flask demo reset``. A delivery under way for one of
+    them is recorded as for any deleted message (queue/outcomes.py).
+    """
+    total = 0
+    while True:
+        ids = list(session.scalars(
+            sa.select(Message.id)
+            .where(Message.origin == origin, Message.id.startswith(id_prefix, autoescape=True))
+            .limit(chunk)))
+        if not ids:
+            return total
+        if locks_rows(session):  # what the shape takes out is what the DELETE removes
+            ids = lock_in_id_order(session, [Message.id.in_(ids)], for_delete=True)
+        shape.leaving(session, Message.id.in_(ids))
+        session.execute(sa.delete(Message).where(Message.id.in_(ids))
+                        .execution_options(synchronize_session=False))
+        session.commit()
+        total += len(ids)

@@ -7,12 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from flask import current_app
 from flask.cli import AppGroup
 
 from ..cli import emit_json, iso_timestamp, reports_errors
+from ..delivery.diagnosis import DiagnosisSettings, diagnose
 from ..extensions import db
 from . import service
-from .schemas import MessageDetailSchema, MessageSchema
+from .schemas import DiagnosisSchema, MessageDetailSchema, MessageSchema, QueueShapeSchema
+from .shape import BUCKETS, SHAPE_QUEUES
 
 CLI_ACTOR = "cli"
 
@@ -41,12 +44,41 @@ def _filters(kwargs: dict[str, Any]) -> service.MessageFilters:
 @reports_errors
 def queue_stats_cmd(as_json: bool) -> None:
     """Number of messages per queue state."""
-    stats = service.queue_stats(db.session)
+    stats = service.queue_stats(db.session())
     if as_json:
         emit_json(stats)
         return
     for state, count in stats.items():
         click.echo(f"{state:<10}{count:>10}")
+
+
+@queue_cli.command("shape")
+@click.option("--queue", "queue_type", type=click.Choice(SHAPE_QUEUES), default="all",
+              show_default=True, help="Queue state to shape.")
+@click.option("--by", type=click.Choice(["domain", "sender_domain"]), default="domain",
+              show_default=True,
+              help="domain: recipients not yet delivered; sender_domain: messages.")
+@click.option("--top", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="Domains listed; the rest are summed in 'other'.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (as the API answers).")
+@reports_errors
+def queue_shape_cmd(queue_type: str, by: str, top: int, as_json: bool) -> None:
+    """Queued mail per domain and age bucket, as Postfix's qshape."""
+    shape = service.read_shape(db.session(), queue_type, by, top)
+    if as_json:
+        emit_json(QueueShapeSchema().dump(shape))
+        return
+    width = max([len("other"), len("TOTAL")] + [len(row.domain) for row in shape.rows])
+    click.echo(f"{'':<{width}} {'T':>7}" + "".join(f" {b:>8}" for b in BUCKETS))
+    lines = [("TOTAL", shape.total), *((row.domain or "<>", row) for row in shape.rows)]
+    if shape.other_domains:
+        lines.append(("other", shape.other))
+    for name, row in lines:
+        click.echo(f"{name:<{width}} {row.total:>7}" + "".join(f" {n:>8}" for n in row.buckets))
+    what = "recipients" if by == "domain" else "messages"
+    click.echo(f"-- {what} of queue {queue_type} as of {shape.as_of:%Y-%m-%d %H:%M:%S}Z"
+               + (f"; other = {shape.other_domains} more domain(s)" if shape.other_domains
+                  else ""), err=True)
 
 
 @queue_cli.command("list")
@@ -60,7 +92,7 @@ def queue_stats_cmd(as_json: bool) -> None:
 def queue_list_cmd(queue_type: str, limit: int, cursor: str | None, as_json: bool,
                    **kwargs: Any) -> None:
     """List messages of a queue, oldest first."""
-    page = service.list_messages(db.session, queue_type, _filters(kwargs), limit=limit,
+    page = service.list_messages(db.session(), queue_type, _filters(kwargs), limit=limit,
                                  cursor=cursor)
     if as_json:
         emit_json({"messages": MessageSchema(many=True).dump(page.items), "total": page.total,
@@ -83,9 +115,9 @@ def queue_list_cmd(queue_type: str, limit: int, cursor: str | None, as_json: boo
 def queue_show_cmd(message_id: str, raw: bool, as_json: bool) -> None:
     """Show one message: envelope, recipients and timeline."""
     if raw:
-        sys.stdout.buffer.write(service.message_raw(db.session, message_id))
+        sys.stdout.buffer.write(service.message_raw(db.session(), message_id))
         return
-    detail = MessageDetailSchema().dump(service.message_detail(db.session, message_id))
+    detail = MessageDetailSchema().dump(service.message_detail(db.session(), message_id))
     if as_json:
         emit_json(detail)
         return
@@ -103,13 +135,37 @@ def queue_show_cmd(message_id: str, raw: bool, as_json: bool) -> None:
             f"  {e['timestamp']} {e['event_type']:<10} {e['recipient'] or ''} {e['message'] or ''}")
 
 
+@queue_cli.command("why")
+@click.argument("message_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (as the API answers).")
+@reports_errors
+def queue_why_cmd(message_id: str, as_json: bool) -> None:
+    """Why a message is still queued: attempts, schedule, lease, rules, policy."""
+    diagnosis = diagnose(db.session(), message_id,
+                         DiagnosisSettings.from_config(current_app.config))
+    if as_json:
+        emit_json(DiagnosisSchema().dump(diagnosis))
+        return
+    click.echo(diagnosis.headline)
+    for r in diagnosis.recipients:
+        click.echo(f"  {r.summary}")
+        for attempt in r.attempts:
+            click.echo(f"    {attempt.timestamp:%Y-%m-%d %H:%M:%S}Z {attempt.event_type:<9} "
+                       f"{attempt.delivery_host or '-'}  {attempt.message or ''}")
+        if r.planned_attempts:
+            shown = ", ".join(f"{t:%m-%d %H:%M}" for t in r.planned_attempts[:6])
+            more = f" (+{len(r.planned_attempts) - 6} more)" if len(r.planned_attempts) > 6 \
+                else ""
+            click.echo(f"    planned (UTC, if each attempt fails): {shown}{more}")
+
+
 @queue_cli.command("delete")
 @click.argument("message_ids", nargs=-1, required=True, metavar="ID...")
 @reports_errors
 def queue_delete_cmd(message_ids: tuple[str, ...]) -> None:
     """Delete messages from the queue."""
     for message_id in message_ids:
-        service.delete_message(db.session, message_id, CLI_ACTOR)
+        service.delete_message(db.session(), message_id, CLI_ACTOR)
         click.echo(f"Message {message_id} deleted")
 
 
@@ -121,7 +177,7 @@ def queue_delete_cmd(message_ids: tuple[str, ...]) -> None:
 @reports_errors
 def queue_flush_cmd(queue_type: str, dry_run: bool, as_json: bool, **kwargs: Any) -> None:
     """Delete every (matching) message of a queue."""
-    count = service.bulk_action(db.session, "flush", queue_type, _filters(kwargs), CLI_ACTOR,
+    count = service.bulk_action(db.session(), "flush", queue_type, _filters(kwargs), CLI_ACTOR,
                                 dry_run=dry_run)
     _report_bulk("flush", queue_type, count, dry_run, as_json)
 
@@ -158,12 +214,12 @@ def _action_command(action: str, help_text: str) -> None:
         if bool(message_ids) == bool(queue_type):
             raise click.UsageError("give message IDs or --queue TYPE (not both)")
         if queue_type:
-            count = service.bulk_action(db.session, action, queue_type, filters, CLI_ACTOR,
+            count = service.bulk_action(db.session(), action, queue_type, filters, CLI_ACTOR,
                                         dry_run=dry_run)
             _report_bulk(action, queue_type, count, dry_run, as_json)
             return
         for message_id in message_ids:
-            SINGLE_ACTIONS[action](db.session, message_id, CLI_ACTOR)
+            SINGLE_ACTIONS[action](db.session(), message_id, CLI_ACTOR)
             click.echo(f"Message {message_id} {service.PAST_TENSE[action]}")
 
 

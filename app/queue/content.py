@@ -34,7 +34,13 @@ def _decode(value: str) -> str:
 def _raw_headers(raw: bytes) -> list[tuple[str, str]]:
     # raw_items(): values as stored. items() would hand 8-bit values over as Header objects
     # in the "unknown-8bit" charset, whose str() has already replaced every byte with U+FFFD.
-    return list(_HEADER_PARSER.parsebytes(raw).raw_items())
+    # Only the header section goes to the parser: it would read (and split into lines) the
+    # whole body, 7 MB for a large message, to return the same header fields.
+    crlf = raw.find(b"\n\r\n")
+    lf = raw.find(b"\n\n", 0, len(raw) if crlf < 0 else crlf + 1)  # only before the CRLF one
+    ends = [i for i in (lf, crlf) if i >= 0]
+    head = raw[:min(ends) + 1] if ends else raw
+    return list(_HEADER_PARSER.parsebytes(head).raw_items())
 
 
 def headers_of(raw: bytes) -> list[list[str]]:

@@ -9,10 +9,12 @@ instead of deadlocking, and writers never wait for it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from ..database import writable
+from ..database import read_connection, writable
 from ..models import QUEUE_STATES, QueueCount, QueueCountDelta
 
 FOLD_THRESHOLD = 5000
@@ -30,13 +32,18 @@ _COUNTS = sa.select(_BOTH.c.state, sa.func.sum(_BOTH.c.n), sa.func.sum(_BOTH.c.d
     _BOTH.c.state)
 
 
-def counts_and_deltas(session: so.Session) -> tuple[dict[str, int], int]:
+def counts_and_deltas(
+        session: so.Session | so.scoped_session[Any]) -> tuple[dict[str, int], int]:
     """The counts (see ``queue_counts``) and the number of unfolded delta rows, one statement."""
     counts = dict.fromkeys(QUEUE_STATES, 0)
     deltas = 0
-    # Core execution on the session's connection (same transaction): the ORM layer adds
-    # nothing to a select of plain columns but its per-call bookkeeping.
-    for state, n, d in session.connection().execute(_COUNTS):
+    # Core execution: the ORM layer adds nothing to a select of plain columns but its
+    # per-call bookkeeping. On the session's connection (same transaction), or, given the
+    # scoped db.session of a GET request that has no session yet, on a connection of its own
+    # without making one (app/database.py, read_connection).
+    with read_connection(session) as connection:
+        rows = connection.execute(_COUNTS).all()
+    for state, n, d in rows:
         deltas += int(d or 0)
         if state in counts:
             counts[state] = int(n or 0)
@@ -44,12 +51,12 @@ def counts_and_deltas(session: so.Session) -> tuple[dict[str, int], int]:
     return counts, deltas
 
 
-def queue_counts(session: so.Session) -> dict[str, int]:
+def queue_counts(session: so.Session | so.scoped_session[Any]) -> dict[str, int]:
     """``{"pending": n, "deferred": n, "held": n, "failed": n, "total": n}``."""
     return counts_and_deltas(session)[0]
 
 
-def counts_folding(session: so.Session) -> dict[str, int]:
+def counts_folding(session: so.Session | so.scoped_session[Any]) -> dict[str, int]:
     """The counts, folding first when enough deltas piled up (the API's read): one statement
     when no fold is due, instead of counting the deltas and then reading the counts."""
     counts, deltas = counts_and_deltas(session)

@@ -1,6 +1,7 @@
 """Leases on due recipients: which worker delivers what, and until when.
 
-The queue's side of delivery: the worker asks for work (``lease_due``) and gives back what it
+The queue's side of delivery: the worker asks for work (``lease_due``), keeps the leases of
+outcomes it could not record yet (``renew_leases``) and gives back what it
 will not deliver (``release_leases``); only this module writes the lease columns.
 
 A claim picks messages whose queue state is ``pending`` or ``deferred`` (never ``held`` or
@@ -18,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
@@ -105,7 +107,7 @@ def _claim_once(session: so.Session, worker_id: str, max_messages: int, lease_se
     return claimed
 
 
-def _due_messages(state: QueueState, now: dt.datetime) -> sa.Select[tuple[str]]:
+def _due_messages(state: QueueState, now: dt.datetime) -> sa.Select[str]:
     """Ids of messages in ``state`` with a due, unleased recipient, in the order claims take them.
 
     ``pending`` mail (new, released, retried: all of it due) is taken oldest first along
@@ -161,9 +163,45 @@ def release_leases(session: so.Session, worker_id: str,
         if not ids:
             return 0
         stmt = stmt.where(Recipient.id.in_(ids))
-    result = session.execute(
+    result = cast(sa.CursorResult[Any], session.execute(
         stmt.values(lease_owner=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)
-    )
+    ))
+    session.commit()
+    return result.rowcount or 0
+
+
+def renew_leases(session: so.Session, worker_id: str, recipient_ids: Iterable[int], *,
+                 lease_seconds: int, now: dt.datetime | None = None) -> int:
+    """Extend this worker's leases of the given recipients to ``lease_seconds`` from now;
+    commits. A lease that expired is renewed too, unless another worker claimed the
+    recipient meanwhile (then it is that worker's). Returns how many were renewed."""
+    ids = list(recipient_ids)
+    if not ids:
+        return 0
+    now = now or utcnow()
+    result = cast(sa.CursorResult[Any], session.execute(
+        sa.update(Recipient)
+        .where(Recipient.lease_owner == worker_id, Recipient.id.in_(ids))
+        .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    ))
+    session.commit()
+    return result.rowcount or 0
+
+
+def postpone_leases(session: so.Session, worker_id: str, recipient_ids: Iterable[int],
+                    until: dt.datetime) -> int:
+    """Give back leases of this worker with a new due time, without counting an attempt;
+    commits. For work the worker may not start yet (a destination's limits: docs/DELIVERY.md)."""
+    ids = list(recipient_ids)
+    if not ids:
+        return 0
+    result = cast(sa.CursorResult[Any], session.execute(
+        sa.update(Recipient)
+        .where(Recipient.lease_owner == worker_id, Recipient.id.in_(ids))
+        .values(lease_owner=None, lease_expires_at=None, next_attempt_at=until)
+        .execution_options(synchronize_session=False)
+    ))
     session.commit()
     return result.rowcount or 0

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
-import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
+from ..cursors import decode_cursor_payload, encode_cursor_payload
 from ..errors import NotFound, ValidationFailed
 from ..models import DeliveryEvent, Message, MessageContent, Recipient
 from ..sqltypes import UTCDateTime
@@ -29,7 +27,7 @@ TIMELINE_LIMIT = 1000
 
 @dataclass
 class MessageFilters:
-    """The listing filters of SPEC 2.2; every one optional, combined with AND."""
+    """The listing filters of API.md §2.2; every one optional, combined with AND."""
 
     sender: str | None = None
     recipient: str | None = None
@@ -77,7 +75,9 @@ class Page:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def queue_stats(session: so.Session) -> dict[str, int]:
+def queue_stats(session: so.Session | so.scoped_session[Any]) -> dict[str, int]:
+    """The counts per state (``counters.counts_folding``); given the scoped ``db.session``, a
+    GET request reads them without creating its ORM session (``database.read_connection``)."""
     return counters.counts_folding(session)
 
 
@@ -105,18 +105,22 @@ def state_condition(queue_type: str) -> list[sa.ColumnElement[bool]]:
 
 
 def encode_cursor(message: Message) -> str:
-    payload = json.dumps([message.created_at.isoformat(), message.id]).encode()
-    return base64.urlsafe_b64encode(payload).decode().rstrip("=")
+    return encode_cursor_payload([message.created_at.isoformat(), message.id])
 
 
 def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    """The (created_at, id) after which a page starts; 400 unless ``encode_cursor`` made it."""
     try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        created, message_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        if not isinstance(message_id, str) or not MESSAGE_ID.match(message_id):
+        value = decode_cursor_payload(cursor)
+        # Exactly what encode_cursor writes: [ISO timestamp, message id], both strings.
+        if not (isinstance(value, list) and len(value) == 2
+                and all(isinstance(item, str) for item in value)):
+            raise ValueError("not a queue cursor")
+        created, message_id = value
+        if not MESSAGE_ID.fullmatch(message_id):
             raise ValueError("bad id")
         return parse_iso(created), message_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:
         raise ValidationFailed("Invalid cursor",
                                {"cursor": ["Not a cursor from this API."]}) from None
 
@@ -128,8 +132,10 @@ def list_messages(
     *,
     limit: int = 100,
     cursor: str | None = None,
+    with_total: bool = True,
 ) -> Page:
-    """One page of messages, oldest first, by keyset on (created_at, id)."""
+    """One page of messages, oldest first, by keyset on (created_at, id); ``total`` is -1
+    unless ``with_total`` (a COUNT with filters)."""
     conds = state_condition(queue_type) + filters.conditions()
     query = sa.select(Message).where(*conds)
     if cursor:
@@ -148,16 +154,40 @@ def list_messages(
     )
     rows = list(session.scalars(query))
     next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return Page(items=rows[:limit], total=count_messages(session, queue_type, filters),
-                next_cursor=next_cursor)
+    total = count_messages(session, queue_type, filters) if with_total else -1
+    return Page(items=rows[:limit], total=total, next_cursor=next_cursor)
+
+
+def message_pages(session: so.Session, queue_type: str, filters: MessageFilters, *,
+                  page_size: int = 500, cursor: str | None = None) -> Iterator[list[Message]]:
+    """Every matching message, oldest first, one keyset page at a time (exports). Each page
+    leaves the session's identity map once the next is asked for, so memory stays one page.
+    The type and the cursor are checked here, before the answer starts streaming."""
+    state_condition(queue_type)
+    if cursor:
+        decode_cursor(cursor)
+    return _message_pages(session, queue_type, filters, page_size, cursor)
+
+
+def _message_pages(session: so.Session, queue_type: str, filters: MessageFilters,
+                   page_size: int, cursor: str | None) -> Iterator[list[Message]]:
+    while True:
+        page = list_messages(session, queue_type, filters, limit=page_size, cursor=cursor,
+                             with_total=False)
+        if page.items:
+            yield page.items
+        session.expunge_all()
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
 
 
 def count_messages(session: so.Session, queue_type: str, filters: MessageFilters) -> int:
     """Messages matching the filters; without filters, from the O(1) counters."""
+    conds = state_condition(queue_type) + filters.conditions()  # 400 for an unknown type
     if filters.is_empty():
         stats = queue_stats(session)
         return stats["total" if queue_type == "all" else queue_type]
-    conds = state_condition(queue_type) + filters.conditions()
     return session.scalar(sa.select(sa.func.count()).select_from(Message).where(*conds)) or 0
 
 
@@ -206,5 +236,5 @@ def messages_by_ids(session: so.Session, ids: Iterable[str]) -> list[Message]:
 def message_detail(session: so.Session, message_id: str) -> Message:
     """The message with recipients and its timeline (``.timeline``, newest first)."""
     message = get_message(session, message_id)
-    message.timeline = message_timeline(session, message.id)  # type: ignore[attr-defined]
+    message.timeline = message_timeline(session, message.id)
     return message

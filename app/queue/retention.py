@@ -10,6 +10,8 @@ import sqlalchemy.orm as so
 from ..events import record_system_events
 from ..models import Message
 from ..timeutil import utcnow
+from . import shape
+from .locking import lock_in_id_order, locks_rows
 from .states import QueueState
 
 PURGE_CHUNK = 1000
@@ -31,10 +33,14 @@ def purge_expired_failed(session: so.Session, retention_seconds: int,
             session.commit()
             return total
         # The state is re-checked in the DELETE: a message retried meanwhile is kept.
+        where = [Message.id.in_(ids), Message.queue_state == QueueState.FAILED,
+                 Message.updated_at < cutoff]
+        if locks_rows(session):  # what the shape takes out is what the DELETE removes
+            where = [Message.id.in_(lock_in_id_order(session, where, for_delete=True))]
+        shape.leaving(session, sa.and_(*where))
         rows = session.execute(
             sa.delete(Message)
-            .where(Message.id.in_(ids), Message.queue_state == QueueState.FAILED,
-                   Message.updated_at < cutoff)
+            .where(*where)
             .returning(Message.id, Message.sender)
             .execution_options(synchronize_session=False)
         ).mappings().all()

@@ -14,34 +14,60 @@ have one name to import: ``from app.queue import service``.
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy.orm as so
 
+from ..control import rulebook
 from ..errors import ValidationFailed
 from ..events import record_event
-from ..models import Message, MessageContent, Recipient
-from ..timeutil import utcnow
-from .content import subject_of
-from .states import OPEN_STATES, QueueState, RecipientStatus
+from ..models import Message, MessageContent, Recipient, Rule
+from ..timeutil import isoformat_z, utcnow
+from . import shape
+from .accepting import (  # noqa: F401  (re-exported, as below)
+    NewMessage,
+    add_messages,
+    domain_of,
+    new_message_id,
+    unique_recipients,
+)
 from .actions import (  # noqa: F401  (re-exported: the queue's one service interface)
-    ACTION_FROM_STATES, BULK_CHUNK, BULK_TYPES, PAST_TENSE, bulk_action, delete_message,
-    hold_message, release_message, retry_message)
+    ACTION_FROM_STATES,
+    BULK_CHUNK,
+    BULK_TYPES,
+    PAST_TENSE,
+    bulk_action,
+    delete_message,
+    hold_message,
+    release_message,
+    retry_message,
+)
+from .content import subject_of
 from .reading import (  # noqa: F401  (re-exported, as above)
-    LIST_TYPES, MESSAGE_ID, TIMELINE_LIMIT, MessageFilters, Page, count_messages, decode_cursor,
-    encode_cursor, get_message, list_messages, message_detail, message_raw, message_timeline,
-    messages_by_ids, oldest_per_state, queue_stats)
+    LIST_TYPES,
+    MESSAGE_ID,
+    TIMELINE_LIMIT,
+    MessageFilters,
+    Page,
+    count_messages,
+    decode_cursor,
+    encode_cursor,
+    get_message,
+    list_messages,
+    message_detail,
+    message_pages,
+    message_raw,
+    message_timeline,
+    messages_by_ids,
+    oldest_per_state,
+    queue_stats,
+)
+from .shape import read_shape  # noqa: F401  (re-exported, as above)
+from .states import OPEN_STATES, QueueState, RecipientStatus
 
-
-def new_message_id() -> str:
-    return "msg-" + secrets.token_urlsafe(16)
-
-
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
-
+if TYPE_CHECKING:
+    from .outcomes import MessageRow
 
 # --------------------------------------------------------------------------- acceptance
 
@@ -82,7 +108,8 @@ def add_message(
     """Queue a message for every recipient and record its ``reception``; no commit.
 
     For callers that combine it with more in one transaction: a bounce with its delivery
-    outcome, a batch of messages of the SMTP listener's group commit.
+    outcome. The SMTP listener's group commit queues its batches with ``add_messages``
+    (``accepting.py``: the same rows, written set-based).
     """
     if not recipients:
         raise ValidationFailed("A message needs at least one recipient")
@@ -101,11 +128,7 @@ def add_message(
         next_attempt_at=now,
     )
     message.content = MessageContent(raw=raw)
-    seen: set[str] = set()
-    for address in recipients:
-        if address.lower() in seen:  # one delivery per mailbox, as every MTA does
-            continue
-        seen.add(address.lower())
+    for address in unique_recipients(recipients):
         message.recipients.append(
             Recipient(
                 address=address,
@@ -116,6 +139,8 @@ def add_message(
             )
         )
     session.add(message)
+    rule = rulebook.first_match(rulebook.in_force(session, now, ("hold", "defer")), sender,
+                                [r.address for r in message.recipients])
     record_event(
         session,
         "reception",
@@ -128,18 +153,43 @@ def add_message(
         queue_state=QueueState.PENDING,
         **(event_fields or {}),
     )
+    if rule is not None:
+        _apply_rule(session, message, rule, now)
+    shape.note(session, None, shape.contribution(message))
     return message
+
+
+def _apply_rule(session: so.Session, message: Message, rule: Rule, now: dt.datetime) -> None:
+    """A rule in force caught the new message: held, or deferred until the rule expires."""
+    if rule.action == "hold":
+        message.queue_state = QueueState.HELD
+        action = "held"
+    else:
+        message.queue_state = QueueState.DEFERRED
+        message.next_attempt_at = rule.expires_at
+        for recipient in message.recipients:
+            recipient.next_attempt_at = rule.expires_at
+        action = "deferred"
+    rulebook.count_hit(session, rule.id)
+    record_event(session, "system", message_id=message.id, sender=message.sender,
+                 message=f"Message {message.id} {action} by rule {rule.id} (until "
+                         f"{isoformat_z(rule.expires_at)})",
+                 timestamp=now, action=action, queue_state=message.queue_state)
 
 
 # --------------------------------------------------------------------------- derived state
 
 
-def settle_message_state(session: so.Session, message: Message,
-                         now: dt.datetime | None = None) -> str | None:
+def settle_message_state(session: so.Session, message: Message | MessageRow,
+                         now: dt.datetime | None = None, *, remove: bool = True) -> str | None:
     """Recompute a message's queue state from its recipients after delivery outcomes.
 
+    ``message``: an ORM object, or the delivery recorder's plain row (``remove`` false).
+
     Returns the new state, or ``None`` when every recipient is delivered and the message left
-    the queue. A held message stays held (the operator's action wins). No commit.
+    the queue: deleted here, or by the caller when ``remove`` is false (the delivery recorder
+    deletes a batch's messages in one statement). A held message stays held (the operator's
+    action wins). No commit.
     """
     now = now or utcnow()
     open_recipients = [r for r in message.recipients if r.status in OPEN_STATES]
@@ -150,7 +200,8 @@ def settle_message_state(session: so.Session, message: Message,
               and r.status != RecipientStatus.DELIVERED]
     message.last_error = errors[-1] if errors else None
     if not open_recipients and not failed:
-        session.delete(message)
+        if remove:
+            session.delete(message)
         return None
     if open_recipients:
         message.next_attempt_at = min(

@@ -1,1 +1,1 @@
-"""The SMTP listener (SPEC 11): aiosmtpd sessions -> relay policy -> the queue service."""
+"""The SMTP listener (API.md §11): aiosmtpd sessions -> relay policy -> the queue service."""

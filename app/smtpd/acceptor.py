@@ -1,11 +1,11 @@
 """Queueing accepted messages with group commit.
 
 Messages whose DATA completes while the database is busy with earlier ones are queued
-together, in one transaction: one flush (multi-row INSERTs) and one commit (one fsync on
-PostgreSQL) for the lot, through the same ``accept_message`` service as every other message.
-Each client still gets its 250 only after the commit that made its message durable. If that
-transaction fails, its messages are retried one by one, so one bad message never costs the
-others; a message that fails alone is answered 451.
+together, in one transaction: one multi-row INSERT per table and one commit (one fsync on
+PostgreSQL) for the lot, through the queue's ``add_messages`` service. Each client still gets
+its 250 only after the commit that made its message durable. If that transaction fails, its
+messages are retried one by one, so one bad message never costs the others; a message that
+fails alone is answered 451.
 
 A batch is never held back to wait for more: it is whatever arrived while the previous one
 was being written, so a lone message is committed at once.
@@ -24,8 +24,9 @@ from flask import Flask
 
 from ..database import unit_of_work
 from ..extensions import db
+from ..queue.service import NewMessage, add_messages
 from .stamping import Trace
-from .storage import Storage, queue_message
+from .storage import Storage, prepare_message
 
 log = logging.getLogger("elemta.smtpd")
 
@@ -43,9 +44,9 @@ class Job:
     raw: bytes
     trace: Trace
 
-    def queue(self, session: so.Session) -> str:
-        return queue_message(session, sender=self.sender, recipients=self.recipients,
-                             raw=self.raw, trace=self.trace)
+    def prepare(self, session: so.Session) -> NewMessage:
+        return prepare_message(session, sender=self.sender, recipients=self.recipients,
+                               raw=self.raw, trace=self.trace)
 
 
 def accept_batch(app: Flask, jobs: Sequence[Job]) -> list[str | Exception]:
@@ -69,9 +70,10 @@ def accept_batch(app: Flask, jobs: Sequence[Job]) -> list[str | Exception]:
 
 
 def _in_one_transaction(app: Flask, jobs: Sequence[Job]) -> list[str]:
-    """Add every job's message, then commit once: one flush (multi-row INSERTs), one commit."""
+    """Stamp and sign every job's message, add them all with one multi-row INSERT per table,
+    then commit once."""
     with unit_of_work(app) as session:
-        return [job.queue(session) for job in jobs]
+        return add_messages(session, [job.prepare(session) for job in jobs])
 
 
 class Acceptor:
@@ -123,7 +125,7 @@ class Acceptor:
                     accept_batch, self.app, [job for job, _ in batch])
             except Exception as exc:  # e.g. the thread pool is shutting down
                 results = [exc] * len(batch)
-            for (_job, future), result in zip(batch, results):
+            for (_job, future), result in zip(batch, results, strict=True):
                 if future.done():  # the session went away meanwhile
                     continue
                 if isinstance(result, Exception):

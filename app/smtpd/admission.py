@@ -14,7 +14,8 @@ Decided at connect (after the PROXY header when there is one), before the greeti
    Clients of the relay networks are exempt, as Postfix exempts ``$mynetworks``
    (``smtpd_client_event_limit_exceptions``): they are the operator's own hosts.
 
-Everything here runs on the listener's event loop: no locks.
+Everything here runs on the listener's event loop: no locks. With several listener processes
+(``processes.py``) it runs in their parent alone, so the counts are those of the whole port.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Ticket:
     client: str
     trusted: bool
     left: bool = field(default=False)
+    number: int = 0  # with several listener processes: the parent's name for it
 
 
 def client_key(ip: IPAddress | None) -> str:

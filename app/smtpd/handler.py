@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
 from ..auth.keys import SENDING_ROLES, verify_key
+from ..control.intake import refusal
 from .acceptor import Acceptor, Job
 from .policy import RelayPolicy, address_problem
 from .stamping import Trace
@@ -43,7 +44,7 @@ def _api_key_is_valid(session: Any, password: str) -> tuple[str, str] | None:
 
 
 class QueueHandler:
-    """Takes mail from SMTP clients into the queue (SPEC 11)."""
+    """Takes mail from SMTP clients into the queue (API.md §11)."""
 
     def __init__(self, settings: ListenerSettings, storage: Storage, acceptor: Acceptor) -> None:
         self.settings = settings
@@ -128,7 +129,7 @@ class QueueHandler:
             return AuthResult(success=False, handled=False)
         key_name, role = key
         if role not in SENDING_ROLES:
-            # A send key (an application's) or an admin key (SPEC 8): a dashboard's read key
+            # A send key (an application's) or an admin key (API.md §8): a dashboard's read key
             # must not become a way to send mail.
             log.warning("AUTH %s from %s: API key %s has the role %s, which cannot send",
                         mechanism, server.client_ip, key_name, role)
@@ -157,6 +158,18 @@ class QueueHandler:
             return REPLY_RELAY_DENIED.format(address=address)
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return REPLY_TOO_MANY_RECIPIENTS
+        # Suppressed addresses and bounce rules (docs/DELIVERY.md): refused before queueing.
+        sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
+        try:
+            refused = await self.storage.run_reads(refusal, sender, address)
+        except Exception:
+            # The database is what fails: the message cannot be queued either, and DATA
+            # answers 451 then; a passing fault should not refuse a good recipient.
+            log.warning("Checking recipient %s against suppressions and rules failed; "
+                        "accepted unchecked", address, exc_info=True)
+            refused = None
+        if refused:
+            return refused
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"

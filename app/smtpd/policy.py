@@ -1,4 +1,4 @@
-"""Who may hand us mail, and which envelope addresses we take (SPEC 11).
+"""Who may hand us mail, and which envelope addresses we take (API.md §11).
 
 Elemta has no local mailboxes: every accepted recipient is relayed. So the relay policy is the
 whole acceptance policy: a client may send when its address is in ``ELEMTA_RELAY_NETWORKS`` or

@@ -1,31 +1,43 @@
 """The listener's lifecycle: settings from the config, the asyncio server, graceful stop.
 
-``serve`` runs it in the foreground (``flask smtpd``: SIGTERM/SIGINT stop it); ``ListenerThread``
-runs it on a background thread (tests and the benchmark).
+``serve`` runs it in the foreground (``flask smtpd``: SIGTERM/SIGINT stop it): one process, or
+with ``ELEMTA_SMTPD_PROCESSES`` above 1 a parent and that many listener processes sharing the
+port (``processes.py``). ``ListenerThread`` runs one on a background thread (tests and the
+benchmark).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
 from .acceptor import Acceptor
-from .admission import (REPLY_SHUTTING_DOWN, Admission, AdmissionLimits, Refusal,
-                        RefusalThrottle, Ticket)
+from .admission import (
+    REPLY_SHUTTING_DOWN,
+    Admission,
+    AdmissionLimits,
+    Refusal,
+    RefusalThrottle,
+    Ticket,
+)
 from .handler import QueueHandler
 from .policy import IPNetwork, RelayPolicy
 from .protocol import ElemtaSMTP
 from .storage import Storage, record_refusal
+
+if TYPE_CHECKING:
+    from .processes import AdmissionClient
 
 log = logging.getLogger("elemta.smtpd")
 
@@ -48,6 +60,24 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise ListenerConfigError(f"ELEMTA_SMTP_LISTEN must be host:port, got {text!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
+
+
+# ELEMTA_SMTPD_PROCESSES=auto: one listener process per two CPUs (the other half for the
+# database and the worker, which share the host in the usual set-up), at most this many (each
+# holds up to DB_THREADS database connections of its own); docs/SMTPD.md, "Listener processes".
+AUTO_PROCESSES_MAX = 4
+
+
+def resolve_processes(value: int | str) -> int:
+    """``auto``: half the CPUs this process may run on (its affinity, not the machine's count),
+    at least 1, at most AUTO_PROCESSES_MAX; a number as it is."""
+    if value != "auto":
+        return max(1, int(value))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus // 2, AUTO_PROCESSES_MAX))
 
 
 def default_trusted_reserve(max_sessions: int) -> int:
@@ -79,6 +109,7 @@ class ListenerSettings:
     client_count_limit: int = 0
     client_rate_limit: int = 0
     stress_timeout: int = 10
+    processes: int = 1  # listener processes on the port (processes.py when above 1)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> ListenerSettings:
@@ -102,6 +133,7 @@ class ListenerSettings:
                                               default_client_count_limit(max_sessions))),
             client_rate_limit=int(config["SMTPD_CLIENT_CONNECTION_RATE_LIMIT"]),
             stress_timeout=max(1, int(config["SMTPD_STRESS_IDLE_TIMEOUT"])),
+            processes=resolve_processes(config.get("SMTPD_PROCESSES", 1)),
         )
         return replace(settings, **overrides)
 
@@ -132,16 +164,28 @@ class ListenerSettings:
 
 
 class Listener:
-    """One asyncio SMTP server and its sessions; start and stop inside a running loop."""
+    """One asyncio SMTP server and its sessions; start and stop inside a running loop.
 
-    def __init__(self, app: Flask, settings: ListenerSettings) -> None:
+    Alone, it binds the port and decides admissions itself. As one of several listener
+    processes (``processes.py``) it is given the parent's listening ``sockets`` and asks the
+    parent for every admission (``remote``), so the limits count the sessions of all of them.
+    """
+
+    def __init__(self, app: Flask, settings: ListenerSettings, *,
+                 sockets: Sequence[socket.socket] = (),
+                 remote: AdmissionClient | None = None, name: str = "") -> None:
         self.app = app
         self.settings = settings
         self.sessions: set[ElemtaSMTP] = set()
         self.closing = False
         self.storage: Storage | None = None
         self.acceptor: Acceptor | None = None
-        self.admission = Admission(settings.limits)
+        self.remote = remote
+        self.admission: Admission | AdmissionClient = (
+            remote if remote is not None else Admission(settings.limits))
+        self.name = name  # "process 2 of 2" when one of several
+        self._sockets = tuple(sockets)
+        self._accepting = False
         self.policy = RelayPolicy(tuple(settings.relay_networks))
         self._refusals = RefusalThrottle()
         self._server: asyncio.AbstractServer | None = None
@@ -172,6 +216,14 @@ class Listener:
                 proxy_protocol_timeout=30 if self.settings.proxy_protocol else None,
             )
 
+        if self._sockets:  # one of several processes: the parent bound the port
+            self._new_session = new_session
+            for sock in self._sockets:
+                loop.add_reader(sock.fileno(), self._accept_one, sock)
+            self._accepting = True
+            log.info("SMTP listener %s (pid %d) on %s:%d", self.name, os.getpid(),
+                     self.settings.host, self.settings.port)
+            return
         try:
             self._server = await loop.create_server(new_session, self.settings.host,
                                                     self.settings.port, reuse_address=True)
@@ -189,22 +241,63 @@ class Listener:
                  limits.client_rate_limit or "any number",
                  "STARTTLS" if self._tls else "no TLS")
 
+    def _accept_one(self, sock: socket.socket) -> None:
+        """One connection per wake-up: the listener processes share the socket, and the one
+        whose event loop comes round first takes the next connection, so a busy process takes
+        fewer (asyncio's own server accepts up to 100 at a time). Standing back for a moment
+        after each accept, by the sessions held, spread a burst better (8/8 instead of 10/6
+        of 16) but cost ~1.5 ms of CPU a connection (timers, the reader removed and added
+        again): not kept (docs/PERFORMANCE.md)."""
+        loop = asyncio.get_running_loop()
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another process took it
+        except OSError as exc:  # out of file descriptors, ...: wait a second, as asyncio does
+            log.error("SMTP listener cannot accept a connection: %s", exc)
+            loop.remove_reader(sock.fileno())
+            loop.call_later(1.0, self._resume_accepting, sock)
+            return
+        conn.setblocking(False)
+        loop.create_task(self._connect(conn))
+
+    def _resume_accepting(self, sock: socket.socket) -> None:
+        if self._accepting:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_one, sock)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._new_session, conn)
+        except Exception:  # the client went away before the transport was set up
+            conn.close()
+
     # ------------------------------------------------------------------ admission
 
     async def admit(self, session: ElemtaSMTP) -> Ticket | Refusal:
         """A ticket for a new session, or the refusal to answer (already logged/recorded)."""
         ip = session.client_ip
+        silenced: int | None
         if self.closing:
-            decision: Ticket | Refusal = Refusal("shutting-down", REPLY_SHUTTING_DOWN, str(ip))
-        else:
-            was_stressed = self.admission.stressed
-            decision = self.admission.admit(ip, self.policy.trusted(ip))
+            refusal = Refusal("shutting-down", REPLY_SHUTTING_DOWN, str(ip))
+            silenced = self._refusals.due(refusal)
+        elif self.remote is not None:  # the parent counts for every listener process
+            decision, silenced = await self.remote.admit(ip, self.policy.trusted(ip))
             if isinstance(decision, Ticket):
-                if not was_stressed and self.admission.stressed:
+                return decision
+            refusal = decision
+        else:
+            admission = self.admission
+            assert isinstance(admission, Admission)
+            was_stressed = admission.stressed
+            decision = admission.admit(ip, self.policy.trusted(ip))
+            if isinstance(decision, Ticket):
+                if not was_stressed and admission.stressed:
                     self._enter_stress()
                 return decision
-        await self._report_refusal(decision, ip)
-        return decision
+            refusal = decision
+            silenced = self._refusals.due(refusal)
+        await self._report_refusal(refusal, ip, silenced)
+        return refusal
 
     def leave(self, ticket: Ticket) -> None:
         self.admission.leave(ticket)
@@ -212,17 +305,20 @@ class Listener:
     def _enter_stress(self) -> None:
         """Near the cap, idle sessions outside a mail transaction get the short timeout:
         those connected before keep a long timer otherwise, so shorten theirs now."""
-        seconds = self.settings.stress_idle_timeout
         log.warning("SMTP listener near its session limit (%d of %d): idle timeout before "
                     "MAIL FROM is now %d s", self.admission.sessions,
-                    self.settings.max_sessions, seconds)
+                    self.settings.max_sessions, self.settings.stress_idle_timeout)
+        self.shorten_idle_timers()
+
+    def shorten_idle_timers(self) -> None:
+        seconds = self.settings.stress_idle_timeout
         for session in self.sessions:
             session.shorten_idle_timer(seconds)
 
-    async def _report_refusal(self, refusal: Refusal, ip: object) -> None:
-        """Log and record a refused connection (throttled: admission.RefusalThrottle), then
-        refuse it; as for refused commands, the event is written before the reply."""
-        silenced = self._refusals.due(refusal)
+    async def _report_refusal(self, refusal: Refusal, ip: object, silenced: int | None) -> None:
+        """Log and record a refused connection (throttled: admission.RefusalThrottle, whose
+        verdict is ``silenced``), then refuse it; as for refused commands, the event is
+        written before the reply."""
         if silenced is None:
             return
         more = f" ({silenced} more refused since the last report)" if silenced else ""
@@ -242,6 +338,12 @@ class Listener:
         self.closing = True
         if self._server is not None:
             self._server.close()
+        if self._accepting:
+            self._accepting = False
+            loop = asyncio.get_running_loop()
+            for sock in self._sockets:
+                loop.remove_reader(sock.fileno())
+                sock.close()
         deadline = time.monotonic() + grace
         while any(s.in_data for s in self.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -258,8 +360,10 @@ class Listener:
         log.info("SMTP listener stopped")
 
 
-def serve(app: Flask, settings: ListenerSettings) -> None:
-    """Run in the foreground until SIGTERM or SIGINT."""
+def serve(app: Flask, settings: ListenerSettings,
+          on_listening: Callable[[], None] | None = None) -> None:
+    """Run in the foreground until SIGTERM or SIGINT; ``on_listening`` once the port is bound.
+    This process alone: several processes are ``processes.serve_port``'s."""
 
     async def main() -> None:
         listener = Listener(app, settings)
@@ -268,6 +372,8 @@ def serve(app: Flask, settings: ListenerSettings) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await listener.start()
+        if on_listening:
+            on_listening()
         await stop.wait()
         log.info("SMTP listener stopping")
         await listener.stop()

@@ -66,7 +66,10 @@ def header_end(raw: bytes) -> int:
     """Offset of the blank line that ends the header section (len(raw) if there is none)."""
     if raw.startswith((b"\r\n", b"\n")):
         return 0
-    ends = [i + 1 for i in (raw.find(b"\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    crlf = raw.find(b"\n\r\n")
+    # An LF-only blank line counts only before the CRLF one: not a scan of a 7 MB body for it.
+    lf = raw.find(b"\n\n", 0, len(raw) if crlf < 0 else crlf + 1)
+    ends = [i + 1 for i in (crlf, lf) if i >= 0]
     return min(ends) if ends else len(raw)
 
 
@@ -81,18 +84,19 @@ def has_date(raw: bytes) -> bool:
 def stamp(raw: bytes, trace: Trace) -> bytes:
     """The message as it is queued: Received on top, Message-ID and Date added when missing
     (at the end of the header section)."""
-    raw = _BARE_LF.sub(b"\r\n", raw)
+    if raw.count(b"\n") != raw.count(b"\r\n"):  # two scans in C; the regex is 10x slower
+        raw = _BARE_LF.sub(b"\r\n", raw)
     newline = b"\r\n"
     received = received_header(trace, newline)
     added = b""
-    if not has_message_id(raw):
+    end = header_end(raw)
+    if not _MESSAGE_ID_HEADER.search(raw, 0, end):
         added += (b"Message-ID: " + email.utils.make_msgid(domain=_clean(trace.hostname))
                   .encode() + newline)
-    if not has_date(raw):
+    if not _DATE_HEADER.search(raw, 0, end):
         added += b"Date: " + rfc5322_date().encode() + newline
     if not added:
         return received + raw
-    end = header_end(raw)
     head = raw[:end]
     if head and not head.endswith(b"\n"):  # headers only, no final newline
         head += newline

@@ -1,1 +1,1 @@
-"""Delivery statistics (SPEC 3): buckets of recipient outcomes from the hourly rollup."""
+"""Delivery statistics (API.md §3): buckets of recipient outcomes from the hourly rollup."""

@@ -1,4 +1,4 @@
-"""What the streams read from the database and the JSON frames they send (SPEC 7).
+"""What the streams read from the database and the JSON frames they send (API.md §7).
 
 Every read here is one short statement on a session the caller opens and closes right away;
 nothing in this module keeps a connection.
@@ -39,7 +39,7 @@ class EventRow:
     id: int
     event_type: str
     action: str | None
-    item_json: str  # SPEC 4.2 item
+    item_json: str  # API.md §4.2 item
     queue_json: str | None  # {"message_id", "action", "queue"} when the event changed the queue
 
 
@@ -47,7 +47,7 @@ class EventRow:
 class LogRow:
     id: int
     levelno: int
-    item_json: str  # SPEC 4.1 item
+    item_json: str  # API.md §4.1 item
 
 
 def event_row(row: Any) -> EventRow:
@@ -130,5 +130,5 @@ def log_page(
 
 
 def queue_stats(session: so.Session) -> dict[str, int]:
-    """The queue counts (SPEC 2.2 shape); read-only, unlike the API's read which may fold."""
+    """The queue counts (API.md §2.2 shape); read-only, unlike the API's read which may fold."""
     return counters.queue_counts(session)

@@ -320,6 +320,7 @@ def close_streams_on_sigterm() -> None:
         if callable(previous):
             previous(signum, frame)
 
+    # A marker on the handler itself (checked above); mypy has no function attributes.
     on_sigterm._elemta_close_streams = True  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, on_sigterm)
     # signal.signal() makes SIGTERM interrupt system calls again; gunicorn had turned that off

@@ -14,11 +14,16 @@ Clients treat it as opaque and hand it back as ``?cursor=``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # More extra ids than this in a cursor means someone made it up.
 MAX_CURSOR_EXTRAS = 10_000
+# Row ids are 64-bit signed integers on both databases: a resume point above this is not an id
+# (PostgreSQL would refuse the query, and the stream would close as if the database were down).
+MAX_ROW_ID = 2**63 - 1
+_ROW_ID = re.compile(r"[0-9]{1,19}")
 
 
 class CursorError(ValueError):
@@ -69,11 +74,11 @@ class Position:
     @classmethod
     def decode(cls, text: str) -> Position:
         parts = text.split(".")
-        well_formed = all(p.isdigit() and len(p) <= 19 for p in parts)
-        if len(parts) > MAX_CURSOR_EXTRAS + 1 or not well_formed:
+        # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
+        if len(parts) > MAX_CURSOR_EXTRAS + 1 or not all(_ROW_ID.fullmatch(p) for p in parts):
             raise CursorError(text)
         floor, *extras = (int(p) for p in parts)
-        if any(i <= floor for i in extras):
+        if floor > MAX_ROW_ID or any(i <= floor or i > MAX_ROW_ID for i in extras):
             raise CursorError(text)
         position = cls(floor, set(extras))
         position._compact()

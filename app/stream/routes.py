@@ -1,4 +1,4 @@
-"""WebSocket endpoints (SPEC 7): ordinary Flask routes under /api, so every request hook
+"""WebSocket endpoints (API.md §7): ordinary Flask routes under /api, so every request hook
 (authentication with the ``api_key`` query parameter, rate limits, request ids) runs before the
 upgrade, and a bad parameter is refused with the contract's 400 before any handshake."""
 
@@ -10,13 +10,13 @@ import marshmallow as ma
 from flask import Response, request
 from werkzeug.routing.exceptions import WebsocketMismatch
 
+from ..api import Blueprint
 from ..errors import error_response
-from ..extensions import Blueprint
 from ..logs.levels import ACCEPTED as LEVEL_NAMES
 from ..logs.schemas import EventType, MinimumLevel
 from ..models import EVENT_TYPES
 from . import sockets
-from .position import CursorError, Position, decode_cursor
+from .position import MAX_ROW_ID, CursorError, Position, decode_cursor
 
 blp = Blueprint("stream", __name__, url_prefix="/api",
                 description="Live streams over WebSocket (see docs/STREAMS.md)")
@@ -26,11 +26,16 @@ _UPGRADE_DOC = {
 }
 
 
+def _resume_id(description: str) -> ma.fields.Integer:
+    """A row id to resume after: 0 .. 2**63-1 (ids are 64-bit), 400 before the handshake."""
+    return ma.fields.Integer(strict=False, validate=ma.validate.Range(min=0, max=MAX_ROW_ID),
+                             metadata={"description": description})
+
+
 class _ResumeSchema(ma.Schema):
     cursor = ma.fields.String(metadata={
         "description": "Resume after this point: the `cursor` of the last frame received"})
-    since_event = ma.fields.Integer(strict=False, validate=ma.validate.Range(min=0), metadata={
-        "description": "Resume after this delivery event id (simple form of `cursor`)"})
+    since_event = _resume_id("Resume after this delivery event id (simple form of `cursor`)")
 
     @ma.validates("cursor")
     def _check_cursor(self, value: str, **_: Any) -> None:
@@ -61,8 +66,7 @@ class LogStreamQuerySchema(_ResumeSchema):
                                      "enum": list(EVENT_TYPES)})
     type = ma.fields.String(validate=ma.validate.OneOf(("log", "message_event")), metadata={
         "description": "Only frames of this type (default: both)"})
-    since_log = ma.fields.Integer(strict=False, validate=ma.validate.Range(min=0), metadata={
-        "description": "Resume after this system log id (simple form of `cursor`)"})
+    since_log = _resume_id("Resume after this system log id (simple form of `cursor`)")
 
 
 class QueueStreamQuerySchema(_ResumeSchema):

@@ -15,13 +15,16 @@ Close codes (also in docs/STREAMS.md):
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable
+import socket
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Response, current_app, request
 from simple_websocket import ConnectionClosed, Server
 from wsproto.events import TextMessage
+from wsproto.frame_protocol import CloseReason
 
 from ..errors import ApiError
 from ..extensions import db
@@ -29,12 +32,15 @@ from . import frames
 from .hub import Hub, HubClosed, Item, Subscriber, get_hub
 from .position import Position, encode_cursor
 
-CLOSE_GOING_AWAY = 1001
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_GOING_AWAY = CloseReason.GOING_AWAY  # 1001
+CLOSE_INTERNAL_ERROR = CloseReason.INTERNAL_ERROR  # 1011
+CLOSE_TRY_AGAIN_LATER = CloseReason.TRY_AGAIN_LATER  # 1013
 
 DEFAULT_PING_INTERVAL = 25.0
 DEFAULT_SEND_TIMEOUT = 10.0
+# How long a stream that sent a close frame waits for the client's answering close (or its end
+# of the connection) before the connection is closed anyway.
+CLOSE_REPLY_TIMEOUT = 1.0
 WAKE_INTERVAL = 1.0  # how soon a socket notices shutdown or a vanished client
 FRAMES_PER_WRITE = 200
 
@@ -63,6 +69,7 @@ class StreamSpec:
 
 def serve(spec: StreamSpec) -> Response:
     """Upgrade the current request and stream until either side ends it."""
+    # The app itself, not the proxy: Flask types current_app as Flask, not as a LocalProxy.
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     if not request.headers.get("Sec-WebSocket-Key") or (
             request.headers.get("Sec-WebSocket-Version") != "13"):
@@ -90,7 +97,7 @@ def serve(spec: StreamSpec) -> Response:
             max_message_size=64 * 1024,
         )
         # A client that stops reading must not block this thread forever in a write.
-        ws.sock.settimeout(float(config.get("STREAM_SEND_TIMEOUT", DEFAULT_SEND_TIMEOUT)))
+        _socket_of(ws).settimeout(float(config.get("STREAM_SEND_TIMEOUT", DEFAULT_SEND_TIMEOUT)))
         close = _Stream(hub, ws, spec).run(subscriber)
     finally:
         hub.unsubscribe(subscriber)
@@ -99,7 +106,25 @@ def serve(spec: StreamSpec) -> Response:
             ws.close(*close)
         except (ConnectionClosed, OSError):
             pass
+        else:
+            # The closing handshake, on this thread and bounded: simple-websocket's reader
+            # thread ends when the client answers with its close frame or closes.
+            if isinstance(ws.thread, threading.Thread):  # typed as a protocol without join()
+                ws.thread.join(CLOSE_REPLY_TIMEOUT)
+    if ws.mode == "gunicorn":
+        # Closed by the worker at once, not after gunicorn's lingering close on its main loop,
+        # which waits for a client that may never answer (app/gunicorn_worker.py).
+        from ..gunicorn_worker import release_websocket
+
+        release_websocket(request.environ["gunicorn.socket"])
     return _after_socket(ws)
+
+
+def _socket_of(ws: Server) -> socket.socket:
+    """The connection's socket, which ``Server.accept`` has taken over (typed as optional)."""
+    if ws.sock is None:
+        raise ConnectionClosed()
+    return ws.sock
 
 
 def _after_socket(ws: Server) -> Response:
@@ -120,19 +145,20 @@ class _Stream:
     def __init__(self, hub: Hub, ws: Server, spec: StreamSpec) -> None:
         self.hub = hub
         self.ws = ws
+        self.sock = _socket_of(ws)
         self.spec = spec
         self.events = Position()
         self.logs = Position()
         self.last_stats: str | None = None
 
-    def run(self, subscriber: Subscriber) -> tuple[int, str] | None:
+    def run(self, subscriber: Subscriber) -> tuple[CloseReason, str] | None:
         """Stream; returns the close (code, reason) to send, or None when the peer is gone."""
         try:
             return self._stream(subscriber)
         except (ConnectionClosed, OSError):
             return None  # the client vanished or stopped reading
 
-    def _stream(self, subscriber: Subscriber) -> tuple[int, str] | None:
+    def _stream(self, subscriber: Subscriber) -> tuple[CloseReason, str] | None:
         start_events, start_logs = subscriber.start_events, subscriber.start_logs
         self.events = self.spec.events.copy() if self.spec.events else start_events.copy()
         self.logs = self.spec.logs.copy() if self.spec.logs else start_logs.copy()
@@ -198,7 +224,7 @@ class _Stream:
 
     # ------------------------------------------------------------------ live
 
-    def _live(self, subscriber: Subscriber) -> tuple[int, str] | None:
+    def _live(self, subscriber: Subscriber) -> tuple[CloseReason, str] | None:
         while True:
             if self.hub.closing:
                 return CLOSE_GOING_AWAY, "server shutting down"
@@ -260,8 +286,8 @@ class _Stream:
         self.last_stats = stats
         return frames.frame("queue_stats", self._cursor(), stats)
 
-    def _send(self, texts: list[str]) -> None:
-        texts = [t for t in texts if t]
+    def _send(self, items: Sequence[str | None]) -> None:
+        texts = [t for t in items if t]
         if not texts:
             return
         if not self.ws.connected:
@@ -273,7 +299,7 @@ class _Stream:
         # for that long ends the stream.
         data = memoryview(b"".join(self.ws.ws.send(TextMessage(data=t)) for t in texts))
         while data:
-            data = data[self.ws.sock.send(data):]
+            data = data[self.sock.send(data):]
 
     def _discard_incoming(self) -> None:
         """Clients have nothing to say on these streams; drop whatever they send."""

@@ -13,8 +13,7 @@ import hashlib
 import os
 from typing import Any
 
-from flask import (Blueprint, Response, abort, current_app, render_template,
-                   send_from_directory)
+from flask import Blueprint, Response, abort, current_app, render_template, send_from_directory
 
 from ..version import __version__
 
@@ -33,12 +32,13 @@ ASSET_CACHE = "public, max-age=31536000, immutable"
 PAGES = {
     "overview": ("Overview", "/"),
     "queue": ("Queue", "/queue"),
+    "control": ("Delivery control", "/control"),
     "message": ("Message", "/message/<string:message_id>"),
     "logs": ("Logs", "/logs"),
     "keys": ("API keys", "/keys"),
     "health": ("Health", "/health"),
 }
-NAV = ("overview", "queue", "logs", "keys", "health")
+NAV = ("overview", "queue", "control", "logs", "keys", "health")
 
 blp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates")
 

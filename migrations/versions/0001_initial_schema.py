@@ -10,9 +10,8 @@ Revises:
 Create Date: 2026-11-24 10:51:13.229241
 
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 # revision identifiers, used by Alembic.
 revision = '0001'

@@ -31,11 +31,11 @@ PHONE = {"width": 390, "height": 844}
 
 try:
     from playwright import sync_api
-except ImportError:  # pragma: no cover - requirements.txt has it
+except ImportError:  # pragma: no cover - requirements-dev.txt has it
     sync_api = None
 
 if sync_api is None:
-    MISSING = "browser tests need Playwright (pip install -r requirements.txt)"
+    MISSING = "browser tests need Playwright (pip install -r requirements-dev.txt)"
 elif not os.access(CHROMIUM, os.X_OK):
     MISSING = f"browser tests need Chromium: {CHROMIUM} not found (apt-get install chromium)"
 else:

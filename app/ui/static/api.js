@@ -55,17 +55,18 @@ export function apiUrl(path, query) {
 }
 
 /**
- * One API call. Resolves to {data, headers, status, requestId}; rejects with ApiError carrying
+ * One API call (a JSON `body`, or a `text` body of `contentType`). Resolves to {data, headers, status, requestId}; rejects with ApiError carrying
  * the contract's {error, code, details}. A 401 for the signed-in key signs the tab out.
  */
-export async function api(path, { method = 'GET', query, body, key = session.key, as = 'json', okStatuses = [] } = {}) {
+export async function api(path, { method = 'GET', query, body, text, contentType = 'text/plain', key = session.key, as = 'json', okStatuses = [] } = {}) {
   const headers = { Accept: as === 'json' ? 'application/json' : '*/*' };
   if (key) headers.Authorization = `Bearer ${key}`;
   if (body !== undefined) headers['Content-Type'] = 'application/json';
+  else if (text !== undefined) headers['Content-Type'] = contentType; // e.g. a CSV import
   let response;
   try {
     response = await fetch(apiUrl(path, query), {
-      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+      method, headers, body: body === undefined ? text : JSON.stringify(body),
       cache: 'no-store', credentials: 'omit',
     });
   } catch {

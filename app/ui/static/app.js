@@ -7,12 +7,13 @@ import { onLiveStatus } from './live.js';
 import { errorBox, field, fieldError, openDialog, showError } from './ui.js';
 import * as overview from './pages/overview.js';
 import * as queue from './pages/queue.js';
+import * as control from './pages/control.js';
 import * as message from './pages/message.js';
 import * as logs from './pages/logs.js';
 import * as keys from './pages/keys.js';
 import * as health from './pages/health.js';
 
-const PAGES = { overview, queue, message, logs, keys, health };
+const PAGES = { overview, queue, control, message, logs, keys, health };
 const THEME_STORAGE = 'elemta.theme';
 
 function applyTheme(choice) {

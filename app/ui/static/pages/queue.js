@@ -10,7 +10,7 @@ import { adminButton, confirmDialog, field, messageLink, needsAdminNote, section
 
 const TABS = ['all', 'pending', 'deferred', 'held', 'failed'];
 const PAGE_SIZES = [25, 50, 100, 250];
-// Which actions apply to a message in each state (SPEC 2.2: anything else is a 409).
+// Which actions apply to a message in each state (API.md §2.2: anything else is a 409).
 const ROW_ACTIONS = {
   pending: ['hold', 'delete'],
   deferred: ['retry', 'hold', 'delete'],

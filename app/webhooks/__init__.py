@@ -1,0 +1,1 @@
+"""Signed webhooks (docs/WEBHOOKS.md): receivers, the event feed and the dispatcher."""
