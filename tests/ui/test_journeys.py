@@ -215,6 +215,8 @@ def test_message_raw_equals_format_raw_and_history_follows_delete(servers, open_
     page = open_page(servers.main, f"/ui/message/{message_id}", key=servers.admin_key)
     raw = servers.main.request("GET", f"/api/queue/message/{message_id}",
                                query={"format": "raw"}).body.decode()
+    # open_page returns once the shell is drawn; the message itself arrives after two requests.
+    page.wait_for_selector("#raw-message")
     assert page.eval_on_selector("#raw-message", "e => e.textContent") == raw
     assert "tempfail" in page.inner_text("table.timeline")
     page.click("#message-actions [data-action=delete]")
