@@ -100,3 +100,71 @@ def test_a_batch_with_a_message_without_recipients_stores_nothing(app, session):
         db.session.rollback()
         db.session.remove()
     assert session.scalar(sa.select(sa.func.count()).select_from(Message)) == 0
+
+
+def _batch(tag: str) -> list[service.NewMessage]:
+    """Several recipients, non-ASCII text, NULL event fields, every byte value, large bodies."""
+    body = bytes(range(256)) * 64
+    return [
+        service.NewMessage(
+            sender=f"{tag}-élodie@exämple.com", recipients=[
+                "bob@example.net", "ünïcødé@exämple.org", "carol@example.org", "Bob@Example.net"],
+            raw=raw_message(subject="Grüße — 日本語") + b"\r\n" + body, origin="smtp",
+            reception_note=f"note {tag} ✓", event_fields={"delivery_ip": "192.0.2.1",
+                                                          "delivery_host": None}),
+        service.NewMessage(sender="", recipients=["postmaster@example.net"],
+                           raw=raw_message() + b"x" * 300_000, origin="bounce", priority=3),
+        service.NewMessage(sender=f"{tag}@example.com", recipients=[f"r{n}@d{n % 3}.example"
+                                                                   for n in range(12)],
+                           raw=raw_message(subject="") + b"\0\xff\xfe", origin="api"),
+    ]
+
+
+def _inserts_seen(app, batch: list[service.NewMessage]) -> tuple[list[str], list[str]]:
+    """Queue ``batch``; returns its ids and the INSERT statements SQLAlchemy's events saw."""
+    seen: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("INSERT"):
+            seen.append(statement)
+
+    with app.app_context():
+        engine = db.engine
+        sa.event.listen(engine, "before_cursor_execute", record)
+        try:
+            ids = service.add_messages(db.session, batch)
+            db.session.commit()
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", record)
+            db.session.remove()
+    return ids, seen
+
+
+def test_a_small_batch_goes_in_as_arrays_on_postgresql_and_reads_back_the_same(
+        app, session, monkeypatch):
+    """PostgreSQL: a batch of up to 1 MiB of content is written by one ``unnest`` INSERT per
+    table (app/arrayinsert.py, unseen by before_cursor_execute); the rows read back exactly as
+    those of the same batch written by the Core INSERTs, which SQLite and larger batches use."""
+    from app.queue import accepting
+
+    postgres = session.get_bind().dialect.name == "postgresql"
+    arrays, seen_arrays = _inserts_seen(app, _batch("a"))
+    monkeypatch.setattr(accepting, "SMALL_BATCH_BYTES", 0)
+    core, seen_core = _inserts_seen(app, _batch("a"))
+    tables = ("messages", "message_contents", "recipients", "delivery_events")
+    assert [t for t in tables if any(f"INTO {t} " in s for s in seen_core)] == list(tables)
+    assert [t for t in tables if any(f"INTO {t} " in s for s in seen_arrays)] == (
+        [] if postgres else list(tables))
+    for one, other in zip(arrays, core, strict=True):
+        assert rows_of(session, one) == rows_of(session, other)
+    stored = rows_of(session, arrays[0])
+    assert stored["message"]["sender"] == "a-élodie@exämple.com"
+    assert stored["message"]["subject"] == "Grüße — 日本語"
+    assert [r[0] for r in stored["recipients"]] == [
+        "bob@example.net", "ünïcødé@exämple.org", "carol@example.org"]
+    assert stored["events"][0][3] == "note a ✓" and stored["events"][0][8] is None
+    assert stored["events"][0][10] == []
+    assert rows_of(session, arrays[2])["raw"].endswith(b"\0\xff\xfe")
+    assert len(rows_of(session, arrays[2])["recipients"]) == 12
+    counts = queue_counts(session)
+    assert counts["pending"] == 6
