@@ -59,7 +59,7 @@ def test_one_recipient_is_refused_as_the_general_check_refuses_it(app, session):
             general = intake.refusals(db.session, sender, [address]).get(address)
             db.session.commit()
             after_general = hits()
-            one = intake.refusal(db.session, sender, address)
+            one = intake.refusal(db.session.connection(), sender, address)
             db.session.commit()
             db.session.remove()
         assert one == general, (sender, address)

@@ -161,7 +161,7 @@ class QueueHandler:
         # Suppressed addresses and bounce rules (docs/DELIVERY.md): refused before queueing.
         sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         try:
-            refused = await self.storage.run_reads(refusal, sender, address)
+            refused = await self.storage.run_check(refusal, sender, address)
         except Exception:
             # The database is what fails: the message cannot be queued either, and DATA
             # answers 451 then; a passing fault should not refuse a good recipient.

@@ -39,10 +39,10 @@ class Storage:
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="smtpd-db")
         with app.app_context():
             engine = db.engine
-        # Checks that read (a recipient against suppressions and rules) need no transaction
-        # of their own on PostgreSQL: see ``run_reads``.
-        self._reads_engine = (autocommit_engine(engine) if engine.dialect.name == "postgresql"
-                              else None)
+        # Checks (a recipient against suppressions and rules) run on a Core connection:
+        # see ``run_check``.
+        self._checks_engine = (autocommit_engine(engine) if engine.dialect.name == "postgresql"
+                               else engine)
 
     async def run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -53,26 +53,19 @@ class Storage:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, func, *args)
 
-    async def run_reads(self, func: Callable[..., T], *args: Any) -> T:
-        """``func(session, *args)`` for a check that reads, and writes at most single
-        statements (a rule's hit count): on PostgreSQL its session reads in autocommit, as a
-        GET request's does (``database.py``). psycopg then sends neither BEGIN nor COMMIT:
-        two round trips fewer per RCPT, and at READ COMMITTED each statement sees what it
-        saw inside a transaction. Elsewhere (SQLite) it is ``run``."""
-        if self._reads_engine is None:
-            return await self.run(func, *args)
+    async def run_check(self, func: Callable[..., T], *args: Any) -> T:
+        """``func(connection, *args)`` on a plain Core connection, for a check that reads and
+        writes at most single statements (a rule's hit count): no ORM session, no app
+        context. On PostgreSQL the connection is in autocommit, as a GET request's session
+        (``database.py``): psycopg sends neither BEGIN nor COMMIT, and at READ COMMITTED each
+        statement sees what it saw inside a transaction. On SQLite it is one transaction,
+        committed at the end (rolled back on an error)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._read, func, args)
+        return await loop.run_in_executor(self.executor, self._check, func, args)
 
-    def _read(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
-        with so.Session(self._reads_engine) as session:
-            result = func(session, *args)
-            # On an AUTOCOMMIT connection each statement is committed as it runs; the ORM's
-            # commit (its state machine and commit hooks, ~3 % of a busy listener) only has
-            # something to do when objects were added or changed, which the checks do not.
-            if session.new or session.dirty or session.deleted:
-                session.commit()
-            return result
+    def _check(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self._checks_engine.begin() as connection:
+            return func(connection, *args)
 
     def _call(self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         with unit_of_work(self.app) as session:
