@@ -284,3 +284,56 @@ def test_a_group_commit_reads_the_keys_once_signs_every_message_and_a_retired_ke
         db.session.remove()
     [later] = accept_batch(app, jobs[:1])
     assert signatures_of(raw_of(app, later)) == []
+
+
+def _batch_statements(app, senders):  # type: ignore[no-untyped-def]
+    """Queue one message per From: sender in one group commit; its ids and statements."""
+    from app.smtpd.acceptor import Job, accept_batch
+    from app.smtpd.stamping import Trace
+
+    trace = Trace(helo="client.example", client_ip="127.0.0.1", hostname="mx.example",
+                  esmtp=True, tls=False, authenticated=False, smtputf8=False,
+                  recipients=("bob@example.net",))
+    jobs = [Job(sender, ("bob@example.net",), crlf(email_message(sender=sender, subject="B")),
+                trace) for sender in senders]
+    statements: list[str] = []
+
+    def seen(_conn, _cursor, statement, *_args):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    with app.app_context():
+        engine = db.engine
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        ids = accept_batch(app, jobs)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", seen)
+    assert all(isinstance(i, str) for i in ids), ids
+    return ids, statements
+
+
+def test_the_keys_are_read_once_per_transaction_whatever_the_from_domains(app, zone):
+    """One key query for a batch whose messages come from several domains (a subdomain signed
+    by its parent's key, a domain without keys), each message signed as it would be alone."""
+    selector, _ = make_key(app, zone)
+    senders = ["alice@example.com", "bob@mail.example.com", "carol@unsigned.example",
+               "dave@example.com"]
+    ids, statements = _batch_statements(app, senders)
+    assert sum("FROM dkim_keys" in s for s in statements) == 1
+    signed = [[s.selector for s in signatures_of(raw_of(app, i))] for i in ids]
+    assert signed == [[selector], [selector], [], [selector]]
+
+
+def test_without_an_active_key_no_from_field_is_parsed(app, monkeypatch):
+    """No active key at all: the batch reads the keys once and never looks for a From:
+    domain (parsing it is most of signing's cost for mail nobody signs)."""
+    from app.dkim import signing
+
+    def never(_headers):  # type: ignore[no-untyped-def]
+        raise AssertionError("From: parsed although no key is active")
+
+    monkeypatch.setattr(signing, "from_domain", never)
+    monkeypatch.setattr(signing, "header_fields", never)
+    ids, statements = _batch_statements(app, ["alice@example.com", "bob@example.org"])
+    assert sum("FROM dkim_keys" in s for s in statements) == 1
+    assert [signatures_of(raw_of(app, i)) for i in ids] == [[], []]

@@ -22,7 +22,6 @@ import email.utils
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import dkim
 import sqlalchemy as sa
@@ -71,44 +70,49 @@ def from_domain(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
 
 
 _MEMO = "dkim_signing_keys"
-# The key read, built once: Core columns on the session's connection (no ORM compile state,
-# no autoflush), the candidate domains an expanding IN.
+# Every active key, read once per transaction: Core columns on the session's connection (no
+# ORM compile state, no autoflush).
 _ACTIVE_KEYS = sa.select(DkimKey.__table__.c.domain, DkimKey.__table__.c.selector,
                          DkimKey.__table__.c.algorithm, DkimKey.__table__.c.private_key).where(
-    DkimKey.__table__.c.state == "active",
-    DkimKey.__table__.c.domain.in_(sa.bindparam("candidates", expanding=True)))
+    DkimKey.__table__.c.state == "active")
+
+KeyRow = tuple[str, str, str, str]
 
 
-def signing_keys(session: so.Session, domain: str) -> list[tuple[str, str, str, str]]:
+def active_keys(session: so.Session) -> dict[str, list[KeyRow]]:
+    """The active keys by domain, ``(domain, selector, algorithm, private key)`` each, rsa
+    first. Read once per transaction: the listener's group commit signs up to 64 messages in
+    one transaction, and with no key at all (``{}``) ``sign_outgoing`` does not even parse
+    the From: field. The memo ends with the transaction (``_forget_keys``), so a key activated
+    or retired applies from the next one. On the session's connection, so without autoflush:
+    the messages added earlier in the transaction cannot change which keys sign, and a flush
+    per message would undo the group commit's one flush per batch."""
+    memo: dict[str, list[KeyRow]] | None = session.info.get(_MEMO)
+    if memo is None:
+        memo = {}
+        for row in session.connection().execute(_ACTIVE_KEYS):
+            memo.setdefault(row.domain, []).append(tuple(row))
+        for rows in memo.values():
+            rows.sort(key=lambda row: row[2], reverse=True)  # rsa first, then ed25519
+        session.info[_MEMO] = memo
+    return memo
+
+
+def signing_keys(session: so.Session, domain: str) -> list[KeyRow]:
     """``(domain, selector, algorithm, private key)`` of the active keys that sign for
     ``domain``: those of the most specific of it and its parents that has any."""
-    candidates = parent_domains(domain)
-    # Read once per domain and transaction: the listener's group commit signs up to 64
-    # messages in one transaction, mostly from one domain. The memo ends with the transaction
-    # (``_forget_keys``), so a key activated or retired applies from the next one.
-    memo: dict[str, list[tuple[str, str, str, str]]] = session.info.setdefault(_MEMO, {})
-    if domain in memo:
-        return memo[domain]
-    # On the session's connection, so without autoflush: the messages added earlier in the
-    # transaction cannot change which keys sign, and a flush per message would undo the group
-    # commit's one flush per batch.
-    rows = session.connection().execute(_ACTIVE_KEYS, {"candidates": candidates}).all()
-    memo[domain] = _nearest(rows, candidates)
-    return memo[domain]
+    keys = active_keys(session)
+    if keys:
+        for candidate in parent_domains(domain):  # the most specific first
+            if candidate in keys:
+                return list(keys[candidate])
+    return []
 
 
 @sa.event.listens_for(so.Session, "after_transaction_end")
 def _forget_keys(session: so.Session, transaction: so.SessionTransaction) -> None:
     if transaction.parent is None:  # the outermost transaction, not a savepoint
         session.info.pop(_MEMO, None)
-
-
-def _nearest(rows: Any, candidates: list[str]) -> list[tuple[str, str, str, str]]:
-    if not rows:
-        return []
-    nearest = min((row.domain for row in rows), key=candidates.index)
-    return sorted((tuple(row) for row in rows if row.domain == nearest),
-                  key=lambda row: row[2], reverse=True)  # rsa first, then ed25519
 
 
 def header_fields(raw: bytes) -> list[tuple[bytes, bytes]] | None:
@@ -126,6 +130,8 @@ def sign_outgoing(session: so.Session, raw: bytes) -> bytes:
     """``raw`` with our DKIM-Signature fields on top, or unchanged when no key signs for its
     From: domain. A message whose header section cannot be parsed, or a signing failure (a
     damaged key), is logged and goes unsigned: mail is never refused or lost over DKIM."""
+    if not active_keys(session):
+        return raw  # no key signs anything: no need to find the From: domain
     headers = header_fields(raw)
     domain = from_domain(headers) if headers is not None else None
     if domain is None:
