@@ -42,6 +42,7 @@ from typing import Any, cast
 import sqlalchemy as sa
 from flask import Flask
 
+from ..arrayinsert import ArrayInsert, supported
 from ..config import DEFAULTS
 from ..database import is_transient_conflict
 from ..errors import is_database_unavailable
@@ -51,6 +52,8 @@ from .levels import canonical_levelno, level_name, levelno_of
 from .service import prune_system_logs
 
 log = logging.getLogger("elemta.logs.handler")
+# A batch of records as one array INSERT on PostgreSQL (``_write``).
+_ARRAY_INSERT = ArrayInsert(cast(sa.Table, SystemLog.__table__))
 
 APP_LOGGER_PREFIX = "elemta"
 NEVER_STORED = ("sqlalchemy", log.name)
@@ -329,8 +332,14 @@ class DatabaseLogHandler(logging.Handler):
         """``ok``, ``retry`` (database unavailable: keep the batch) or ``drop``."""
         try:
             with self._engine.begin() as conn:
-                # Core insert into the table (declarative types __table__ as a FromClause)
-                conn.execute(sa.insert(cast(sa.Table, SystemLog.__table__)), batch)
+                if supported(conn):
+                    # PostgreSQL: the batch as one fixed INSERT ... SELECT * FROM unnest(arrays)
+                    # (app/arrayinsert.py), run on the raw psycopg cursor: SQLAlchemy's
+                    # before_cursor_execute events do not see it.
+                    _ARRAY_INSERT.execute(conn, batch)
+                else:
+                    # Core insert into the table (declarative types __table__ as a FromClause)
+                    conn.execute(sa.insert(cast(sa.Table, SystemLog.__table__)), batch)
             return "ok"
         except Exception as exc:
             reason = _short_reason(exc)

@@ -17,7 +17,7 @@ import secrets
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
@@ -52,11 +52,10 @@ _EVENT_COLUMNS = tuple(c.name for c in DeliveryEvent.__table__.c if c.name != "i
 # (docs/PERFORMANCE.md, "Intake, group commit as arrays"). They run on the raw psycopg cursor
 # of the session's transaction, so SQLAlchemy's before_cursor_execute events do not see them.
 # Batches with more than SMALL_BATCH_BYTES of content, and SQLite, keep the statements above.
-_ARRAY_MESSAGES = ArrayInsert(Message.__table__)  # type: ignore[arg-type]
-_ARRAY_CONTENTS = ArrayInsert(MessageContent.__table__)  # type: ignore[arg-type]
-_ARRAY_RECIPIENTS = ArrayInsert(Recipient.__table__)  # type: ignore[arg-type]
-_ARRAY_EVENTS = ArrayInsert(DeliveryEvent.__table__,  # type: ignore[arg-type]
-                                        _EVENT_COLUMNS)
+_ARRAY_MESSAGES = ArrayInsert(cast(sa.Table, Message.__table__))
+_ARRAY_CONTENTS = ArrayInsert(cast(sa.Table, MessageContent.__table__))
+_ARRAY_RECIPIENTS = ArrayInsert(cast(sa.Table, Recipient.__table__))
+_ARRAY_EVENTS = ArrayInsert(cast(sa.Table, DeliveryEvent.__table__), _EVENT_COLUMNS)
 
 
 @dataclass(frozen=True)
