@@ -16,6 +16,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -138,6 +139,14 @@ def text(key: str, value: Any) -> str:
 def secret(key: str, value: Any) -> str:
     """Like ``text``; a separate kind so no message ever shows the value."""
     return value if isinstance(value, str) else str(value)
+
+
+def local_hostname(configured: str = "") -> str:
+    """The name this MTA gives itself (EHLO, Message-ID, Reporting-MTA): ``SMTP_HOSTNAME``,
+    else this host's FQDN, asked when called (never at import: a slow resolver would slow every
+    process's start), else ``localhost``. Here, not with the mail service, so that the worker
+    needs no module that imports dkimpy or the queue's services to name itself."""
+    return configured or socket.getfqdn() or "localhost"
 
 
 def hostname(key: str, value: Any) -> str:

@@ -24,9 +24,9 @@ from typing import Any
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
+from ..config import local_hostname
 from ..delivery.outcomes import queue_operator_bounce
 from ..errors import NotFound, ValidationFailed
-from ..mail.service import local_hostname
 from ..models import RULE_ACTIONS, Rule
 from ..queue.actions import bulk_action
 from ..queue.failing import Bounce, fail_recipients

@@ -21,7 +21,6 @@ import sqlalchemy.orm as so
 
 from ..database import describe_error, is_unreachable
 from ..dkim.signing import sign_outgoing
-from ..metrics import observe_delivery_latency
 from ..models import Message
 from ..queue.failing import FailedMessage
 from ..queue.outcomes import Attempt, AttemptResult, Recorded, Verdict, record_attempts
@@ -148,8 +147,13 @@ def _observe_latencies(latencies: Sequence[float]) -> None:
 
     After the commit and in memory only (a histogram bucket increment each), so the batched
     recorder does no extra database work. Recipients of a message deleted during delivery are
-    not observed: its acceptance time went with it.
+    not observed: its acceptance time went with it. The metrics module (and prometheus_client)
+    is imported at the first delivery, not with the worker: an idle worker never needs it.
     """
+    if not latencies:
+        return
+    from ..metrics import observe_delivery_latency
+
     for seconds in latencies:
         observe_delivery_latency(seconds)
 

@@ -20,12 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import dns.exception
-import dns.name
-import dns.resolver
-
 from ..config import parse_host_port
-from ..dnsresolver import make_resolver
 
 SANITY_TTL = 60.0  # seconds a resolver health check is trusted
 log = logging.getLogger("elemta.delivery")
@@ -128,7 +123,15 @@ class Router:
 
     # ----------------------------------------------------------------- DNS
 
+    # dnspython is imported by the methods that look up MX records, not with this module: a
+    # worker that relays through a smarthost, or has nothing due, never needs it (about 25 ms of
+    # its start-up; tests/test_worker_startup.py).
+
     def resolver(self) -> Resolver:
+        import dns.resolver
+
+        from ..dnsresolver import make_resolver
+
         with self._lock:
             if self._resolver is None:
                 try:
@@ -142,6 +145,10 @@ class Router:
         return self.resolver().resolve(name, rdtype)
 
     def _mx_hops(self, domain: str) -> list[Hop]:
+        import dns.exception
+        import dns.name
+        import dns.resolver
+
         implicit = False
         try:
             answer = list(self._query(domain, "MX"))
@@ -200,6 +207,8 @@ class Router:
             else:
                 healthy = None
         if healthy is None:
+            import dns.exception
+
             try:
                 healthy = bool(list(self._query(".", "NS")))
             except dns.exception.DNSException:
@@ -222,6 +231,9 @@ class Router:
 
 
 def _describe(exc: Exception) -> str:
+    import dns.exception
+    import dns.resolver
+
     if isinstance(exc, dns.exception.Timeout):
         return "DNS timeout"
     if isinstance(exc, dns.resolver.NoNameservers):

@@ -24,9 +24,6 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-import dns.exception
-import dns.name
-
 from .routing import Hop, Route
 
 ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b", re.ASCII)
@@ -556,6 +553,9 @@ def _plain_address(address: str) -> str | None:
     local, at, domain = address.rpartition("@")
     if not at or not local.isascii():
         return None
+    import dns.exception  # here, not at import: the worker's start needs no dnspython
+    import dns.name
+
     try:
         return f"{local}@{dns.name.from_unicode(domain).to_text(omit_final_dot=True)}"
     except (dns.exception.DNSException, UnicodeError, ValueError):

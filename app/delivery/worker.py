@@ -32,6 +32,7 @@ from typing import Any
 import sqlalchemy.exc
 from flask import Flask
 
+from ..config import local_hostname
 from ..control.gate import Clock, DeliveryControl, Postpone
 from ..database import (
     describe_error,
@@ -39,7 +40,6 @@ from ..database import (
     is_unreachable,
     unit_of_work,
 )
-from ..mail.service import local_hostname
 from ..queue import counters, shape
 from ..queue.leases import ClaimedRecipient, lease_due, postpone_leases, release_leases
 from ..queue.outcomes import Attempt

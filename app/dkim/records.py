@@ -5,9 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import dns.exception
-import dns.name
-
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 SELECTOR_RULE = ("letters, digits and hyphens, labels separated by dots (e.g. rsa-2026-01), "
                  "at most 63 characters")
@@ -24,6 +21,9 @@ def normalise_domain(text: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise InvalidName("A domain is required.")
     value = text.strip().rstrip(".")
+    import dns.exception  # here, not at import: the worker's start needs no dnspython
+    import dns.name
+
     try:
         name = dns.name.from_unicode(value) if not value.isascii() else dns.name.from_text(value)
         ascii_name = name.to_text(omit_final_dot=True).lower()

@@ -19,16 +19,16 @@ or, for mail we build, do not exist): ``signatures_of`` reads which keys signed 
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
-import dkim
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from ..models import DkimKey
-from . import rsa  # noqa: F401  (dkimpy's RSA operation done by OpenSSL: 20x faster)
 from .records import InvalidName, normalise_domain, parent_domains, parse_tags
 
 log = logging.getLogger("elemta.dkim")
@@ -36,9 +36,26 @@ log = logging.getLogger("elemta.dkim")
 CANONICALIZATION = (b"relaxed", b"relaxed")
 SIGNATURE_ALGORITHMS = {"rsa": b"rsa-sha256", "ed25519": b"ed25519-sha256"}
 ALGORITHM_OF_TAG = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
-SIGNED_FIELDS = frozenset(dkim.DKIM.SHOULD)
 OVERSIGNED_FIELDS = (b"from",)
 _DKIM_SIGNATURE = b"dkim-signature"
+
+
+@functools.cache
+def dkimpy() -> ModuleType:
+    """dkimpy, imported on first use with its RSA operation done by OpenSSL (20x faster,
+    app/dkim/rsa.py). Not at import: dkimpy imports dnspython, about 50 ms of a start-up that
+    the delivery worker, which signs only the bounces it writes, mostly does not need."""
+    import dkim
+
+    from . import rsa  # noqa: F401  (installs OpenSSL's RSA operation into dkimpy)
+
+    return dkim
+
+
+@functools.cache
+def signed_fields() -> frozenset[bytes]:
+    """The header fields we sign when present: dkimpy's recommended ones (``DKIM.SHOULD``)."""
+    return frozenset(dkimpy().DKIM.SHOULD)
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,7 @@ def header_fields(raw: bytes) -> list[tuple[bytes, bytes]] | None:
     """The header fields of a stored (CRLF) message, or None when a line is not a field.
     Only the header section is split: a 7 MB body costs nothing here."""
     end = raw.find(b"\r\n\r\n")
+    dkim = dkimpy()
     try:
         headers, _body = dkim.rfc822_parse(raw if end < 0 else raw[:end + 2])
     except dkim.MessageFormatError:
@@ -139,12 +157,14 @@ def sign_outgoing(session: so.Session, raw: bytes) -> bytes:
     keys = signing_keys(session, domain)
     if not keys:
         return raw
+    dkim = dkimpy()
     try:
         message = dkim.DKIM(raw, linesep=b"\r\n")
     except dkim.DKIMException as exc:
         log.warning("Not DKIM-signing a message from %s: %s", domain, exc)
         return raw
-    present = [name for name, _value in message.headers if name.lower() in SIGNED_FIELDS]
+    signed = signed_fields()
+    present = [name for name, _value in message.headers if name.lower() in signed]
     include = present + [name for name in present if name.lower() in OVERSIGNED_FIELDS]
     fields = []
     for key_domain, selector, algorithm, private_key in keys:

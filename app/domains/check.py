@@ -28,11 +28,11 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 from flask import Flask
 
+from ..config import local_hostname
 from ..dkim.keys import dns_record
 from ..dkim.records import InvalidName, normalise_domain, parent_domains, parse_tags
 from ..dnsresolver import make_resolver
 from ..errors import ValidationFailed
-from ..mail.service import local_hostname
 from ..models import DkimKey
 from ..timeutil import utcnow
 from . import spf

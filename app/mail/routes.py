@@ -8,6 +8,7 @@ from flask import current_app
 from flask.views import MethodView
 
 from ..api import Blueprint
+from ..config import local_hostname
 from ..extensions import db
 from . import service
 from .schemas import SendTestResultSchema, SendTestSchema
@@ -21,7 +22,7 @@ class SendTest(MethodView):
     @blp.response(200, SendTestResultSchema)
     def post(self, args: dict[str, Any]) -> dict[str, str]:
         """Queue a test email; the delivery worker then delivers it like any other message"""
-        hostname = service.local_hostname(current_app.config["SMTP_HOSTNAME"])
+        hostname = local_hostname(current_app.config["SMTP_HOSTNAME"])
         message = service.send_test(db.session(), args["sender"], args["to"], args["subject"],
                                     args["body"], hostname)
         return {"status": "success", "message_id": message.id,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email.policy
 import email.utils
-import socket
 from collections.abc import Sequence
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -22,11 +21,6 @@ from .addresses import Mailbox
 
 # CRLF line ends as they go on the wire; headers folded at 78, non-ASCII encoded (RFC 2047).
 WIRE_POLICY = email.policy.SMTP
-
-
-def local_hostname(configured: str = "") -> str:
-    """The name this MTA gives itself (EHLO, Message-ID, Reporting-MTA)."""
-    return configured or socket.getfqdn() or "localhost"
 
 
 def _header_address(mailbox: Mailbox) -> Address:
