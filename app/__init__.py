@@ -192,14 +192,12 @@ def register_blueprints(app: Flask, api: Api) -> None:
 
 
 def register_services_cli(app: Flask) -> None:
-    """The commands of ``NO_HTTP_COMMANDS`` only: an application that serves no HTTP runs one of
-    them, and the operator's groups would import marshmallow, dnspython checks and more."""
-    from .delivery.cli import worker_cmd
-    from .smtpd.cli import smtpd_cmd
-    from .webhooks.cli import webhook_cli
+    """The service commands only (worker, smtpd, webhook), each imported when it is looked up
+    (app/commands.py): ``flask worker`` imports neither the listener nor the dispatcher, and the
+    operator's groups would import marshmallow, dnspython checks and more."""
+    from .commands import ServiceCommands
 
-    for group in (worker_cmd, smtpd_cmd, webhook_cli):
-        app.cli.add_command(group)
+    app.cli = ServiceCommands(name=app.cli.name)
 
 
 def register_cli(app: Flask) -> None:

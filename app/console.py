@@ -48,7 +48,19 @@ def load_app(argv: list[str] | None = None) -> Flask:
 
 
 class ElemtaGroup(FlaskGroup):
-    """FlaskGroup without Flask's development commands, its help grouped by purpose."""
+    """FlaskGroup without Flask's development commands, its help grouped by purpose.
+
+    ``services_only`` (``elemta worker``, ``elemta smtpd``, ``elemta webhook dispatch``): no
+    discovery of other packages' ``flask.commands`` plugins. None of them is a service, and
+    loading them (Flask-Limiter's ``limiter`` group: rich, attrs, ...) was a tenth of the
+    worker's start-up (docs/PERFORMANCE.md, "Worker start-up, second pass").
+    """
+
+    services_only = False
+
+    def _load_plugin_commands(self) -> None:
+        if not self.services_only:
+            super()._load_plugin_commands()
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         found = {name: self.get_command(ctx, name) for name in self.list_commands(ctx)}
@@ -93,6 +105,7 @@ def build(argv: list[str] | None = None) -> ElemtaGroup:
     # --app names another application, --debug the reloader, --env-file needs python-dotenv.
     group.params = [p for p in group.params if p.name not in ("app", "debug", "env_file")]
     group.add_command(api_cmd)
+    group.services_only = argv is not None and not serves_http(argv)
     click.version_option(__version__, prog_name="elemta")(group)
     return group
 
