@@ -287,7 +287,19 @@ class ElemtaSide:
         started = time.perf_counter()
         process = subprocess.Popen([FLASK, "worker", "--once"], cwd=self.source, env=self.env,
                                    stdout=subprocess.DEVNULL, stderr=errlog)
-        first, cpu_first = _wait_until(lambda: self.queued() < total, sample)
+        # Until the first delivery, or the worker's exit: a worker that exits (or dies) before
+        # delivering anything would otherwise be waited for until the timeout (half an hour).
+        first, cpu_first = _wait_until(
+            lambda: self.queued() < total or process.poll() is not None, sample)
+        if process.poll() is not None and self.queued() == total:
+            process.wait()
+            errlog.seek(0)
+            errors = errlog.read().decode(errors="replace")
+            errlog.close()
+            log(f"{self.name}: flask worker --once exited ({process.returncode}) before its "
+                f"first delivery, {total} still queued; not waiting any longer")
+            raise RuntimeError(f"{self.name}: the worker exited ({process.returncode}) before "
+                               f"delivering any of the {total} queued: {errors[-500:]}")
         db_first = dict(seen)
         last = [first]
 
