@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
+import time
 
 import bench
 from bench.common import report, save
@@ -36,13 +38,35 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown suite(s): {', '.join(sorted(unknown))}")
     failed = False
+    elapsed: dict[str, float] = {}
+    started = time.monotonic()
     for name in chosen:
         module = importlib.import_module(f"bench.suite_{name}")
+        start = time.monotonic()
         results = module.run(options)
+        elapsed[name] = time.monotonic() - start
         print(report(results, f"{name} ({options.scale})"), flush=True)
-        print(f"saved: {save(results, name)}\n", flush=True)
+        print(f"saved: {save(results, name)}", flush=True)
+        print(f"{name}: {duration(elapsed[name])}\n", flush=True)
         failed = failed or any(r.verdict == "FAIL" for r in results)
+    print(timings(elapsed, time.monotonic() - started), flush=True)
     return 1 if failed else 0
+
+
+def duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}:{rest:02d} ({seconds:.1f} s)"
+
+
+def timings(elapsed: dict[str, float], total: float) -> str:
+    """Each suite's wall-clock time, longest first, then the total and the load average (the
+    figures are only comparable between runs on an equally loaded machine)."""
+    lines = ["## time per suite", "", "| suite | elapsed |", "|---|---|"]
+    lines += [f"| {name} | {duration(seconds)} |"
+              for name, seconds in sorted(elapsed.items(), key=lambda item: -item[1])]
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    lines += [f"| **total** | **{duration(total)}** |", "", f"load average at the end: {load}"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
