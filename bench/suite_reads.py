@@ -3,7 +3,7 @@
 Data: ``flask demo seed`` machinery (``seed_history`` + ``seed_messages``) on PostgreSQL.
 ``--scale full``: 10 million history events over a year and 1 million queued messages (whose
 own receptions and outcomes add about 2 million recent events). ``--scale small``: 50 000 events
-and 25 000 messages, to check the machinery in seconds.
+and 15 000 messages, 30 calls a figure, to check the machinery in seconds.
 
 Every figure is the latency of a request through the Flask test client (the whole Flask stack,
 auth check, rate limiter, marshmallow dump, JSON; no HTTP socket, no gunicorn), p95 over
@@ -32,7 +32,7 @@ from flask import Flask
 
 from bench.common import Result, latency_results, time_calls
 
-SIZES = {"small": {"events": 50_000, "messages": 25_000, "repeat": 40, "raw_repeat": 5},
+SIZES = {"small": {"events": 50_000, "messages": 15_000, "repeat": 30, "raw_repeat": 5},
          "full": {"events": 10_000_000, "messages": 1_000_000, "repeat": 200, "raw_repeat": 5}}
 TARGETS = {"stats": 50.0, "queue_stats": 10.0, "queue_page": 25.0, "logs": 25.0,
            "domains": 50.0, "queue_shape": 50.0}
