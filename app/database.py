@@ -36,7 +36,7 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import flask_sqlalchemy.session
@@ -108,30 +108,81 @@ def reads_autocommit() -> bool:
     return has_request_context() and request.method in AUTOCOMMIT_METHODS
 
 
-@contextlib.contextmanager
-def read_connection(session: so.Session | so.scoped_session[Any]) -> Iterator[sa.Connection]:
-    """A connection for one Core read (plain columns, no ORM objects), returned at the end.
+class DriverRead:
+    """One fixed Core SELECT (no parameters) whose rows are read through the driver's cursor.
 
-    Given the scoped ``db.session`` in a GET/HEAD request that has not used its session yet, a
-    connection of the same pool on which that session would have read (autocommit on
-    PostgreSQL), without creating the ORM session for it: the session's creation, its
-    transaction bookkeeping and its close at teardown cost more CPU than the statement of
-    ``/api/queue/stats`` (docs/PERFORMANCE.md). The statement, the connection it runs on and
-    SQLAlchemy's error handling (translated errors, a lost connection invalidating the pool)
-    are the same. In every other case (a session already in use in this request, whose
-    uncommitted writes or transaction the read must see; outside requests; other methods) it
-    is the session's own connection, left open with the session.
+    Given the scoped ``db.session`` in a GET/HEAD request that has not used its session yet,
+    the statement (compiled once per dialect) runs on a raw DBAPI connection of the engine's
+    pool, in autocommit on PostgreSQL as that session's would be (psycopg's flag is set and
+    restored directly, no SQLAlchemy isolation switch), without the ORM session, the Core
+    ``Connection``, its execution context and result machinery: for ``/api/queue/stats`` those
+    cost more CPU than the statement (docs/PERFORMANCE.md). A driver error takes SQLAlchemy's
+    own path: translated by ``Connection._handle_dbapi_exception_noconnection`` into the same
+    ``sqlalchemy.exc`` class (so the API still answers the contract's 503), and a lost
+    connection invalidates the pool as a ``Connection`` would (``Pool._invalidate``). In every
+    other case (a session in use, whose transaction and writes the read must see; outside
+    requests; other methods) the statement runs on the session's connection, as before.
     """
-    if isinstance(session, so.scoped_session):
-        if not session.registry.has() and reads_autocommit():
-            engine: sa.Engine = current_app.extensions["sqlalchemy"].engine
-            if engine.dialect.name == "postgresql":
-                engine = autocommit_engine(engine)
-            with engine.connect() as connection:
-                yield connection
-            return
-        session = session()
-    yield session.connection()
+
+    def __init__(self, statement: sa.Select[Any]) -> None:
+        self.statement = statement
+        self._sql: dict[str, str] = {}
+
+    def rows(self, session: so.Session | so.scoped_session[Any]) -> Sequence[Sequence[Any]]:
+        if isinstance(session, so.scoped_session):
+            if not session.registry.has() and reads_autocommit():
+                return self.on_driver(current_app.extensions["sqlalchemy"].engine)
+            session = session()
+        return session.connection().execute(self.statement).all()
+
+    def sql(self, dialect: sa.Dialect) -> str:
+        found = self._sql.get(dialect.name)
+        if found is None:
+            compiled = self.statement.compile(dialect=dialect)
+            if compiled.params:
+                raise ValueError("DriverRead runs statements without parameters only")
+            found = self._sql[dialect.name] = str(compiled)
+        return found
+
+    def on_driver(self, engine: sa.Engine) -> Sequence[Sequence[Any]]:
+        dialect = engine.dialect
+        dbapi_error = dialect.loaded_dbapi.Error
+        sql = self.sql(dialect)
+        try:
+            fairy = engine.raw_connection()
+        except dbapi_error as exc:  # as Connection() does for a failed checkout
+            sa.Connection._handle_dbapi_exception_noconnection(exc, dialect, engine)
+        postgresql = dialect.name == "postgresql"
+        connection: Any = fairy.dbapi_connection  # a checked-out fairy always has one
+        try:
+            if postgresql:
+                connection.autocommit = True
+            cursor = connection.cursor()
+            try:
+                cursor.execute(sql)
+                rows: Sequence[Sequence[Any]] = cursor.fetchall()
+            finally:
+                cursor.close()
+            if postgresql:
+                connection.autocommit = False
+        except dbapi_error as exc:
+            lost = dialect.is_disconnect(exc, connection, None)
+            if lost:  # every pooled connection of this generation is replaced, as SQLAlchemy does
+                engine.pool._invalidate(fairy, exc)
+            elif postgresql:
+                try:
+                    connection.autocommit = False
+                except Exception:
+                    fairy.invalidate(exc)
+            fairy.close()
+            sa.Connection._handle_dbapi_exception_noconnection(
+                exc, dialect, engine, is_disconnect=lost)
+        except BaseException:
+            fairy.invalidate()
+            fairy.close()
+            raise
+        fairy.close()
+        return rows
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from flask.testing import FlaskClient
 
-from app.database import Session, read_connection, writable
+from app.database import DriverRead, Session, _check_idle_connection, writable
 from app.extensions import db
 from app.models import QueueCountDelta
 from app.queue import counters
@@ -108,35 +108,64 @@ def test_a_get_request_reads_the_counts_without_creating_a_session(
     assert len(made) == 1
 
 
-def test_read_connection_is_the_sessions_wherever_a_session_could_matter(
-        app, database_url) -> None:
+def test_a_driver_read_uses_the_pool_or_the_session_wherever_a_session_could_matter(
+        app, database_url, monkeypatch) -> None:
     postgresql = database_url.startswith("postgresql")
-    with app.test_request_context("/api/queue/stats", method="GET"):
-        with read_connection(db.session) as connection:
-            assert not db.session.registry.has()
-            if postgresql:
-                assert connection.connection.dbapi_connection.autocommit is True
-            assert connection.scalar(sa.text("SELECT 1")) == 1
-        assert connection.closed  # back to the pool
-        # A session already in use in this request: its connection (its transaction, its
-        # uncommitted writes), left open with it.
-        mine = db.session().connection()
-        with read_connection(db.session) as connection:
-            assert connection is mine
-        assert not mine.closed
-        db.session.remove()
-    # Not a GET request, or no request at all: the session's own connection.
-    with app.test_request_context("/api/queue/message/x/hold", method="POST"):
-        with read_connection(db.session) as connection:
-            assert db.session.registry.has()
-            assert connection is db.session().connection()
-        db.session.remove()
     with app.app_context():
-        with read_connection(db.session) as connection:
-            assert connection is db.session().connection()
-            if postgresql:
-                assert connection.connection.dbapi_connection.autocommit is False
+        engine = db.engine
+    seen, modes = [], []
+    read = DriverRead(sa.select(sa.literal_column("1")))
+    checkout = engine.raw_connection
+
+    def spy():
+        fairy = checkout()
+        seen.append(fairy)
+        if postgresql and len(seen) == 1:
+            dbapi = fairy.dbapi_connection
+            execute = dbapi.cursor
+
+            def cursor():  # autocommit while the statement runs, as the session's would be
+                modes.append(dbapi.autocommit)
+                return execute()
+
+            monkeypatch.setattr(dbapi, "cursor", cursor)
+        return fairy
+
+    monkeypatch.setattr(engine, "raw_connection", spy)
+    with app.test_request_context("/api/queue/stats", method="GET"):
+        assert [tuple(row) for row in read.rows(db.session)] == [(1,)]
+        assert not db.session.registry.has()
+        [fairy] = seen
+        assert fairy.dbapi_connection is None  # back to the pool
+        assert modes == ([True] if postgresql else [])
+        # A session already in use in this request: its connection (its transaction, its
+        # uncommitted writes).
+        mine = db.session().connection()
+        checked_out = len(seen)
+        assert [tuple(row) for row in read.rows(db.session)] == [(1,)]
+        assert len(seen) == checked_out and not mine.closed
         db.session.remove()
+    monkeypatch.undo()
+    if postgresql:  # the pooled connection went back with its transactions
+        with engine.connect() as connection:
+            assert connection.connection.dbapi_connection.autocommit is False
+    # Not a GET request, or no request at all: the session's own connection.
+    for context in (app.test_request_context("/api/queue/message/x/hold", method="POST"),
+                    app.app_context()):
+        with context:
+            assert [tuple(row) for row in read.rows(db.session)] == [(1,)]
+            assert db.session.registry.has()
+            db.session.remove()
+    with pytest.raises(ValueError):
+        DriverRead(sa.select(sa.literal(1))).sql(engine.dialect)
+
+
+def test_a_driver_read_of_a_missing_table_is_the_contracts_503(make_app, tmp_path) -> None:
+    """Not migrated: the driver's error reaches the handler as SQLAlchemy's, 503."""
+    app = make_app(database_url=f"sqlite:///{tmp_path / 'empty.db'}")
+    response = FlaskClient(app, app.response_class).get("/api/queue/stats")
+    assert response.status_code == 503
+    assert response.get_json()["code"] == "SERVICE_UNAVAILABLE"
 
 
 @pytest.fixture
@@ -185,3 +214,48 @@ def test_the_first_requests_after_the_server_dropped_every_connection_succeed(
     response = anonymous.get("/api/health")
     assert response.status_code == 200
     assert response.get_json()["database"]["status"] == "ok"
+
+
+def test_a_driver_read_on_a_dead_connection_is_503_and_invalidates_the_pool(
+        make_app, own_postgresql_database) -> None:
+    """The statement itself meets the dead connection (the checkout's check put aside): the
+    driver's error is translated as SQLAlchemy translates it, the answer is the contract's
+    503, and the pool is invalidated, so the next request reads on a fresh connection."""
+    url, admin, name = own_postgresql_database
+    app = make_app(database_url=url)
+    anonymous = FlaskClient(app, app.response_class)  # no key: no session, the driver read
+    assert anonymous.get("/api/queue/stats").status_code == 200
+    with app.app_context():
+        pool = db.engine.pool
+    before = pool._invalidate_time
+    _terminate_backends(admin, name)
+    sa.event.remove(sa.pool.Pool, "checkout", _check_idle_connection)
+    try:
+        response = anonymous.get("/api/queue/stats")
+    finally:
+        sa.event.listen(sa.pool.Pool, "checkout", _check_idle_connection)
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["code"] == "SERVICE_UNAVAILABLE"
+    assert pool._invalidate_time > before
+    response = anonymous.get("/api/queue/stats")
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["total"] == 0
+
+
+def test_a_driver_read_error_is_sqlalchemys_with_the_connection_invalidated(
+        make_app, own_postgresql_database) -> None:
+    url, admin, name = own_postgresql_database
+    app = make_app(database_url=url)
+    read = DriverRead(sa.select(sa.literal_column("1")))
+    with app.test_request_context("/api/queue/stats", method="GET"):
+        assert [tuple(row) for row in read.rows(db.session)] == [(1,)]
+        _terminate_backends(admin, name)
+        sa.event.remove(sa.pool.Pool, "checkout", _check_idle_connection)
+        try:
+            with pytest.raises(sa.exc.OperationalError) as raised:
+                read.rows(db.session)
+        finally:
+            sa.event.listen(sa.pool.Pool, "checkout", _check_idle_connection)
+        assert raised.value.connection_invalidated is True
+        assert isinstance(raised.value.orig, psycopg.OperationalError)
+        assert [tuple(row) for row in read.rows(db.session)] == [(1,)]

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from ..database import read_connection, writable
+from ..database import DriverRead, writable
 from ..models import QUEUE_STATES, QueueCount, QueueCountDelta
 
 FOLD_THRESHOLD = 5000
@@ -30,6 +30,7 @@ _BOTH = sa.union_all(
 ).subquery()
 _COUNTS = sa.select(_BOTH.c.state, sa.func.sum(_BOTH.c.n), sa.func.sum(_BOTH.c.d)).group_by(
     _BOTH.c.state)
+_COUNTS_READ = DriverRead(_COUNTS)
 
 
 def counts_and_deltas(
@@ -37,12 +38,10 @@ def counts_and_deltas(
     """The counts (see ``queue_counts``) and the number of unfolded delta rows, one statement."""
     counts = dict.fromkeys(QUEUE_STATES, 0)
     deltas = 0
-    # Core execution: the ORM layer adds nothing to a select of plain columns but its
-    # per-call bookkeeping. On the session's connection (same transaction), or, given the
-    # scoped db.session of a GET request that has no session yet, on a connection of its own
-    # without making one (app/database.py, read_connection).
-    with read_connection(session) as connection:
-        rows = connection.execute(_COUNTS).all()
+    # Given the scoped db.session of a GET request that has no session yet, on the driver's
+    # cursor without making one; else Core execution on the session's connection (same
+    # transaction). app/database.py, DriverRead.
+    rows = _COUNTS_READ.rows(session)
     for state, n, d in rows:
         deltas += int(d or 0)
         if state in counts:

@@ -77,7 +77,7 @@ class Page:
 
 def queue_stats(session: so.Session | so.scoped_session[Any]) -> dict[str, int]:
     """The counts per state (``counters.counts_folding``); given the scoped ``db.session``, a
-    GET request reads them without creating its ORM session (``database.read_connection``)."""
+    GET request reads them without creating its ORM session (``database.DriverRead``)."""
     return counters.counts_folding(session)
 
 

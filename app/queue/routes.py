@@ -72,7 +72,7 @@ class QueueStats(MethodView):
     @blp.response(200, QueueStatsSchema)
     def get(self) -> dict[str, int]:
         """Number of messages in each queue state"""
-        # The scoped session itself: the read needs no ORM session (database.read_connection).
+        # The scoped session itself: the read needs no ORM session (database.DriverRead).
         return service.queue_stats(db.session)
 
 
