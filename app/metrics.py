@@ -261,8 +261,9 @@ def render_metrics(app: Flask) -> bytes:
 
 def _start_timer() -> None:
     # A WebSocket "request" lasts as long as the stream: not a request duration.
-    if request.headers.get("Upgrade", "").lower() != "websocket":
-        g.metrics_started = time.perf_counter()
+    environ = request._get_current_object().environ  # type: ignore[attr-defined]
+    if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+        g._get_current_object().metrics_started = time.perf_counter()
 
 
 # The labelled histograms already used, by (endpoint, method, status): labels() checks and
@@ -272,15 +273,18 @@ _request_series: dict[tuple[str, str, int], Histogram] = {}
 
 
 def _observe_request(response: Response) -> Response:
-    started = g.pop("metrics_started", None)
+    started = g._get_current_object().__dict__.pop(
+        "metrics_started", None)
     if started is not None:
+        req = request._get_current_object()  # type: ignore[attr-defined]
         # The URL rule, not the path: one series per endpoint, whatever the ids in the URLs.
-        endpoint = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-        key = (endpoint, request.method, response.status_code)
+        rule = req.url_rule
+        endpoint = rule.rule if rule is not None else "<unmatched>"
+        key = (endpoint, req.method, response.status_code)
         series = _request_series.get(key)
         if series is None:
             series = _request_series.setdefault(
-                key, _histograms()[0].labels(endpoint, request.method, str(key[2])))
+                key, _histograms()[0].labels(endpoint, req.method, str(key[2])))
         series.observe(time.perf_counter() - started)
     return response
 

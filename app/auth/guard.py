@@ -64,14 +64,16 @@ def is_websocket_path(path: str) -> bool:
 
 def presented_key() -> str | None:
     """The key the client sent: Authorization: Bearer, X-API-Key, or ?api_key= on WebSockets."""
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    environ = req.environ
+    scheme, _, value = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    header = request.headers.get("X-API-Key", "").strip()
+    header = environ.get("HTTP_X_API_KEY", "").strip()
     if header:
         return header
-    if is_websocket_path(request.path):
-        return request.args.get("api_key", "").strip() or None
+    if is_websocket_path(req.path):
+        return req.args.get("api_key", "").strip() or None
     return None
 
 
@@ -82,12 +84,13 @@ def authenticate() -> Principal | None:
     as anonymous, and ``check_request`` answers 503 only if the request needs a key (an open
     read such as /metrics keeps working through a database outage).
     """
-    if "auth_principal" in g:
-        return g.auth_principal
+    state = g._get_current_object()
+    if "auth_principal" in state.__dict__:
+        return state.auth_principal
     principal = None
     plain = presented_key()
-    g.auth_key_presented = plain is not None
-    g.auth_unverified = None
+    state.auth_key_presented = plain is not None
+    state.auth_unverified = None
     if plain is not None and current_app.config["AUTH_MODE"] != "off":
         try:
             key = verify_key(db.session(), plain)
@@ -95,12 +98,12 @@ def authenticate() -> Principal | None:
             if not is_database_unavailable(exc):
                 raise
             db.session.rollback()
-            g.auth_unverified = exc
+            state.auth_unverified = exc
             key = None
         if key is not None:
             principal = Principal(key.id, key.name, key.role, key.key_hash, key.expires_at)
-            g.actor = key.name
-    g.auth_principal = principal
+            state.actor = key.name
+    state.auth_principal = principal
     return principal
 
 
@@ -115,36 +118,42 @@ def client_identity() -> str:
 def required_role() -> str | None:
     """The role this request needs: "admin", "send", "read", "key" (any valid key) or None
     (open)."""
-    if request.endpoint in ANY_CALLER_ENDPOINTS:
-        return "key" if current_app.config["AUTH_MODE"] == "all" else None
-    if request.blueprint in ADMIN_ONLY_BLUEPRINTS:
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    mode = current_app.config["AUTH_MODE"]
+    endpoint = req.endpoint
+    if endpoint in ANY_CALLER_ENDPOINTS:
+        return "key" if mode == "all" else None
+    if req.blueprint in ADMIN_ONLY_BLUEPRINTS:
         return "admin"
-    if request.endpoint in SENDING_ENDPOINTS and request.method == "POST":
+    if endpoint in SENDING_ENDPOINTS and req.method == "POST":
         return "send"
-    if request.method not in READ_METHODS:
+    if req.method not in READ_METHODS:
         return "admin"
-    if current_app.config["AUTH_MODE"] == "all":
+    if mode == "all":
         return "read"
     return None
 
 
 def check_request() -> None:
     """before_request: 401 without a valid key where one is needed, 403 for a too-weak role."""
-    if current_app.config["AUTH_MODE"] == "off":
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    if app.config["AUTH_MODE"] == "off":
         return
+    req = request._get_current_object()  # type: ignore[attr-defined]
     # Preflights carry no credentials by design; unknown routes and wrong methods get their
     # 404/405 (the routes are public in the OpenAPI document anyway).
-    if request.method == "OPTIONS" or request.routing_exception is not None:
+    if req.method == "OPTIONS" or req.routing_exception is not None:
         return
-    if request.path in OPEN_PATHS or request.blueprint in OPEN_BLUEPRINTS:
+    if req.path in OPEN_PATHS or req.blueprint in OPEN_BLUEPRINTS:
         return
     principal = authenticate()
     needed = required_role()
-    if g.auth_unverified is not None:
+    state = g._get_current_object()
+    if state.auth_unverified is not None:
         if needed is None:
             return
-        raise g.auth_unverified  # the error handler answers 503 SERVICE_UNAVAILABLE
-    if g.auth_key_presented and principal is None:
+        raise state.auth_unverified  # the error handler answers 503 SERVICE_UNAVAILABLE
+    if state.auth_key_presented and principal is None:
         raise ApiError(401, "UNAUTHORIZED", "Invalid, revoked or expired API key",
                        headers=UNAUTHORIZED_HEADERS)
     if needed is None:
@@ -162,14 +171,19 @@ def check_request() -> None:
                        "POST /api/send-test); reading needs a read or admin key")
 
 
+_CALLER_NAMES = ("auth_principal", "auth_key_presented", "auth_unverified", "actor")
+
+
 def forget_caller() -> None:
     """before_request, first of ours: nothing of a previous request's caller may survive.
 
     ``g`` belongs to the app context, which a request shares with an enclosing one (tests,
     scripts): without this, one request's key (and actor name) would leak into the next.
     """
-    for name in ("auth_principal", "auth_key_presented", "auth_unverified", "actor"):
-        g.pop(name, None)
+    names = g._get_current_object().__dict__
+    for name in _CALLER_NAMES:
+        if name in names:
+            del names[name]
 
 
 def init_auth(app: Flask) -> None:
