@@ -26,8 +26,10 @@ import logging
 import math
 import re
 import time
+from dataclasses import dataclass
+from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 from flask_limiter import Limit, Limiter, RateLimitExceeded, RequestLimit
 from flask_limiter._limits import RuntimeLimit
 from flask_limiter.constants import ConfigVars
@@ -44,6 +46,8 @@ EXEMPT_PATHS = frozenset({"/api/health", "/livez", "/readyz", "/metrics"})
 # The dashboard's shell and static assets (a page load fetches a dozen files; its API calls
 # are counted like any other client's).
 EXEMPT_BLUEPRINTS = frozenset({"ui"})
+# Storage keys remembered by (limit, prefix, client, scope); cleared when full.
+KEY_CACHE_SIZE = 4096
 STRICT_PATH = re.compile(
     r"^/api/(?:send-test|dkim/keys|queue/(?!message/)[^/]+/(?:flush|retry|hold|release))/?$")
 
@@ -82,8 +86,9 @@ def storage_uri_of(configured: str) -> str:
 
 def is_exempt() -> bool:
     # Preflights do nothing and browsers send one per distinct request: do not count them.
-    return (request.path in EXEMPT_PATHS or request.method == "OPTIONS"
-            or request.blueprint in EXEMPT_BLUEPRINTS)
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    return (req.path in EXEMPT_PATHS or req.method == "OPTIONS"
+            or req.blueprint in EXEMPT_BLUEPRINTS)
 
 
 def request_identity() -> str:
@@ -96,7 +101,28 @@ def request_identity() -> str:
 
 
 def is_strict() -> bool:
-    return request.method == "POST" and bool(STRICT_PATH.match(request.path))
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    return req.method == "POST" and bool(STRICT_PATH.match(req.path))
+
+
+# Where the lean path keeps this request's decision: the WSGI environ, which lives exactly as
+# long as the request and is reached without Flask-Limiter's per-request context.
+DECISION = "elemta.ratelimit"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the lean check decided for this request: the budget's limit that answers for it
+    (the breached one, else the smallest window), its storage key and arguments, what remains
+    after this request's hit (None when the strategy gave no count), and whether it was the
+    breach; every limit checked, in order, for ``current_limits``."""
+
+    limit: RateLimitItem
+    key: str
+    args: list[str]
+    remaining: int | None
+    breached: bool
+    checked: tuple[tuple[RateLimitItem, str, bool], ...]
 
 
 # Flask-Limiter settings (read from app.config, so reachable as ELEMTA_RATELIMIT_...) that add
@@ -131,6 +157,7 @@ class BudgetLimiter(Limiter):
         super().__init__(*args, key_prefix=key_prefix, **kwargs)  # type: ignore[arg-type]
         self.prefix = key_prefix
         self.budgets: dict[str, list[RuntimeLimit]] = {}
+        self.keys: dict[tuple[Any, ...], str] = {}
         self.lean = True
 
     def init_app(self, app: Flask) -> None:
@@ -145,6 +172,7 @@ class BudgetLimiter(Limiter):
             self.budgets.setdefault(str(lim.scope), []).append(lim)
         for limits in self.budgets.values():
             limits.sort(key=lambda lim: lim.limit)
+        self.skip_when_lean(app)
 
     # The decorators only note that the generic path is needed, then pass everything through:
     # Flask-Limiter's overloaded signatures cannot be forwarded through *args/**kwargs.
@@ -160,21 +188,29 @@ class BudgetLimiter(Limiter):
         self.lean = False
         return super().exempt(*args, **kwargs)  # type: ignore[call-overload]
 
-    def _hit(self, item: RateLimitItem, args: list[str], key: str | None = None) -> bool:
-        """One hit on ``item``; with a fixed window, also what remains after this very hit.
+    def _hit(self, item: RateLimitItem, args: list[str], key: str) -> tuple[bool, int | None]:
+        """One hit on ``item``: (within the limit, what remains after this very hit or None).
 
-        The counter's increment is atomic and answers with the new count, so each of several
-        concurrent requests learns its own position. Reading the window again afterwards (as
-        ``RequestLimit.window`` does) gives concurrent requests the same later count, and
-        X-RateLimit-Remaining repeated values. The other strategies have no such answer.
+        With a fixed window the counter's increment is atomic and answers with the new count,
+        so each of several concurrent requests learns its own position. Reading the window
+        again afterwards (as ``RequestLimit.window`` does) gives concurrent requests the same
+        later count, and X-RateLimit-Remaining repeated values. The other strategies have no
+        such answer.
         """
         if not isinstance(self.limiter, FixedWindowRateLimiter):
-            return self.limiter.hit(item, *args, cost=1)
-        key = key or item.key_for(*args)
+            return self.limiter.hit(item, *args, cost=1), None
         count = self.limiter.storage.incr(key, item.get_expiry(), amount=1)
-        remaining = g.setdefault("ratelimit_remaining", {})
-        remaining[key] = max(0, item.amount - count)
-        return count <= item.amount
+        return count <= item.amount, max(0, item.amount - count)
+
+    def _key(self, item: RateLimitItem, args: list[str]) -> str:
+        """``item.key_for(*args)``, remembered: a client sends many requests."""
+        cache_key = (item, *args)
+        found = self.keys.get(cache_key)
+        if found is None:
+            if len(self.keys) >= KEY_CACHE_SIZE:
+                self.keys.clear()
+            found = self.keys[cache_key] = item.key_for(*args)
+        return found
 
     def _check_request_limit(self, callable_name: str | None = None,
                              in_middleware: bool = True) -> None:
@@ -186,7 +222,8 @@ class BudgetLimiter(Limiter):
         # Flask-Limiter's exemptions (static files, the filter), but not its exemption of
         # requests without an endpoint: every request counts (docs/SECURITY.md), and a client
         # over its budget must not go on probing unknown routes or wrong methods.
-        endpoint = request.endpoint
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        endpoint = req.endpoint
         if (endpoint and endpoint.rpartition(".")[2] == "static") or is_exempt():
             return
         scope = "strict" if is_strict() else "default"
@@ -196,26 +233,73 @@ class BudgetLimiter(Limiter):
                 log.error("Skipping rate limits: no client identity")
                 return
             args = [self.prefix, client, scope] if self.prefix else [client, scope]
-            checked: list[RequestLimit] = []
-            breached: RuntimeLimit | None = None
+            checked: list[tuple[RateLimitItem, str, bool]] = []
+            decision: Decision | None = None
             for lim in self.budgets[scope]:
-                checked.append(RequestLimit(self, lim.limit, args, False, True))
-                if not self._hit(lim.limit, args, checked[-1].key):
-                    log.info("ratelimit %s (%s) exceeded at endpoint: %s", lim.limit, client,
+                item = lim.limit
+                key = self._key(item, args)
+                within, remaining = self._hit(item, args, key)
+                checked.append((item, key, not within))
+                if decision is None or not within:  # the first, or the breach
+                    decision = Decision(item, key, args, remaining, not within, ())
+                if not within:
+                    log.info("ratelimit %s (%s) exceeded at endpoint: %s", item, client,
                              scope)
-                    checked[-1].breached = True
-                    breached = lim
                     break
-            context = self.context
-            context.view_rate_limit = checked[-1] if breached else checked[0]
-            context.view_rate_limits = checked
+            if decision is None:
+                return
+            decision = Decision(decision.limit, decision.key, args, decision.remaining,
+                                decision.breached, tuple(checked))
+            req.environ[DECISION] = decision
         except Exception:
             if not self._swallow_errors:
                 raise
             log.exception("Failed to rate limit. Swallowing error")
             return
-        if breached is not None:
-            raise RateLimitExceeded(breached)
+        if decision.breached:
+            raise RateLimitExceeded(
+                next(lim for lim in self.budgets[scope] if lim.limit is decision.limit))
+
+    def decision(self) -> Decision | None:
+        """The lean check's decision for this request (None: not counted, or the generic
+        path decided)."""
+        found: Decision | None = request.environ.get(DECISION)
+        return found
+
+    @property
+    def current_limit(self) -> RequestLimit | None:
+        decision = self.decision()
+        if decision is None:
+            return super().current_limit
+        return RequestLimit(self, decision.limit, decision.args, decision.breached, True)
+
+    @property
+    def current_limits(self) -> list[RequestLimit]:
+        decision = self.decision()
+        if decision is None:
+            return super().current_limits
+        return [RequestLimit(self, item, decision.args, breached, True)
+                for item, _key, breached in decision.checked]
+
+    def skip_when_lean(self, app: Flask) -> None:
+        """Flask-Limiter's own after-request (conditional deductions, its headers) and teardown
+        (its per-request context) hooks do nothing for a request the lean path decided: they
+        are skipped then, instead of making that context for them."""
+        def guarded(hook: Any) -> Any:
+            def run(*args: Any) -> Any:
+                if self.lean and DECISION in request.environ:
+                    return args[0] if args else None
+                return hook(*args)
+            return run
+
+        ours = (Limiter._Limiter__inject_headers,  # type: ignore[attr-defined]
+                Limiter._Limiter__release_context)  # type: ignore[attr-defined]
+        for funcs in (app.after_request_funcs.get(None, []),
+                      app.teardown_request_funcs.get(None, [])):
+            for index, hook in enumerate(funcs):
+                target = getattr(hook, "func", None) or getattr(hook, "__func__", None)
+                if target in ours:
+                    funcs[index] = guarded(hook)
 
 
 def limiter_of(app: Flask) -> Limiter:
@@ -253,25 +337,31 @@ def init_ratelimit(app: Flask) -> Limiter:
 
     @app.after_request
     def _rate_limit_headers(response: Response) -> Response:
-        current = limiter.current_limit
-        if current is None:
-            return response
+        decision = request.environ.get(DECISION)
         try:
-            # This request's own count where the hit gave one (BudgetLimiter._hit): then only
-            # the window's end is read (what ``current.window`` reads with it), one storage
-            # call instead of two.
-            key = current.key
-            remaining = g.get("ratelimit_remaining", {}).get(key)
-            if remaining is None:
-                reset_time, remaining = current.window
+            if decision is not None:
+                # The lean check's own count: only the window's end is read (what
+                # ``RequestLimit.window`` reads with it), one storage call instead of two.
+                amount = decision.limit.amount
+                remaining = decision.remaining
+                if remaining is None:
+                    reset_time, remaining = limiter.limiter.get_window_stats(
+                        decision.limit, *decision.args)
+                else:
+                    reset_time = limiter.limiter.storage.get_expiry(decision.key)
             else:
-                reset_time = limiter.limiter.storage.get_expiry(key)
-            response.headers["X-RateLimit-Limit"] = str(current.limit.amount)
-            response.headers["X-RateLimit-Remaining"] = str(max(0, remaining))
+                current = limiter.current_limit
+                if current is None:
+                    return response
+                amount = current.limit.amount
+                reset_time, remaining = current.window
+            headers = response.headers
+            headers["X-RateLimit-Limit"] = str(amount)
+            headers["X-RateLimit-Remaining"] = str(max(0, remaining))
             # Epoch seconds at which the window ends; Retry-After: whole seconds until then.
-            response.headers["X-RateLimit-Reset"] = str(math.ceil(reset_time))
+            headers["X-RateLimit-Reset"] = str(math.ceil(reset_time))
             if response.status_code == 429:
-                response.headers["Retry-After"] = str(max(1, math.ceil(reset_time - time.time())))
+                headers["Retry-After"] = str(max(1, math.ceil(reset_time - time.time())))
         except Exception:  # the storage went away between the check and here
             log.warning("rate limit headers unavailable: storage error", exc_info=True)
         return response

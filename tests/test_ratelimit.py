@@ -266,6 +266,42 @@ def test_the_lean_check_counts_exactly_as_flask_limiter(make_app):
     assert 429 in statuses and 200 in statuses and 404 in statuses
 
 
+def test_the_lean_check_keeps_its_decision_in_the_environ_not_flask_limiters_context(
+        make_app):
+    """The decision is made once and kept for the request in the WSGI environ: the headers
+    come from it, Flask-Limiter's per-request context is never made, and ``current_limit`` /
+    ``current_limits`` still answer as Flask-Limiter's would."""
+    from app.ratelimit import DECISION
+
+    app = make_app(ratelimit_default="6 per hour;4 per minute")
+    limiter = limiter_of(app)
+    seen = []
+
+    @app.after_request
+    def look(response):
+        from flask import request
+
+        current = limiter.current_limit
+        seen.append((request.environ.get(DECISION), str(current.limit), current.key,
+                     [str(lim.limit) for lim in limiter.current_limits]))
+        return response
+
+    for _ in range(2):
+        response = anonymous(app).get("/api/queue/stats")
+        assert response.status_code == 200
+    assert response.headers["X-RateLimit-Limit"] == "4"
+    assert response.headers["X-RateLimit-Remaining"] == "2"
+    decision, limit, key, limits = seen[-1]
+    assert decision is not None and decision.remaining == 2 and not decision.breached
+    assert limit == "4 per 1 minute" and key == decision.key
+    assert limits == ["4 per 1 minute", "6 per 1 hour"]
+    with app.test_request_context("/api/queue/stats",
+                                  environ_base={"REMOTE_ADDR": "127.0.0.1"}) as context:
+        assert app.preprocess_request() is None
+        assert context.request.environ[DECISION].remaining == 1
+        assert not hasattr(context, "_limiter_request_context")
+
+
 def test_unknown_routes_and_wrong_methods_count_too(make_app):
     """docs/SECURITY.md: every request counts; a limited client gets 429, not 404s."""
     client = anonymous(make_app(ratelimit_default="3 per minute"))
