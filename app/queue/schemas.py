@@ -10,7 +10,7 @@ from ..dkim.signing import signatures_of
 from ..export import EXPORT_FORMATS, FORMAT_DESCRIPTION
 from ..logs.schemas import MessageEventSchema
 from ..models import SHAPE_KINDS
-from ..schemas import Limit, Timestamp
+from ..schemas import IntegerCountsSchema, Limit, Timestamp
 from ..timeutil import isoformat_z
 from .content import headers_of, text_of
 from .shape import BUCKETS, SHAPE_QUEUES
@@ -48,7 +48,7 @@ class DetailQuerySchema(ma.Schema):
     format = ma.fields.String(validate=ma.validate.OneOf(["json", "raw"]), load_default="json")
 
 
-class QueueStatsSchema(ma.Schema):
+class QueueStatsSchema(IntegerCountsSchema):
     pending = ma.fields.Integer(required=True)
     deferred = ma.fields.Integer(required=True)
     held = ma.fields.Integer(required=True)
