@@ -67,7 +67,14 @@ def autocommit_engine(engine: sa.Engine) -> sa.Engine:
 
 
 class Session(flask_sqlalchemy.session.Session):
-    """``db.session``: autocommit reads for GET/HEAD requests on PostgreSQL (module docstring)."""
+    """``db.session``: autocommit reads for GET/HEAD requests on PostgreSQL (module docstring).
+
+    The session reads on the engine's own connections: when its transaction begins on one
+    (``after_begin``, before any statement) psycopg's autocommit flag is set directly, and the
+    pool clears it when the connection comes back (``_clear_autocommit``). The same as an
+    AUTOCOMMIT engine (``autocommit_engine``) without SQLAlchemy's isolation-level switch and
+    reset on every checkout and checkin (docs/PERFORMANCE.md).
+    """
 
     def __init__(self, db: Any, **kwargs: Any) -> None:
         super().__init__(db, **kwargs)
@@ -76,14 +83,24 @@ class Session(flask_sqlalchemy.session.Session):
     def transactional_bind(self, **kwargs: Any) -> sa.Engine | sa.Connection:
         return super().get_bind(**kwargs)
 
-    def get_bind(self, mapper: Any | None = None, clause: Any | None = None,
-                 bind: sa.Engine | sa.Connection | None = None,
-                 **kwargs: Any) -> sa.Engine | sa.Connection:
-        engine = super().get_bind(mapper, clause, bind, **kwargs)
-        if (self.autocommit_reads and bind is None and isinstance(engine, sa.Engine)
-                and engine.dialect.name == "postgresql"):
-            return autocommit_engine(engine)
-        return engine
+
+@sa.event.listens_for(Session, "after_begin")
+def _autocommit_read(session: Session, _transaction: Any, connection: sa.Connection) -> None:
+    if session.autocommit_reads and connection.dialect.name == "postgresql":
+        dbapi_connection: Any = connection.connection.dbapi_connection
+        if not dbapi_connection.autocommit:
+            dbapi_connection.autocommit = True
+
+
+@sa.event.listens_for(sa.pool.Pool, "checkin")
+def _clear_autocommit(dbapi_connection: Any, record: Any) -> None:
+    """A connection goes back to the pool with its transactions, whoever set autocommit."""
+    if (getattr(dbapi_connection, "pgconn", None) is not None  # psycopg, not SQLite's own flag
+            and dbapi_connection.autocommit):
+        try:
+            dbapi_connection.autocommit = False
+        except Exception as exc:  # a broken connection: replaced at its next checkout
+            record.invalidate(exc)
 
 
 @contextlib.contextmanager

@@ -259,3 +259,25 @@ def test_a_driver_read_error_is_sqlalchemys_with_the_connection_invalidated(
         assert raised.value.connection_invalidated is True
         assert isinstance(raised.value.orig, psycopg.OperationalError)
         assert [tuple(row) for row in read.rows(db.session)] == [(1,)]
+
+
+def test_a_get_requests_session_sets_autocommit_itself_and_the_pool_clears_it(
+        app, database_url, monkeypatch) -> None:
+    """No SQLAlchemy isolation-level switch at checkout and reset at checkin: psycopg's flag
+    is set when the session's transaction begins, and cleared when the connection is back."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("psycopg's autocommit")
+    with app.app_context():
+        dialect = db.engine.dialect
+    switches = []
+    for name in ("set_isolation_level", "reset_isolation_level"):
+        monkeypatch.setattr(dialect, name, lambda *args, name=name: switches.append(name))
+    with app.test_request_context("/api/queue/stats", method="GET"):
+        connection = _dbapi_connection()
+        assert connection.autocommit is True
+        db.session.remove()
+    assert connection.autocommit is False  # back in the pool, with its transactions
+    with app.test_request_context("/api/queue/message/x/hold", method="POST"):
+        assert _dbapi_connection() is connection and connection.autocommit is False
+        db.session.remove()
+    assert switches == []
