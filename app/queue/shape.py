@@ -145,7 +145,7 @@ def row_contribution(state: str, sender: str, created_at: dt.datetime,
 def note(session: so.Session, before: Counter[Key] | None, after: Counter[Key] | None) -> None:
     """Add the change from ``before`` to ``after`` (``contribution``s) to the transaction;
     no commit. The changes add up in memory per key and are written when the session
-    commits (``_write_noted``): one multi-row INSERT per transaction, however many messages
+    commits (``write_noted``): one multi-row INSERT per transaction, however many messages
     it holds (a listener's group commit, a batch of delivery outcomes)."""
     noted = _noted(session)
     noted.update(after or {})
@@ -168,8 +168,14 @@ def _noted(session: so.Session) -> Counter[Key]:
 
 
 @sa.event.listens_for(so.Session, "before_commit")
-def _write_noted(session: so.Session) -> None:
-    """Write the transaction's noted changes as delta rows, inside it, before it commits."""
+def _write_noted_before_commit(session: so.Session) -> None:
+    write_noted(session)
+
+
+def write_noted(session: so.Session) -> None:
+    """Write the transaction's noted changes as delta rows, inside it; done when the session
+    commits, or earlier by a caller that wants the write in a pipeline of its own
+    (``database.pipelined``): what is noted afterwards is written at the commit."""
     found = session.info.pop(_KEY, None)
     if found is None or found[0] is not session.get_transaction():
         return
@@ -179,14 +185,27 @@ def _write_noted(session: so.Session) -> None:
         rows[(kind, state, domain, _compacted(minute, now_minute))] += delta
     values = [{"kind": kind, "state": state, "domain": domain, "minute": minute, "delta": delta}
               for (kind, state, domain, minute), delta in sorted(rows.items()) if delta]
-    if values:
+    if not values:
+        return
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        # One statement, the rows as arrays: nothing to read back, so inside a pipeline
+        # (database.pipelined) it goes with the COMMIT instead of costing a round trip.
+        connection.execute(_PG_INSERT_DELTAS, {
+            name: [row[name] for row in values]
+            for name in ("kind", "state", "domain", "minute", "delta")})
+    else:
         # Core on the session's connection, RETURNING so that the rows go as one multi-row
         # VALUES: the ORM's bulk insert was one INSERT per row (pipelined) and its bookkeeping.
-        session.connection().execute(_INSERT_DELTAS, values).all()
+        connection.execute(_INSERT_DELTAS, values).all()
 
 
 _DELTAS = cast(sa.Table, QueueShapeDelta.__table__)
 _INSERT_DELTAS = sa.insert(_DELTAS).returning(_DELTAS.c.id)
+_PG_INSERT_DELTAS = sa.text(
+    "INSERT INTO queue_shape_deltas (kind, state, domain, minute, delta) "
+    "SELECT * FROM unnest(CAST(:kind AS text[]), CAST(:state AS text[]), "
+    "CAST(:domain AS text[]), CAST(:minute AS bigint[]), CAST(:delta AS bigint[]))")
 
 
 def contribution_insert(where: sa.ColumnElement[bool], sign: int,
