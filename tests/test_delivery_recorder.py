@@ -7,15 +7,205 @@ pipeline ends must be judged as SQLAlchemy's errors are (an outage is an outage)
 
 from __future__ import annotations
 
+import datetime as dt
+import threading
+from collections import Counter
+
 import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
 
 from app.database import is_transient_conflict, is_unreachable, pipelined, unit_of_work
+from app.delivery import recorder as recorder_module
+from app.delivery.outcomes import OutcomePolicy
+from app.delivery.recorder import Recorder
+from app.delivery.smtp_client import RecipientResult
+from app.delivery.worker import Worker
 from app.extensions import db
-from app.models import Message, Recipient
-from tests.delivery_helpers import bulk_queue
-from tests.fault_helpers import TcpProxy
+from app.models import DeliveryEvent, Message, Recipient
+from app.queue.outcomes import Attempt
+from app.timeutil import utcnow
+from tests.delivery_helpers import Peer, bulk_queue, wait_for
+from tests.fault_helpers import SqliteLock, TcpProxy
+
+WORKER = "recorder-test"
+POLICY = OutcomePolicy(retry_schedule=[60], max_queue_lifetime=86400, send_bounces=False,
+                       reporting_mta="mx.test")
+
+
+def _leased(app, count: int) -> list[Attempt]:
+    """``count`` queued messages whose recipient this worker holds, and their delivered
+    attempts (not recorded yet)."""
+    bulk_queue(app, count)
+    with unit_of_work(app) as session:
+        session.execute(sa.update(Recipient).values(
+            lease_owner=WORKER, lease_expires_at=utcnow() + dt.timedelta(seconds=300)))
+        rows = session.execute(sa.select(Recipient.id, Recipient.message_id, Recipient.address)
+                               .order_by(Recipient.id)).all()
+    return [Attempt(message_id, "alice@example.com",
+                    [RecipientResult(rid, address, "delivered", "250 2.0.0 ok", 250, "2.0.0")])
+            for rid, message_id, address in rows]
+
+
+def _record_from_threads(recorder: Recorder, attempts: list[Attempt], threads: int) -> list[bool]:
+    """Each of ``threads`` delivery threads records its share, one attempt at a time, as the
+    worker's threads do (``begin`` then ``record``); what ``record`` answered, per attempt."""
+    answers: list[bool] = []
+
+    def deliver(share: list[Attempt]) -> None:
+        for attempt in share:
+            recorder.begin()
+            answers.append(recorder.record(attempt))
+
+    running = [threading.Thread(target=deliver, args=(attempts[n::threads],))
+               for n in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join(120)
+    return answers
+
+
+def _delivered(app) -> Counter[str]:
+    with unit_of_work(app) as session:
+        return Counter(session.scalars(sa.select(DeliveryEvent.recipient).where(
+            DeliveryEvent.event_type == "delivery")))
+
+
+def _left(app) -> int:
+    with unit_of_work(app) as session:
+        return session.scalar(sa.select(sa.func.count()).select_from(Message)) or 0
+
+
+def test_the_outcomes_of_many_threads_are_all_recorded_once(app):
+    attempts = _leased(app, 160)
+    recorder = Recorder(app, WORKER, POLICY, 300)
+    recorder.start()
+    try:
+        answers = _record_from_threads(recorder, attempts, threads=8)
+    finally:
+        recorder.close(30)
+    assert answers == [True] * 160
+    assert recorder.recorded_attempts == 160
+    assert recorder.transactions <= 160
+    delivered = _delivered(app)
+    assert set(delivered) == {f"r{n}@example.net" for n in range(160)}
+    assert max(delivered.values()) == 1
+    assert _left(app) == 0
+
+
+def test_nothing_is_lost_when_commits_fail(app, make_app, database_url, monkeypatch):
+    # The database goes away while threads record; their outcomes are held, then written once.
+    monkeypatch.setattr(recorder_module, "BACKOFF_MAX", 0.25)
+    attempts = _leased(app, 60)
+    proxy: TcpProxy | None = None
+    if database_url.startswith("postgresql"):
+        url = sa.make_url(database_url)
+        proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).__enter__()
+        writer_app = make_app(database_url=proxy.url_for(database_url))
+    else:
+        writer_app = make_app(sqlalchemy_engine_options={"connect_args": {"timeout": 0.2}})
+    recorder = Recorder(writer_app, WORKER, POLICY, 300)
+    recorder.start()
+    try:
+        answers_first = _record_from_threads(recorder, attempts[:20], threads=4)
+        if proxy is not None:
+            proxy.cut()
+            restore = proxy.restore
+        else:
+            restore = SqliteLock(database_url).take().release
+        outage_over = threading.Event()
+        later: list[bool] = []
+        thread = threading.Thread(target=lambda: later.extend(
+            _record_from_threads(recorder, attempts[20:], threads=4)))
+        thread.start()
+        wait_for(lambda: not recorder.is_healthy(), seconds=60)  # a write failed
+        restore()
+        outage_over.set()
+        thread.join(120)
+    finally:
+        recorder.close(30)
+        if proxy is not None:
+            proxy.cut()
+    assert answers_first == [True] * 20
+    assert later == [True] * 40
+    assert recorder.recorded_attempts == 60
+    delivered = _delivered(app)
+    assert set(delivered) == {f"r{n}@example.net" for n in range(60)}
+    assert max(delivered.values()) == 1
+    assert _left(app) == 0
+
+
+def test_a_group_waits_for_the_threads_the_last_commit_released_not_for_a_slow_job(
+        app, monkeypatch):
+    # So long that a group waiting for the slow job would never commit within the test.
+    monkeypatch.setattr(recorder_module, "GATHER_MAX", 600.0)
+    [a1, a2, b, slow] = _leased(app, 4)
+    recorder = Recorder(app, WORKER, POLICY, 300)
+    recorder.start()
+    slow_begun, slow_go = threading.Event(), threading.Event()
+    a_begun, a_go = threading.Event(), threading.Event()
+    answers: dict[str, bool] = {}
+
+    def slow_job() -> None:
+        recorder.begin()
+        slow_begun.set()
+        slow_go.wait(120)
+        answers["slow"] = recorder.record(slow)
+
+    def thread_a() -> None:
+        recorder.begin()
+        answers["a1"] = recorder.record(a1)  # the first group: no thread to wait for
+        recorder.begin()  # released by that commit, on its next job
+        a_begun.set()
+        a_go.wait(120)
+        answers["a2"] = recorder.record(a2)
+
+    def thread_b() -> None:
+        recorder.begin()
+        answers["b"] = recorder.record(b)
+
+    slow_thread = threading.Thread(target=slow_job)
+    slow_thread.start()
+    slow_begun.wait(30)
+    a = threading.Thread(target=thread_a)
+    a.start()
+    try:
+        assert a_begun.wait(60), "a group waited for a job still under way"
+        assert answers == {"a1": True}
+        committed = recorder.transactions
+        b_thread = threading.Thread(target=thread_b)
+        b_thread.start()
+        # b's outcome waits for a's (a was released by the last commit and is on a job)...
+        wait_for(lambda: recorder.busy and recorder._queue.unfinished_tasks == 0, seconds=30)
+        assert "b" not in answers
+        a_go.set()
+        a.join(60)
+        b_thread.join(60)
+        # ...and both go in one commit, the slow job still under way.
+        assert answers == {"a1": True, "a2": True, "b": True}
+        assert recorder.transactions == committed + 1
+    finally:
+        a_go.set()
+        slow_go.set()
+        slow_thread.join(60)
+        recorder.close(30)
+    assert answers["slow"] is True
+    assert set(_delivered(app)) == {f"r{n}@example.net" for n in range(4)}
+
+
+def test_a_worker_with_eight_threads_delivers_every_recipient_once(app, make_app):
+    bulk_queue(app, 200)
+    with Peer() as peer:
+        worker = Worker(make_app(relay_host=peer.address, worker_concurrency=8))
+        worker.run(once=True)
+    received = Counter(peer.recipients_received())
+    assert set(received) == {f"r{n}@example.net" for n in range(200)}
+    assert max(received.values()) == 1
+    assert worker.recorded_attempts == 200
+    delivered = _delivered(app)
+    assert len(delivered) == 200 and max(delivered.values()) == 1
+    assert _left(app) == 0
 
 
 def test_statements_in_a_pipeline_read_and_write_as_without(app):

@@ -3,7 +3,10 @@
 A delivery thread that finished an SMTP transaction hands its outcome to the recorder and
 waits until it is committed (``Recorder.record``); only then does it start another transaction.
 The recorder thread commits whatever has queued meanwhile in one transaction (group commit:
-the threads that finished while a commit ran share the next one) and wakes their threads. So a
+the threads that finished while a commit ran share the next one, and a group waits briefly for
+the threads the last commit woke, so that all the threads go round together) and wakes their
+threads. One recorder serves all the delivery threads: on PostgreSQL a group's writes go in one
+pipeline (``delivery.outcomes.record_outcomes``), a few round trips whatever its size. So a
 worker killed at any moment has at most one unrecorded transaction per delivery thread: what a
 crash can send twice is bounded by the concurrency (docs/DELIVERY.md, "What a crash or an outage
 can send twice").
@@ -46,12 +49,12 @@ log = logging.getLogger("elemta.delivery")
 BACKOFF_FIRST = 0.25  # seconds before the first retry of a failed write
 BACKOFF_MAX = 4.0  # the longest wait between two tries: the delay after the database is back
 REFUSED_TRIES = 3
-# How long the recorder waits for the outcomes of jobs still under way before committing what it
-# has, so that one commit serves all the threads: committing as soon as one outcome arrived made
-# groups of 3-4 and halved the benchmark's throughput (bench delivery, 2,000 messages on SQLite:
-# 110 msg/s with no wait, 227 with 10 ms, 279 with 30 ms; the former unbounded queue: 254, on
-# the same loaded machine). It costs a thread at most this long per transaction when another
-# thread is slow (a remote server taking seconds), nothing when none is.
+# How long a group waits at most for the outcomes of the threads the last commit released
+# (``Recorder._gather``), so that one commit serves all the threads: committing as soon as one
+# outcome arrived made groups of 3-4 and halved the benchmark's throughput (bench delivery,
+# 2,000 messages on SQLite: 110 msg/s with no wait, 227 with 10 ms, 279 with 30 ms). It costs
+# a thread at most this long per transaction when a thread released with it is slow (a remote
+# server taking seconds); a job begun before the last commit is not waited for.
 GATHER_MAX = 0.03
 
 
@@ -61,6 +64,7 @@ class Outcome:
 
     attempt: Attempt
     done: threading.Event = field(default_factory=threading.Event)
+    thread: int = field(default_factory=threading.get_ident)  # the delivery thread's
     recorded: bool = False
 
     def recipient_ids(self) -> list[int]:
@@ -78,7 +82,10 @@ class Recorder:
         self.lease_seconds = lease_seconds
         self.recorded_attempts = 0  # only the recorder thread writes it
         self.transactions = 0  # commits that recorded them (for the log and the bench)
-        self._running = 0  # jobs begun whose outcome is not handed over yet
+        # Delivery threads with a job begun whose outcome is not handed over yet, and those
+        # the last commit woke (``_gather``).
+        self._running: set[int] = set()
+        self._released: frozenset[int] = frozenset()
         self._running_lock = threading.Lock()
         self.healthy = threading.Event()  # clear while outcomes wait for the database
         self.healthy.set()
@@ -94,18 +101,18 @@ class Recorder:
     def begin(self) -> None:
         """A delivery thread starts a job: its outcome (``record``) or ``abandon`` follows."""
         with self._running_lock:
-            self._running += 1
+            self._running.add(threading.get_ident())
 
     def abandon(self) -> None:
         """The job begun ends without an outcome (its claim given back, its message gone)."""
         with self._running_lock:
-            self._running -= 1
+            self._running.discard(threading.get_ident())
 
     def record(self, attempt: Attempt) -> bool:
         """Hand an attempt over and wait until it is committed; False if it was given up."""
         outcome = Outcome(attempt)
         with self._running_lock:
-            self._running -= 1
+            self._running.discard(outcome.thread)
         self._queue.put(outcome)
         outcome.done.wait()
         return outcome.recorded
@@ -145,9 +152,17 @@ class Recorder:
             self._write_held()
 
     def _gather(self) -> None:
-        """Wait (at most ``GATHER_MAX``) for the outcomes of the jobs still under way."""
+        """Wait (at most ``GATHER_MAX``) for the outcomes of the threads the last commit
+        released: they went straight on to their next transaction, and their outcomes come
+        back together, so one commit serves them all (about twice as many outcomes per commit
+        as committing whatever has come). A job still under way from before (a slow remote
+        server) is not waited for: its outcome joins a later group."""
         deadline = time.monotonic() + GATHER_MAX
-        while self._running > 0 and not self._ending:
+        while not self._ending:
+            with self._running_lock:
+                awaited = self._released & self._running  # on a job, not handed over yet
+            if not awaited:
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -239,6 +254,7 @@ class Recorder:
     def _finish(self, outcomes: list[Outcome]) -> None:
         self.recorded_attempts += len(outcomes)
         self.transactions += 1
+        self._released = frozenset(o.thread for o in outcomes)
         for outcome in outcomes:
             outcome.recorded = True
             outcome.done.set()
@@ -252,65 +268,3 @@ class Recorder:
             outcome.done.set()
         self._held = []
         self.healthy.set()
-
-
-class Recorders:
-    """Several recorders, each serving a fixed share of the delivery threads (PostgreSQL).
-
-    A thread waits for its commit, so with one recorder the threads' SMTP and the commits take
-    turns; with two, one group's commit overlaps the other group's SMTP. On PostgreSQL a commit
-    of a few outcomes is about ten round trips, and on a busy server that is most of a
-    thread's cycle (bench delivery, 2,000 messages, load 9 on 2 cores: one recorder 134 msg/s).
-    SQLite takes one writer at a time: one recorder.
-    """
-
-    def __init__(self, recorders: list[Recorder]) -> None:
-        self.members = recorders
-        self._local = threading.local()
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def _mine(self) -> Recorder:
-        index = getattr(self._local, "index", None)
-        if index is None:
-            with self._lock:
-                index = self._local.index = self._next % len(self.members)
-                self._next += 1
-        return self.members[index]
-
-    @property
-    def recorded_attempts(self) -> int:
-        return sum(r.recorded_attempts for r in self.members)
-
-    @property
-    def transactions(self) -> int:
-        return sum(r.transactions for r in self.members)
-
-    @property
-    def busy(self) -> bool:
-        return any(r.busy for r in self.members)
-
-    def is_healthy(self) -> bool:
-        return all(r.is_healthy() for r in self.members)
-
-    def begin(self) -> None:
-        self._mine().begin()
-
-    def abandon(self) -> None:
-        self._mine().abandon()
-
-    def record(self, attempt: Attempt) -> bool:
-        return self._mine().record(attempt)
-
-    def start(self) -> None:
-        for recorder in self.members:
-            recorder.start()
-
-    def give_up_after(self, deadline: float) -> None:
-        for recorder in self.members:
-            recorder.give_up_after(deadline)
-
-    def close(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for recorder in self.members:
-            recorder.close(max(0.0, deadline - time.monotonic()))

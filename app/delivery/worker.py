@@ -47,7 +47,7 @@ from ..queue.retention import purge_expired_failed
 from ..timeutil import utcnow
 from . import content, maintenance
 from .outcomes import OutcomePolicy
-from .recorder import Recorder, Recorders
+from .recorder import Recorder
 from .routing import Resolver, Router, RoutingError
 from .smtp_client import ConnectionPool, NoConnectionSlot, RecipientResult, SmtpClient
 
@@ -103,10 +103,7 @@ class Worker:
                                     send_bounces=bool(cfg["SEND_BOUNCES"]),
                                     reporting_mta=hostname)
         self.batch_size = max(CLAIM_BATCH_MIN, 4 * self.concurrency)
-        writers = 2 if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql") \
-            and self.concurrency >= 4 else 1
-        self.recorder = Recorders([Recorder(app, self.worker_id, self.policy, self.lease_seconds)
-                                   for _ in range(writers)])
+        self.recorder = Recorder(app, self.worker_id, self.policy, self.lease_seconds)
         self._stop = threading.Event()
 
     @property
