@@ -271,3 +271,23 @@ def test_a_statement_refused_at_the_end_of_a_pipeline_is_not_an_outage(app, data
     assert not caught.value.connection_invalidated
     with unit_of_work(app) as session:  # rolled back; the connection still serves
         assert session.scalar(sa.select(Recipient.address)) == "r0@example.net"
+
+
+def test_the_domain_rollup_bump_of_a_group_adds_to_existing_rows(app):
+    # PostgreSQL bumps a group's rows with one upsert of arrays; counts add up as row by row.
+    from app.events import bump_domain_rollup
+    from app.models import DomainRollup
+
+    hour = dt.datetime(2026, 3, 2, 10, tzinfo=dt.UTC)
+    first = Counter({("hour", hour, "a.example", "delivered", "", 2): 3,
+                     ("day", hour.replace(hour=0), "a.example", "delivered", "", 2): 3,
+                     ("hour", hour, "b.example", "failed", "mailbox", -1): 1})
+    second = Counter({("hour", hour, "a.example", "delivered", "", 2): 2,
+                      ("hour", hour, "c.example", "deferred", "timeout", -1): 4})
+    for increments in (first, second):
+        with unit_of_work(app) as session:
+            bump_domain_rollup(session, increments)
+    with unit_of_work(app) as session:
+        rows = {(r.grain, r.start, r.domain, r.outcome, r.failure_class, r.latency_bucket):
+                r.count for r in session.scalars(sa.select(DomainRollup))}
+    assert rows == dict(first + second)
