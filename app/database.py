@@ -407,8 +407,9 @@ def _returns_rows(context: Any) -> bool:
     compiled = getattr(context, "compiled", None)
     if compiled is None:
         return True
-    if getattr(compiled, "effective_returning", None):
-        return True
+    if context.isinsert or context.isupdate or context.isdelete:
+        # (Their statements count as returning rows in SQLAlchemy's class tree.)
+        return bool(getattr(compiled, "effective_returning", None))
     statement = compiled.statement
     if isinstance(statement, sa.TextClause):
         text = statement.text.lstrip().upper()
