@@ -64,7 +64,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 # ELEMTA_SMTPD_PROCESSES=auto: one listener process per two CPUs (the other half for the
 # database and the worker, which share the host in the usual set-up), at most this many (each
-# holds up to DB_THREADS database connections of its own); docs/SMTPD.md, "Listener processes".
+# holds up to 10 pooled database connections and, on PostgreSQL, one per storage thread for
+# the RCPT checks); docs/SMTPD.md, "Listener processes".
 AUTO_PROCESSES_MAX = 4
 
 

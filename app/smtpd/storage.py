@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 import sqlalchemy.orm as so
 from flask import Flask
 
-from ..database import autocommit_engine, unit_of_work
+from ..database import _check_idle_connection, autocommit_engine, unit_of_work
 from ..dkim.signing import sign_outgoing
 from ..events import record_event
 from ..extensions import db
@@ -43,6 +45,10 @@ class Storage:
         # see ``run_check``.
         self._checks_engine = (autocommit_engine(engine) if engine.dialect.name == "postgresql"
                                else engine)
+        self._own_connections = engine.dialect.name == "postgresql"
+        self._local = threading.local()
+        self._connections: set[sa.Connection] = set()
+        self._lock = threading.Lock()
 
     async def run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -56,16 +62,65 @@ class Storage:
     async def run_check(self, func: Callable[..., T], *args: Any) -> T:
         """``func(connection, *args)`` on a plain Core connection, for a check that reads and
         writes at most single statements (a rule's hit count): no ORM session, no app
-        context. On PostgreSQL the connection is in autocommit, as a GET request's session
+        context.
+
+        On PostgreSQL the connection is in autocommit, as a GET request's session
         (``database.py``): psycopg sends neither BEGIN nor COMMIT, and at READ COMMITTED each
-        statement sees what it saw inside a transaction. On SQLite it is one transaction,
-        committed at the end (rolled back on an error)."""
+        statement sees what it saw inside a transaction, so nothing stale is ever read. Each
+        storage thread keeps its connection for all its checks (no pool checkout, isolation
+        switch and reset per RCPT; docs/PERFORMANCE.md, "Intake, a connection per storage
+        thread for the RCPT check"). Before each use it is checked as the pool checks a
+        connection at checkout (``database._check_idle_connection``, no round trip): one the
+        server has dropped (a restart, a terminated backend) is replaced by a fresh one
+        first. A connection on which a check fails is discarded, and the error surfaces as
+        it did through the pool. ``close`` closes them all.
+
+        On SQLite it is one transaction on a pooled connection, committed at the end (rolled
+        back on an error)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._check, func, args)
 
     def _check(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
-        with self._checks_engine.begin() as connection:
-            return func(connection, *args)
+        if not self._own_connections:
+            with self._checks_engine.begin() as connection:
+                return func(connection, *args)
+        connection = self._thread_connection()
+        try:
+            result = func(connection, *args)
+            connection.commit()  # autocommit: ends SQLAlchemy's transaction, no round trip
+        except BaseException:
+            self._discard(connection)
+            raise
+        return result
+
+    def _thread_connection(self) -> sa.Connection:
+        """This thread's connection, alive as far as can be told without a round trip."""
+        connection: sa.Connection | None = getattr(self._local, "connection", None)
+        if connection is not None:
+            try:
+                _check_idle_connection(connection.connection.dbapi_connection, None, None)
+            except Exception:
+                log.info("Replacing a dropped database connection of the RCPT checks")
+                self._discard(connection)
+                connection = None
+        if connection is None:
+            connection = self._checks_engine.connect()
+            with self._lock:
+                self._connections.add(connection)
+            self._local.connection = connection
+        return connection
+
+    def _discard(self, connection: sa.Connection) -> None:
+        """Close ``connection`` for good: out of the pool, never used again."""
+        if getattr(self._local, "connection", None) is connection:
+            self._local.connection = None
+        with self._lock:
+            self._connections.discard(connection)
+        try:
+            connection.invalidate()  # closes the DBAPI connection; the pool forgets it
+            connection.close()
+        except Exception:
+            log.debug("Closing a database connection of the RCPT checks failed", exc_info=True)
 
     def _call(self, func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         with unit_of_work(self.app) as session:
@@ -73,6 +128,11 @@ class Storage:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        # The threads are gone: their connections can be closed from here.
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            self._discard(connection)
 
 
 def prepare_message(session: so.Session, *, sender: str, recipients: Sequence[str], raw: bytes,

@@ -1,0 +1,115 @@
+"""The listener's RCPT check (``Storage.run_check``): on PostgreSQL each storage thread keeps
+one autocommit connection for its checks. It sees every change at once, survives the server
+dropping it, and is closed when the storage shuts down (docs/PERFORMANCE.md, "Intake, a
+connection per storage thread for the RCPT check")."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+
+import psycopg
+import pytest
+
+from app.control.intake import refusal
+from app.control.rules import create_rule
+from app.control.suppression import add_suppression
+from app.extensions import db
+from app.smtpd.storage import Storage
+from app.timeutil import utcnow
+from tests.conftest import scratch_postgresql_database
+
+
+def _check(storage: Storage, address: str, sender: str = "alice@example.com") -> str | None:
+    return asyncio.run(storage.run_check(refusal, sender, address))
+
+
+def _suppress(app, address: str) -> None:
+    with app.app_context():
+        add_suppression(db.session, address, "user unknown", None, "test")
+        db.session.remove()
+
+
+def test_the_checks_see_new_suppressions_and_rules_at_once(app) -> None:
+    storage = Storage(app, 1)
+    try:
+        assert _check(storage, "gone@example.net") is None
+        assert _check(storage, "x@bounced.example") is None
+        _suppress(app, "gone@example.net")
+        assert _check(storage, "gone@example.net").startswith("550")
+        with app.app_context():
+            create_rule(db.session, action="bounce", domain="bounced.example",
+                        expires_at=utcnow() + dt.timedelta(hours=1), actor="test")
+            db.session.remove()
+        assert _check(storage, "x@bounced.example").startswith("550")
+        assert _check(storage, "fine@example.net") is None
+    finally:
+        storage.close()
+
+
+@pytest.fixture
+def own_postgresql_database(database_url):
+    """A database of this test alone: its backends are terminated without hurting others."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("terminates PostgreSQL backends")
+    with scratch_postgresql_database("elemta_rcpt") as scratch:
+        yield scratch.url, scratch.admin, scratch.name
+
+
+def _backends(admin: str, name: str) -> set[int]:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        return {pid for (pid,) in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))}
+
+
+def _terminate(admin: str, pids: set[int]) -> None:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid",
+                     (list(pids),))
+        # pg_terminate_backend only signals: wait until they are gone (no time is asserted).
+        while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                           (list(pids),)).fetchone()[0]:
+            time.sleep(0.05)
+
+
+def _thread_pids(storage: Storage) -> set[int]:
+    return {c.connection.dbapi_connection.info.backend_pid for c in storage._connections}
+
+
+def test_a_check_after_the_server_killed_the_threads_backend_answers(
+        make_app, own_postgresql_database) -> None:
+    url, admin, name = own_postgresql_database
+    app = make_app(database_url=url)
+    _suppress(app, "gone@example.net")
+    storage = Storage(app, 1)
+    try:
+        assert _check(storage, "gone@example.net").startswith("550")
+        pids = _thread_pids(storage)
+        assert len(pids) == 1
+        assert _check(storage, "gone@example.net").startswith("550")
+        assert _thread_pids(storage) == pids  # the same connection, kept
+        _terminate(admin, pids)
+        # Not an error (which the listener answers by accepting unchecked): a fresh connection.
+        assert _check(storage, "gone@example.net").startswith("550")
+        assert _thread_pids(storage).isdisjoint(pids)
+        assert _check(storage, "fine@example.net") is None
+    finally:
+        storage.close()
+
+
+def test_shutdown_closes_the_threads_connections(make_app, own_postgresql_database) -> None:
+    url, admin, name = own_postgresql_database
+    app = make_app(database_url=url)
+    storage = Storage(app, 2)
+    _check(storage, "a@example.net")
+    pids = _thread_pids(storage)
+    assert pids and pids <= _backends(admin, name)
+    connections = list(storage._connections)
+    storage.close()
+    assert all(c.closed for c in connections)
+    assert not storage._connections
+    deadline = time.monotonic() + 30
+    while pids & _backends(admin, name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pids & _backends(admin, name)
