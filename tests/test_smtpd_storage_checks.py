@@ -113,3 +113,26 @@ def test_shutdown_closes_the_threads_connections(make_app, own_postgresql_databa
     while pids & _backends(admin, name) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pids & _backends(admin, name)
+
+
+def test_a_check_that_fails_discards_its_connection(make_app, own_postgresql_database) -> None:
+    """The error surfaces as before (the listener then accepts unchecked, as it always did);
+    the next check runs on a fresh connection."""
+    url, _admin, _name = own_postgresql_database
+    app = make_app(database_url=url)
+    _suppress(app, "gone@example.net")
+    storage = Storage(app, 1)
+
+    def failing(connection, *_args):
+        connection.exec_driver_sql("SELECT 1 / 0")
+
+    try:
+        assert _check(storage, "gone@example.net").startswith("550")
+        pids = _thread_pids(storage)
+        with pytest.raises(Exception, match="division by zero"):
+            asyncio.run(storage.run_check(failing))
+        assert not storage._connections
+        assert _check(storage, "gone@example.net").startswith("550")
+        assert _thread_pids(storage).isdisjoint(pids)
+    finally:
+        storage.close()
