@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import smtplib
 import time
 
 import psycopg
@@ -19,6 +20,7 @@ from app.extensions import db
 from app.smtpd.storage import Storage
 from app.timeutil import utcnow
 from tests.conftest import scratch_postgresql_database
+from tests.smtpd_helpers import crlf, email_message, running_listener
 
 
 def _check(storage: Storage, address: str, sender: str = "alice@example.com") -> str | None:
@@ -136,3 +138,28 @@ def test_a_check_that_fails_discards_its_connection(make_app, own_postgresql_dat
         assert _thread_pids(storage).isdisjoint(pids)
     finally:
         storage.close()
+
+
+def test_rcpt_over_smtp_after_the_server_killed_every_backend(
+        make_app, own_postgresql_database) -> None:
+    """End to end: the listener's answers to RCPT (and the message's queueing) are the same
+    before and after the server dropped every connection of the listener."""
+    url, admin, name = own_postgresql_database
+    app = make_app(database_url=url)
+    _suppress(app, "gone@example.net")
+    with running_listener(app) as port, smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        client.mail("alice@example.com")
+        assert client.rcpt("gone@example.net")[0] == 550
+        assert client.rcpt("bob@example.net")[0] == 250
+        client.rset()
+        _terminate(admin, _backends(admin, name))
+        for _ in range(3):  # whichever storage threads serve them
+            client.mail("alice@example.com")
+            assert client.rcpt("gone@example.net")[0] == 550
+            assert client.rcpt("bob@example.net")[0] == 250
+            client.rset()
+        client.mail("alice@example.com")
+        assert client.rcpt("bob@example.net")[0] == 250
+        code, _reply = client.data(crlf(email_message()))
+        assert code == 250
