@@ -8,6 +8,7 @@ at the end, so a run never depends on, or leaves, state on a shared server.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -112,6 +113,34 @@ def scratch_postgresql_database(prefix: str, *, migrate: bool = True,
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def backend_pids(admin: str, name: str) -> set[int]:
+    """The server processes connected to database ``name`` right now."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        return {pid for (pid,) in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))}
+
+
+def terminate_backends(admin: str, pids: set[int] | list[int]) -> None:
+    """Terminate these server processes and wait until they are gone (no time asserted):
+    pg_terminate_backend only signals."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid",
+                     (list(pids),))
+        while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                           (list(pids),)).fetchone()[0]:
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def own_postgresql_database(database_url: str) -> Iterator[tuple[str, str, str]]:
+    """(url, admin DSN, name) of a database of this test alone, whose backends it may
+    terminate without hurting other tests; skipped on SQLite."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("terminates PostgreSQL backends")
+    with scratch_postgresql_database("elemta_own") as scratch:
+        yield scratch.url, scratch.admin, scratch.name
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

@@ -7,8 +7,6 @@ connection (a restart, pg_terminate_backend) succeeds instead of failing.
 
 from __future__ import annotations
 
-import time
-
 import psycopg
 import pytest
 import sqlalchemy as sa
@@ -18,7 +16,7 @@ from app.database import DriverRead, Session, _check_idle_connection, writable
 from app.extensions import db
 from app.models import QueueCountDelta
 from app.queue import counters
-from tests.conftest import scratch_postgresql_database
+from tests.conftest import backend_pids, terminate_backends
 from tests.helpers import queue_message
 
 
@@ -168,26 +166,11 @@ def test_a_driver_read_of_a_missing_table_is_the_contracts_503(make_app, tmp_pat
     assert response.get_json()["code"] == "SERVICE_UNAVAILABLE"
 
 
-@pytest.fixture
-def own_postgresql_database(database_url):
-    """A database of this test alone: its backends are terminated without hurting others."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("terminates PostgreSQL backends")
-    with scratch_postgresql_database("elemta_drop") as scratch:
-        yield scratch.url, scratch.admin, scratch.name
-
-
 def _terminate_backends(admin: str, name: str) -> None:
-    with psycopg.connect(admin, autocommit=True) as conn:
-        pids = [pid for (pid,) in conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))]
-        assert pids, "the app's pool should hold a connection"
-        conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
-        # pg_terminate_backend only signals: wait until the backends are really gone, so the
-        # requests below meet dead connections (no time is asserted).
-        while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)",
-                           (pids,)).fetchone()[0]:
-            time.sleep(0.05)
+    """Every backend of the app's database gone, so the requests below meet dead connections."""
+    pids = backend_pids(admin, name)
+    assert pids, "the app's pool should hold a connection"
+    terminate_backends(admin, pids)
 
 
 def test_the_first_requests_after_the_server_dropped_every_connection_succeed(

@@ -253,28 +253,12 @@ def test_a_group_commit_reads_the_keys_once_signs_every_message_and_a_retired_ke
                                                                                         zone):
     """The listener's batch: one key query per transaction (no flush per message), each
     message signed; the memo ends with the transaction, so a retired key signs nothing more."""
-    from app.smtpd.acceptor import Job, accept_batch
-    from app.smtpd.stamping import Trace
+    from app.smtpd.acceptor import Job
 
     selector, _ = make_key(app, zone)
-    trace = Trace(helo="client.example", client_ip="127.0.0.1", hostname="mx.example",
-                  esmtp=True, tls=False, authenticated=False, smtputf8=False,
-                  recipients=("bob@example.net",))
     raw = crlf(email_message(sender="Alice <alice@example.com>", subject="Batch"))
-    jobs = [Job("alice@example.com", ("bob@example.net",), raw, trace) for _ in range(5)]
-    statements: list[str] = []
-
-    def seen(_conn, _cursor, statement, *_args):  # type: ignore[no-untyped-def]
-        statements.append(statement)
-
-    with app.app_context():
-        engine = db.engine
-    sa.event.listen(engine, "before_cursor_execute", seen)
-    try:
-        ids = accept_batch(app, jobs)
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", seen)
-    assert all(isinstance(i, str) for i in ids), ids
+    jobs = [Job("alice@example.com", ("bob@example.net",), raw, _trace()) for _ in range(5)]
+    ids, statements = _accept_watching_statements(app, jobs)
     assert sum("FROM dkim_keys" in s for s in statements) == 1
     for queue_id in ids:
         assert [s.selector for s in signatures_of(raw_of(app, queue_id))] == [selector]
@@ -282,20 +266,22 @@ def test_a_group_commit_reads_the_keys_once_signs_every_message_and_a_retired_ke
     with app.app_context():
         dkim_keys.retire_key(db.session, dkim_keys.find_key(db.session, "example.com", selector))
         db.session.remove()
-    [later] = accept_batch(app, jobs[:1])
+    [later], _statements = _accept_watching_statements(app, jobs[:1])
     assert signatures_of(raw_of(app, later)) == []
 
 
-def _batch_statements(app, senders):  # type: ignore[no-untyped-def]
-    """Queue one message per From: sender in one group commit; its ids and statements."""
-    from app.smtpd.acceptor import Job, accept_batch
+def _trace():  # type: ignore[no-untyped-def]
     from app.smtpd.stamping import Trace
 
-    trace = Trace(helo="client.example", client_ip="127.0.0.1", hostname="mx.example",
-                  esmtp=True, tls=False, authenticated=False, smtputf8=False,
-                  recipients=("bob@example.net",))
-    jobs = [Job(sender, ("bob@example.net",), crlf(email_message(sender=sender, subject="B")),
-                trace) for sender in senders]
+    return Trace(helo="client.example", client_ip="127.0.0.1", hostname="mx.example",
+                 esmtp=True, tls=False, authenticated=False, smtputf8=False,
+                 recipients=("bob@example.net",))
+
+
+def _accept_watching_statements(app, jobs):  # type: ignore[no-untyped-def]
+    """Queue ``jobs`` in one group commit; their ids and the statements it sent."""
+    from app.smtpd.acceptor import accept_batch
+
     statements: list[str] = []
 
     def seen(_conn, _cursor, statement, *_args):  # type: ignore[no-untyped-def]
@@ -310,6 +296,15 @@ def _batch_statements(app, senders):  # type: ignore[no-untyped-def]
         sa.event.remove(engine, "before_cursor_execute", seen)
     assert all(isinstance(i, str) for i in ids), ids
     return ids, statements
+
+
+def _batch_statements(app, senders):  # type: ignore[no-untyped-def]
+    """Queue one message per From: sender in one group commit; its ids and statements."""
+    from app.smtpd.acceptor import Job
+
+    jobs = [Job(sender, ("bob@example.net",), crlf(email_message(sender=sender, subject="B")),
+                _trace()) for sender in senders]
+    return _accept_watching_statements(app, jobs)
 
 
 def test_the_keys_are_read_once_per_transaction_whatever_the_from_domains(app, zone):

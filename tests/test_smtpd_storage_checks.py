@@ -10,7 +10,6 @@ import datetime as dt
 import smtplib
 import time
 
-import psycopg
 import pytest
 
 from app.control.intake import refusal
@@ -19,7 +18,7 @@ from app.control.suppression import add_suppression
 from app.extensions import db
 from app.smtpd.storage import Storage
 from app.timeutil import utcnow
-from tests.conftest import scratch_postgresql_database
+from tests.conftest import backend_pids, terminate_backends
 from tests.smtpd_helpers import crlf, email_message, running_listener
 
 
@@ -50,31 +49,6 @@ def test_the_checks_see_new_suppressions_and_rules_at_once(app) -> None:
         storage.close()
 
 
-@pytest.fixture
-def own_postgresql_database(database_url):
-    """A database of this test alone: its backends are terminated without hurting others."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("terminates PostgreSQL backends")
-    with scratch_postgresql_database("elemta_rcpt") as scratch:
-        yield scratch.url, scratch.admin, scratch.name
-
-
-def _backends(admin: str, name: str) -> set[int]:
-    with psycopg.connect(admin, autocommit=True) as conn:
-        return {pid for (pid,) in conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))}
-
-
-def _terminate(admin: str, pids: set[int]) -> None:
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid",
-                     (list(pids),))
-        # pg_terminate_backend only signals: wait until they are gone (no time is asserted).
-        while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)",
-                           (list(pids),)).fetchone()[0]:
-            time.sleep(0.05)
-
-
 def _thread_pids(storage: Storage) -> set[int]:
     return {c.connection.dbapi_connection.info.backend_pid for c in storage._connections}
 
@@ -91,7 +65,7 @@ def test_a_check_after_the_server_killed_the_threads_backend_answers(
         assert len(pids) == 1
         assert _check(storage, "gone@example.net").startswith("550")
         assert _thread_pids(storage) == pids  # the same connection, kept
-        _terminate(admin, pids)
+        terminate_backends(admin, pids)
         # Not an error (which the listener answers by accepting unchecked): a fresh connection.
         assert _check(storage, "gone@example.net").startswith("550")
         assert _thread_pids(storage).isdisjoint(pids)
@@ -106,15 +80,15 @@ def test_shutdown_closes_the_threads_connections(make_app, own_postgresql_databa
     storage = Storage(app, 2)
     _check(storage, "a@example.net")
     pids = _thread_pids(storage)
-    assert pids and pids <= _backends(admin, name)
+    assert pids and pids <= backend_pids(admin, name)
     connections = list(storage._connections)
     storage.close()
     assert all(c.closed for c in connections)
     assert not storage._connections
     deadline = time.monotonic() + 30
-    while pids & _backends(admin, name) and time.monotonic() < deadline:
+    while pids & backend_pids(admin, name) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not pids & _backends(admin, name)
+    assert not pids & backend_pids(admin, name)
 
 
 def test_a_check_that_fails_discards_its_connection(make_app, own_postgresql_database) -> None:
@@ -153,7 +127,7 @@ def test_rcpt_over_smtp_after_the_server_killed_every_backend(
         assert client.rcpt("gone@example.net")[0] == 550
         assert client.rcpt("bob@example.net")[0] == 250
         client.rset()
-        _terminate(admin, _backends(admin, name))
+        terminate_backends(admin, backend_pids(admin, name))
         for _ in range(3):  # whichever storage threads serve them
             client.mail("alice@example.com")
             assert client.rcpt("gone@example.net")[0] == 550
