@@ -198,6 +198,9 @@ class StdoutJsonHandler(logging.StreamHandler):
         self.addFilter(RequestIdFilter())
         given = (log_format or os.environ.get(FORMAT_ENV) or "auto").strip().lower()
         self.log_format = given if given in FORMATS else "auto"
+        # (stream, is it a terminal): asked once per stream object, not per record (an
+        # ioctl that lets go of the GIL, for the listener's line of every accepted message).
+        self._terminal: tuple[Any, bool] | None = None
 
     @property
     def role(self) -> str:
@@ -211,15 +214,22 @@ class StdoutJsonHandler(logging.StreamHandler):
     def stream(self, _value: Any) -> None:
         pass
 
+    def _on_terminal(self) -> bool:
+        stream = self.stream
+        known = self._terminal
+        if known is None or known[0] is not stream:
+            known = self._terminal = (stream, _is_terminal(stream))
+        return known[1]
+
     def _as_text(self) -> bool:
         if self.log_format == "auto":
-            return _is_terminal(self.stream)
+            return self._on_terminal()
         return self.log_format == "text"
 
     def filter(self, record: logging.LogRecord) -> bool:
         # An operator typing a command on a terminal wants its answer, not its info chatter.
         if (record.levelno < logging.WARNING and self.role == "cli"
-                and self.log_format == "auto" and _is_terminal(self.stream)):
+                and self.log_format == "auto" and self._on_terminal()):
             return False
         return bool(super().filter(record))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -93,6 +94,24 @@ def on_a_terminal(monkeypatch) -> None:
 def test_auto_is_json_on_a_pipe(capsys) -> None:
     StdoutJsonHandler("worker", "auto").handle(_record(logging.INFO, "piped"))
     assert json.loads(capsys.readouterr().out)["message"] == "piped"
+
+
+def test_the_terminal_is_asked_once_per_stream(monkeypatch, capsys) -> None:
+    """Asked once for a stream, again when the stream is another (test runners swap it)."""
+    asked = []
+    monkeypatch.setattr(logging_setup, "_is_terminal",
+                        lambda stream: asked.append(stream) or False)
+    handler = StdoutJsonHandler("worker", "auto")
+    for n in range(3):
+        handler.handle(_record(logging.INFO, f"line {n}"))
+    first = sys.stdout
+    assert asked == [first]
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    handler.handle(_record(logging.INFO, "elsewhere"))
+    assert asked == [first, sys.stdout]
+    assert json.loads(sys.stdout.getvalue())["message"] == "elsewhere"
+    assert [json.loads(line)["message"] for line in capsys.readouterr().out.splitlines()] == \
+        ["line 0", "line 1", "line 2"]
 
 
 def test_auto_is_text_on_a_terminal(capsys, on_a_terminal) -> None:
