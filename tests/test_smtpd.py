@@ -414,3 +414,38 @@ def test_a_handler_with_hooks_of_its_own_gets_aiosmtpds_constructor():
 
     handler = types.SimpleNamespace(handle_DATA=lambda *args: "250 OK")
     assert protocol._lookups(protocol.ElemtaSMTP, handler) is None
+
+
+def test_the_client_address_follows_the_session_and_its_proxy_header():
+    """``client_ip`` is parsed once per session and PROXY header: a new session (STARTTLS
+    starts one) or a PROXY header read later gives the address of those, not the kept one."""
+    import asyncio
+    import ipaddress
+    import types
+
+    from aiosmtpd.smtp import Session
+
+    from app.smtpd import protocol
+    from app.smtpd.handler import QueueHandler
+
+    handler = QueueHandler(types.SimpleNamespace(relay_networks=["127.0.0.0/8"]), None, None)
+    loop = asyncio.new_event_loop()
+    try:
+        server = protocol.ElemtaSMTP(handler, listener=None, loop=loop)
+        assert server.client_ip is None
+        server.session = Session(loop)
+        server.session.peer = ("::ffff:192.0.2.7", 2525, 0, 0)
+        assert server.client_ip == ipaddress.ip_address("192.0.2.7")
+        assert server.client_ip == ipaddress.ip_address("192.0.2.7")
+        server.session.proxy_data = types.SimpleNamespace(src_addr="198.51.100.9")
+        assert server.client_ip == ipaddress.ip_address("198.51.100.9")
+        server.session.proxy_data = types.SimpleNamespace(src_addr=None)
+        assert server.client_ip == ipaddress.ip_address("192.0.2.7")
+        server.session = Session(loop)
+        server.session.peer = ("203.0.113.5", 25)
+        assert server.client_ip == ipaddress.ip_address("203.0.113.5")
+        server.session = Session(loop)
+        server.session.peer = "not an address"
+        assert server.client_ip is None
+    finally:
+        loop.close()

@@ -250,6 +250,8 @@ class ElemtaSMTP(SMTP):
             self._init_as_aiosmtpd(handler, lookups, command_call_limit=COMMAND_CALL_LIMITS,
                                    **kwargs)
         self.listener = listener
+        # (session, its proxy_data, the client's address parsed from them): see client_ip.
+        self._client_ip_of: tuple[Any, Any, IPAddress | None] | None = None
         self._command: str | None = None
         self._command_arg: str | None = None
         self._data_started = False
@@ -383,13 +385,23 @@ class ElemtaSMTP(SMTP):
 
     @property
     def client_ip(self) -> IPAddress | None:
-        """The client's address: the PROXY header's source when one was received."""
-        if self.session is None:
+        """The client's address: the PROXY header's source when one was received.
+
+        Parsed once per session and PROXY header (it is asked for at every RCPT and DATA);
+        STARTTLS starts a new session, a PROXY header sets ``proxy_data``: both parse again."""
+        session = self.session
+        if session is None:
             return None
-        proxy = self.session.proxy_data
+        proxy = session.proxy_data
+        known = self._client_ip_of
+        if known is not None and known[0] is session and known[1] is proxy:
+            return known[2]
         if proxy is not None and getattr(proxy, "src_addr", None) is not None:
-            return client_ip(str(proxy.src_addr))
-        return client_ip(self.session.peer)
+            ip = client_ip(str(proxy.src_addr))
+        else:
+            ip = client_ip(session.peer)
+        self._client_ip_of = (session, proxy, ip)
+        return ip
 
     @property
     def over_tls(self) -> bool:
