@@ -140,31 +140,31 @@ def _inserts_seen(app, batch: list[service.NewMessage]) -> tuple[list[str], list
     return ids, seen
 
 
-def test_a_small_batch_goes_in_as_arrays_on_postgresql_and_reads_back_the_same(
+def test_a_small_batch_goes_in_by_copy_on_postgresql_and_reads_back_the_same(
         app, session, monkeypatch):
-    """PostgreSQL: a batch of up to 1 MiB of content is written by one ``unnest`` INSERT per
-    table (app/arrayinsert.py, unseen by before_cursor_execute); the rows read back exactly as
-    those of the same batch written by the Core INSERTs, which SQLite and larger batches use."""
+    """PostgreSQL: a batch of up to 1 MiB of content is written by one binary COPY per table
+    (app/copyinsert.py, unseen by before_cursor_execute); the rows read back exactly as those
+    of the same batch written by the Core INSERTs, which SQLite and larger batches use."""
     from app.queue import accepting
 
     postgres = session.get_bind().dialect.name == "postgresql"
-    arrays, seen_arrays = _inserts_seen(app, _batch("a"))
+    copied, seen_copied = _inserts_seen(app, _batch("a"))
     monkeypatch.setattr(accepting, "SMALL_BATCH_BYTES", 0)
     core, seen_core = _inserts_seen(app, _batch("a"))
     tables = ("messages", "message_contents", "recipients", "delivery_events")
     assert [t for t in tables if any(f"INTO {t} " in s for s in seen_core)] == list(tables)
-    assert [t for t in tables if any(f"INTO {t} " in s for s in seen_arrays)] == (
+    assert [t for t in tables if any(f"INTO {t} " in s for s in seen_copied)] == (
         [] if postgres else list(tables))
-    for one, other in zip(arrays, core, strict=True):
+    for one, other in zip(copied, core, strict=True):
         assert rows_of(session, one) == rows_of(session, other)
-    stored = rows_of(session, arrays[0])
+    stored = rows_of(session, copied[0])
     assert stored["message"]["sender"] == "a-élodie@exämple.com"
     assert stored["message"]["subject"] == "Grüße — 日本語"
     assert [r[0] for r in stored["recipients"]] == [
         "bob@example.net", "ünïcødé@exämple.org", "carol@example.org"]
     assert stored["events"][0][3] == "note a ✓" and stored["events"][0][8] is None
     assert stored["events"][0][10] == []
-    assert rows_of(session, arrays[2])["raw"].endswith(b"\0\xff\xfe")
-    assert len(rows_of(session, arrays[2])["recipients"]) == 12
+    assert rows_of(session, copied[2])["raw"].endswith(b"\0\xff\xfe")
+    assert len(rows_of(session, copied[2])["recipients"]) == 12
     counts = queue_counts(session)
     assert counts["pending"] == 6

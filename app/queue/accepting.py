@@ -3,8 +3,9 @@
 ``add_messages`` writes what ``service.add_message`` writes for each message (the message,
 its content, its recipients, its ``reception`` event, and when a ``hold``/``defer`` rule in
 force catches it, the rule's effect, hit and ``system`` event), but for a whole batch with one
-multi-row INSERT per table instead of the ORM's unit of work: the rows are plain dicts, the
-rules in force are read once per batch, and nothing is flushed per message. On PostgreSQL that
+statement per table (a binary COPY on PostgreSQL, a multi-row INSERT on SQLite) instead of
+the ORM's unit of work: the rows are plain tuples, the rules in force are read once per batch,
+and nothing is flushed per message. On PostgreSQL that
 also means one run of the statement-level queue-count trigger per batch instead of one per
 message (docs/PERFORMANCE.md, "Side by side with Postfix"). No commit: the caller's
 transaction makes the batch durable, and the listener answers 250 only after that commit.
@@ -22,8 +23,9 @@ from typing import Any, cast
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from ..arrayinsert import SMALL_BATCH_BYTES, ArrayInsert, supported
+from ..arrayinsert import SMALL_BATCH_BYTES, supported
 from ..control import rulebook
+from ..copyinsert import CopyInsert
 from ..errors import ValidationFailed
 from ..models import DeliveryEvent, Message, MessageContent, Recipient, Rule
 from ..timeutil import isoformat_z, utcnow
@@ -46,16 +48,18 @@ _HOLD_DEFER_RULES = sa.select(Rule.id, Rule.sender, Rule.recipient, Rule.domain,
     sa.or_(Rule.action == "hold", Rule.action == "defer")).order_by(Rule.id)
 # Every row of one executemany must name the same columns.
 _EVENT_COLUMNS = tuple(c.name for c in DeliveryEvent.__table__.c if c.name != "id")
-# On PostgreSQL, the same four INSERTs as one fixed ``INSERT ... SELECT * FROM unnest(arrays)``
-# each (app/arrayinsert.py): one statement text whatever the batch size, less CPU per accepted
-# message in the listener and the database than the multi-row VALUES above
-# (docs/PERFORMANCE.md, "Intake, group commit as arrays"). They run on the raw psycopg cursor
-# of the session's transaction, so SQLAlchemy's before_cursor_execute events do not see them.
-# Batches with more than SMALL_BATCH_BYTES of content, and SQLite, keep the statements above.
-_ARRAY_MESSAGES = ArrayInsert(cast(sa.Table, Message.__table__))
-_ARRAY_CONTENTS = ArrayInsert(cast(sa.Table, MessageContent.__table__))
-_ARRAY_RECIPIENTS = ArrayInsert(cast(sa.Table, Recipient.__table__))
-_ARRAY_EVENTS = ArrayInsert(cast(sa.Table, DeliveryEvent.__table__), _EVENT_COLUMNS)
+# On PostgreSQL, the same four tables written by one binary COPY each (app/copyinsert.py):
+# psycopg formats the rows in C, no arrays built in Python, less CPU per accepted message in
+# the listener (docs/PERFORMANCE.md, "Intake, storage side"). They run on the raw psycopg
+# cursor of the session's transaction, so SQLAlchemy's before_cursor_execute events do not
+# see them. Batches with more than SMALL_BATCH_BYTES of content, and SQLite, keep the
+# statements above. Rows are tuples in the order of each COPY's columns.
+_COPY_MESSAGES = CopyInsert(cast(sa.Table, Message.__table__))
+_COPY_CONTENTS = CopyInsert(cast(sa.Table, MessageContent.__table__))
+_COPY_RECIPIENTS = CopyInsert(cast(sa.Table, Recipient.__table__))
+_COPY_EVENTS = CopyInsert(cast(sa.Table, DeliveryEvent.__table__), _EVENT_COLUMNS)
+_EVENT_INDEX = {name: index for index, name in enumerate(_EVENT_COLUMNS)}
+_NO_EVENT: tuple[Any, ...] = tuple([] if name == "threats" else None for name in _EVENT_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,16 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def _event(**values: Any) -> dict[str, Any]:
-    row = dict.fromkeys(_EVENT_COLUMNS)
-    row["threats"] = []
-    row.update(values)
-    return row
+def _event(**values: Any) -> tuple[Any, ...]:
+    """An event row in ``_EVENT_COLUMNS`` order: the given values, None or [] elsewhere."""
+    row = list(_NO_EVENT)
+    for name, value in values.items():
+        row[_EVENT_INDEX[name]] = value
+    return tuple(row)
+
+
+def _as_dicts(copy: CopyInsert, rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    return [dict(zip(copy.columns, row, strict=True)) for row in rows]
 
 
 def add_messages(session: so.Session, new: Sequence[NewMessage]) -> list[str]:
@@ -106,10 +115,10 @@ def add_messages(session: so.Session, new: Sequence[NewMessage]) -> list[str]:
         raise ValidationFailed("A message needs at least one recipient")
     connection = session.connection()
     rules = connection.execute(_HOLD_DEFER_RULES, {"now": utcnow()}).all()
-    messages: list[dict[str, Any]] = []
-    contents: list[dict[str, Any]] = []
-    recipients: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
+    messages: list[tuple[Any, ...]] = []
+    contents: list[tuple[Any, ...]] = []
+    recipients: list[tuple[Any, ...]] = []
+    events: list[tuple[Any, ...]] = []
     hits: Counter[int] = Counter()
     counted: Counter[shape.Key] = Counter()  # the queue shape's deltas (shape.note)
     for item in new:
@@ -121,19 +130,12 @@ def add_messages(session: so.Session, new: Sequence[NewMessage]) -> list[str]:
         if rule is not None:
             state = QueueState.HELD if rule.action == "hold" else QueueState.DEFERRED
             due = now if rule.action == "hold" else rule.expires_at
-        messages.append({
-            "id": item.id, "sender": item.sender, "subject": subject_of(item.raw)[:998],
-            "size": len(item.raw), "priority": item.priority, "queue_state": state,
-            "attempts": 0, "origin": item.origin, "created_at": now, "updated_at": now,
-            "next_attempt_at": due, "last_error": None,
-        })
-        contents.append({"message_id": item.id, "raw": item.raw})
-        recipients.extend({
-            "message_id": item.id, "address": address, "domain": domain_of(address),
-            "status": RecipientStatus.PENDING, "attempts": 0, "last_error": None,
-            "last_attempt_at": None, "next_attempt_at": due, "lease_owner": None,
-            "lease_expires_at": None,
-        } for address in addresses)
+        # In the order of the tables' columns (_COPY_*.columns).
+        messages.append((item.id, item.sender, subject_of(item.raw)[:998], len(item.raw),
+                         item.priority, state, 0, item.origin, now, now, due, None))
+        contents.append((item.id, item.raw))
+        recipients.extend((item.id, address, domain_of(address), RecipientStatus.PENDING, 0,
+                           None, None, due, None, None) for address in addresses)
         # The reception says what acceptance did (queued, pending); a rule's effect follows
         # as an event of its own, as in service.add_message.
         events.append(_event(
@@ -148,15 +150,15 @@ def add_messages(session: so.Session, new: Sequence[NewMessage]) -> list[str]:
         counted.update(shape.row_contribution(state, item.sender, now,
                                               [domain_of(a) for a in addresses]))
     if supported(connection) and sum(len(item.raw) for item in new) <= SMALL_BATCH_BYTES:
-        _ARRAY_MESSAGES.execute(connection, messages)
-        _ARRAY_CONTENTS.execute(connection, contents)
-        _ARRAY_RECIPIENTS.execute(connection, recipients)
-        _ARRAY_EVENTS.execute(connection, events)
+        _COPY_MESSAGES.execute(connection, messages)
+        _COPY_CONTENTS.execute(connection, contents)
+        _COPY_RECIPIENTS.execute(connection, recipients)
+        _COPY_EVENTS.execute(connection, events)
     else:
-        connection.execute(_INSERT_MESSAGES, messages)
-        connection.execute(_INSERT_CONTENTS, contents)
-        connection.execute(_INSERT_RECIPIENTS, recipients)
-        connection.execute(_INSERT_EVENTS, events)
+        connection.execute(_INSERT_MESSAGES, _as_dicts(_COPY_MESSAGES, messages))
+        connection.execute(_INSERT_CONTENTS, _as_dicts(_COPY_CONTENTS, contents))
+        connection.execute(_INSERT_RECIPIENTS, _as_dicts(_COPY_RECIPIENTS, recipients))
+        connection.execute(_INSERT_EVENTS, _as_dicts(_COPY_EVENTS, events))
     for rule_id, count in sorted(hits.items()):  # a stable order: concurrent batches lock alike
         connection.execute(sa.update(Rule).where(Rule.id == rule_id)
                            .values(hits=Rule.hits + count))
@@ -165,7 +167,7 @@ def add_messages(session: so.Session, new: Sequence[NewMessage]) -> list[str]:
 
 
 def _rule_event(item: NewMessage, rule: rulebook.RuleFields, state: str,
-                now: dt.datetime) -> dict[str, Any]:
+                now: dt.datetime) -> tuple[Any, ...]:
     action = "held" if state == QueueState.HELD else "deferred"
     return _event(timestamp=now, event_type="system", message_id=item.id, sender=item.sender,
                   message=f"Message {item.id} {action} by rule {rule.id} (until "
