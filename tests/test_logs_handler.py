@@ -141,7 +141,7 @@ def test_records_made_while_writing_are_not_stored(logging_app):
         logging.getLogger("elemta.test.inside").error("logged while writing")
 
     sa.event.listen(handler._engine, "before_cursor_execute", log_inside)
-    # On PostgreSQL the batch is an array INSERT, which cursor events do not see: the
+    # On PostgreSQL the batch is a binary COPY, which cursor events do not see: the
     # transaction's begin, also in the drain thread, logs there too.
     sa.event.listen(handler._engine, "begin", log_inside)
     sql_logger = logging.getLogger("sqlalchemy.engine")
@@ -338,23 +338,23 @@ def test_old_records_are_pruned_automatically(logging_app):
 def test_records_logged_close_together_share_a_transaction(logging_app, monkeypatch):
     """The drain thread lets a batch fill (``gather``) before writing it: a burst of records,
     as a busy listener logs one per message, goes in one INSERT, every record in its order.
-    On PostgreSQL that INSERT is an array insert (app/arrayinsert.py), which SQLAlchemy's
-    cursor events do not see."""
+    On PostgreSQL it is a binary COPY (app/copyinsert.py), which SQLAlchemy's cursor events
+    do not see."""
     from app.logs import handler as handler_module
 
     app = logging_app()
     handler = installed_handler()
     handler.drain()
     inserts: list[int] = []
-    arrays: list[int] = []
-    array_insert = handler_module._ARRAY_INSERT
-    real_execute = array_insert.execute
+    copies: list[int] = []
+    copy_insert = handler_module._COPY
+    real_execute = copy_insert.execute
 
     def execute(conn, rows):  # type: ignore[no-untyped-def]
-        arrays.append(len(rows))
+        copies.append(len(rows))
         real_execute(conn, rows)
 
-    monkeypatch.setattr(array_insert, "execute", execute)
+    monkeypatch.setattr(copy_insert, "execute", execute)
 
     @sa.event.listens_for(handler._engine, "before_cursor_execute")
     def count(conn, cursor, statement, parameters, context, executemany):
@@ -370,6 +370,6 @@ def test_records_logged_close_together_share_a_transaction(logging_app, monkeypa
     finally:
         sa.event.remove(handler._engine, "before_cursor_execute", count)
     postgres = handler._engine.dialect.name == "postgresql"
-    assert (arrays, inserts) == (([20], []) if postgres else ([], [20]))
+    assert (copies, inserts) == (([20], []) if postgres else ([], [20]))
     assert [r.message for r in stored(app, "elemta.test.burst")] == [
         f"queued {n}" for n in range(20)]

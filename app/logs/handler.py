@@ -42,8 +42,8 @@ from typing import Any, cast
 import sqlalchemy as sa
 from flask import Flask
 
-from ..arrayinsert import ArrayInsert, supported
 from ..config import DEFAULTS
+from ..copyinsert import CopyInsert
 from ..database import is_transient_conflict
 from ..errors import is_database_unavailable
 from ..logging_setup import detect_role
@@ -52,8 +52,10 @@ from .levels import canonical_levelno, level_name, levelno_of
 from .service import prune_system_logs
 
 log = logging.getLogger("elemta.logs.handler")
-# A batch of records as one array INSERT on PostgreSQL (``_write``).
-_ARRAY_INSERT = ArrayInsert(cast(sa.Table, SystemLog.__table__))
+# A batch of records as one binary COPY on PostgreSQL (``_write``). A record's row is a tuple
+# in the order of its columns: timestamp, levelno, level, logger, message, process.
+_COPY = CopyInsert(cast(sa.Table, SystemLog.__table__))
+_Row = tuple[dt.datetime, int, str, str, str, str]
 
 APP_LOGGER_PREFIX = "elemta"
 NEVER_STORED = ("sqlalchemy", log.name)
@@ -180,14 +182,14 @@ class DatabaseLogHandler(logging.Handler):
         try:
             if self._closed:
                 return
-            row = {
-                "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC),
-                "levelno": canonical_levelno(record.levelno),
-                "level": level_name(record.levelno),
-                "logger": _clean_text(record.name[:255]),
-                "message": _message_of(record),
-                "process": f"{self.role}:{record.process or os.getpid()}"[:64],
-            }
+            row: _Row = (
+                dt.datetime.fromtimestamp(record.created, dt.UTC),
+                canonical_levelno(record.levelno),
+                level_name(record.levelno),
+                _clean_text(record.name[:255]),
+                _message_of(record),
+                f"{self.role}:{record.process or os.getpid()}"[:64],
+            )
             if self._thread is None:
                 self._start_thread()
             self._queue.put_nowait(row)
@@ -264,7 +266,7 @@ class DatabaseLogHandler(logging.Handler):
 
     def _run(self) -> None:
         _thread_state.writing = True
-        batch: list[dict[str, Any]] = []
+        batch: list[_Row] = []
         markers: list[_FlushMarker] = []
         next_prune = time.monotonic() + min(60.0, self.prune_interval)
         while True:
@@ -295,8 +297,8 @@ class DatabaseLogHandler(logging.Handler):
                 self._prune()
                 next_prune = time.monotonic() + self.prune_interval
 
-    def _collect(self) -> tuple[list[dict[str, Any]], list[_FlushMarker]]:
-        rows: list[dict[str, Any]] = []
+    def _collect(self) -> tuple[list[_Row], list[_FlushMarker]]:
+        rows: list[_Row] = []
         markers: list[_FlushMarker] = []
         try:
             item = self._queue.get(timeout=self.flush_interval)
@@ -328,18 +330,17 @@ class DatabaseLogHandler(logging.Handler):
         for marker in markers:
             marker.done.set()
 
-    def _write(self, batch: list[dict[str, Any]], *, first_failure: bool) -> str:
+    def _write(self, batch: list[_Row], *, first_failure: bool) -> str:
         """``ok``, ``retry`` (database unavailable: keep the batch) or ``drop``."""
         try:
             with self._engine.begin() as conn:
-                if supported(conn):
-                    # PostgreSQL: the batch as one fixed INSERT ... SELECT * FROM unnest(arrays)
-                    # (app/arrayinsert.py), run on the raw psycopg cursor: SQLAlchemy's
-                    # before_cursor_execute events do not see it.
-                    _ARRAY_INSERT.execute(conn, batch)
+                if conn.dialect.name == "postgresql":
+                    # The batch as one binary COPY (app/copyinsert.py), run on the raw psycopg
+                    # cursor: SQLAlchemy's before_cursor_execute events do not see it.
+                    _COPY.execute(conn, batch)
                 else:
-                    # Core insert into the table (declarative types __table__ as a FromClause)
-                    conn.execute(sa.insert(cast(sa.Table, SystemLog.__table__)), batch)
+                    conn.execute(sa.insert(_COPY.table),
+                                 [dict(zip(_COPY.columns, row, strict=True)) for row in batch])
             return "ok"
         except Exception as exc:
             reason = _short_reason(exc)
