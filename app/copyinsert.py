@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
@@ -66,15 +67,15 @@ class CopyInsert:
             columns = [c.name for c in table.c
                        if not (c.primary_key and c.autoincrement is True)]
         self.columns = tuple(columns)
-        self._compiled: dict[str, tuple[str, list[str], list[tuple[int, _Processor]]]] = {}
+        self._compiled: dict[str, tuple[str, list[int], list[tuple[int, _Processor]]]] = {}
 
-    def _compile(self, dialect: Dialect) -> tuple[str, list[str], list[tuple[int, _Processor]]]:
+    def _compile(self, dialect: Dialect) -> tuple[str, list[int], list[tuple[int, _Processor]]]:
         preparer = dialect.identifier_preparer
-        types = []
+        types = []  # as oids: set_types looks names up in the registry on every call
         processors = []
         for index, name in enumerate(self.columns):
             column = self.table.c[name]
-            types.append(wire_type(column, dialect))
+            types.append(psycopg.adapters.types.get_oid(wire_type(column, dialect)))
             process = column.type.dialect_impl(dialect).bind_processor(dialect)
             if process is not None:
                 processors.append((index, process))
@@ -83,7 +84,7 @@ class CopyInsert:
                f"FROM STDIN (FORMAT BINARY)")
         return sql, types, processors
 
-    def _compiled_for(self, dialect: Dialect) -> tuple[str, list[str],
+    def _compiled_for(self, dialect: Dialect) -> tuple[str, list[int],
                                                          list[tuple[int, _Processor]]]:
         compiled = self._compiled.get(dialect.name)
         if compiled is None:
