@@ -1,11 +1,12 @@
 """Many rows in one ``COPY ... FROM STDIN (FORMAT BINARY)`` on PostgreSQL.
 
-``ArrayInsert`` (app/arrayinsert.py) sends one array per column; psycopg builds those arrays
-in Python, element by element, which was the largest single cost of the listener's group
-commit (docs/PERFORMANCE.md, "Intake, storage side"). A binary COPY sends the rows as they
-are: psycopg's ``write_row`` formats each row in C (psycopg_binary) with the dumpers chosen
-once per statement by ``set_types``, and the server decodes each value with its type's
-binary receive function, as for a bound parameter. Nothing comes back, so it suits tables
+It replaced ``INSERT ... SELECT * FROM unnest(one array per column)`` (formerly
+app/arrayinsert.py), whose arrays psycopg builds in Python, element by element: the largest
+single cost of the listener's group commit (docs/PERFORMANCE.md, "Intake, storage side:
+binary COPY"). A binary COPY sends the rows as they are: psycopg's ``write_row`` formats
+each row in C (psycopg_binary) with the dumpers chosen once per statement by ``set_types``,
+and the server decodes each value with its type's binary receive function, as for a bound
+parameter. Nothing comes back, so it suits tables
 whose keys the caller makes (message ids) or does not read (serial ids).
 
 COPY runs the table's triggers (statement-level ones with transition tables too) and checks
@@ -18,7 +19,9 @@ caller's transaction. It bypasses SQLAlchemy's ``before_cursor_execute`` and
 processors (``UTCDateTime``'s checks, JSON's serialisation), as through Core. It cannot run
 inside a psycopg pipeline (``database.pipelined``).
 
-For PostgreSQL only; callers keep their Core path for SQLite.
+For PostgreSQL only; callers keep their Core path for SQLite, and the listener's group
+commit keeps it for batches with more than ``SMALL_BATCH_BYTES`` of content (a large message
+goes as one bound ``bytea`` parameter, as it always has).
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
+# Above this much content per batch, the listener keeps the Core INSERT (see the module's text).
+SMALL_BATCH_BYTES = 1024 * 1024
+
 _Processor = Any  # a column type's bind processor, or None
+
+
+def supported(connection: sa.Connection) -> bool:
+    return connection.dialect.name == "postgresql"
 
 # SQLAlchemy's type -> the name psycopg knows its binary dumper by; subclasses before their
 # bases (a SmallInteger is an Integer). Binary COPY applies no cast: the sizes must match.

@@ -23,9 +23,8 @@ from typing import Any, cast
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
-from ..arrayinsert import SMALL_BATCH_BYTES, supported
 from ..control import rulebook
-from ..copyinsert import CopyInsert
+from ..copyinsert import SMALL_BATCH_BYTES, CopyInsert, supported
 from ..errors import ValidationFailed
 from ..models import DeliveryEvent, Message, MessageContent, Recipient, Rule
 from ..timeutil import isoformat_z, utcnow
@@ -50,10 +49,11 @@ _HOLD_DEFER_RULES = sa.select(Rule.id, Rule.sender, Rule.recipient, Rule.domain,
 _EVENT_COLUMNS = tuple(c.name for c in DeliveryEvent.__table__.c if c.name != "id")
 # On PostgreSQL, the same four tables written by one binary COPY each (app/copyinsert.py):
 # psycopg formats the rows in C, no arrays built in Python, less CPU per accepted message in
-# the listener (docs/PERFORMANCE.md, "Intake, storage side"). They run on the raw psycopg
-# cursor of the session's transaction, so SQLAlchemy's before_cursor_execute events do not
-# see them. Batches with more than SMALL_BATCH_BYTES of content, and SQLite, keep the
-# statements above. Rows are tuples in the order of each COPY's columns.
+# the listener and the database (docs/PERFORMANCE.md, "Intake, storage side: binary COPY").
+# They run on the raw psycopg cursor of the session's transaction, so SQLAlchemy's
+# before_cursor_execute events do not see them. Batches with more than SMALL_BATCH_BYTES of
+# content, and SQLite, keep the statements above. Rows are tuples in the order of each COPY's
+# columns.
 _COPY_MESSAGES = CopyInsert(cast(sa.Table, Message.__table__))
 _COPY_CONTENTS = CopyInsert(cast(sa.Table, MessageContent.__table__))
 _COPY_RECIPIENTS = CopyInsert(cast(sa.Table, Recipient.__table__))
