@@ -525,8 +525,13 @@ def validate(app: Flask) -> None:
     else:
         # No pool_pre_ping: app/database.py checks a pooled connection at checkout without a
         # round trip unless the server has sent something on it (a terminated backend).
-        cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("pool_size", 10)
-        cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("max_overflow", 20)
+        # 30 kept connections and no overflow: the ceiling of the former 10 + 20 overflow, but
+        # a burst no longer opens overflow connections only to close them on return (with 32
+        # API threads, ~80 PostgreSQL sessions opened and closed in 6 s; docs/PERFORMANCE.md,
+        # "HTTP, thread switches around the stats read"). A process keeps what its busiest
+        # moment opened; one with fewer threads (listener, worker) never opens more than those.
+        cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("pool_size", 30)
+        cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("max_overflow", 0)
         # A database host that drops packets must make /readyz answer 503, not hang. A
         # connect_timeout given in the URL is left to the URL (connect_args would override it).
         if "connect_timeout=" not in cfg["SQLALCHEMY_DATABASE_URI"]:
