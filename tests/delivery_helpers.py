@@ -49,6 +49,7 @@ class Behaviour:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str = "250 2.0.0 Ok: queued"
     drop_at: str | None = None  # "mail" | "rcpt" | "data": close without answering
+    drops: int | None = None  # how many times drop_at drops (None: every time)
     stall_at: str | None = None  # same points: wait (longer than the client's timeout)
     stall_seconds: float = 3.0
     before_data_reply: Callable[[], None] | None = None  # runs before DATA is answered
@@ -65,7 +66,9 @@ class _Handler:
                 await asyncio.wait_for(self.peer.release_stall.wait(), b.stall_seconds)
             except TimeoutError:
                 pass
-        if b.drop_at == point:
+        if b.drop_at == point and b.drops != 0:
+            if b.drops is not None:
+                b.drops -= 1
             server.transport.abort()
             return True
         return False
@@ -108,8 +111,19 @@ class _Handler:
         return reply
 
 
+class _PipeliningHandler(_Handler):
+    """Advertises PIPELINING (RFC 2920); aiosmtpd reads commands line by line, so it copes."""
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves it to a handler with this hook
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
 class _CountingSMTP(SMTP):
-    """Counts connections: all of them and the most open at once."""
+    """Counts connections: all of them and the most open at once; with ``peer.record_reads``,
+    keeps every chunk read from the socket (what the client sent in one write arrives as one
+    chunk on loopback)."""
 
     def __init__(self, *args: Any, peer: Peer, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -127,11 +141,17 @@ class _CountingSMTP(SMTP):
             self.peer.open_now -= 1
         super().connection_lost(error)
 
+    def data_received(self, data: bytes) -> None:
+        if self.peer.record_reads:
+            with self.peer.lock:
+                self.peer.reads.append(data)
+        super().data_received(data)
+
 
 class _Controller(Controller):
     def __init__(self, peer: Peer, **kwargs: Any) -> None:
         self.peer = peer
-        super().__init__(_Handler(peer), **kwargs)
+        super().__init__((_PipeliningHandler if peer.pipelining else _Handler)(peer), **kwargs)
 
     def factory(self) -> SMTP:
         return _CountingSMTP(self.handler, peer=self.peer, **self.SMTP_kwargs)
@@ -141,8 +161,12 @@ class Peer:
     """An aiosmtpd server on 127.0.0.1:<free port> that records what it accepted."""
 
     def __init__(self, behaviour: Behaviour | None = None, *, host: str = "127.0.0.1",
-                 port: int | None = None, **smtp_kwargs: Any) -> None:
+                 port: int | None = None, pipelining: bool = False,
+                 record_reads: bool = False, **smtp_kwargs: Any) -> None:
         self.behaviour = behaviour or Behaviour()
+        self.pipelining = pipelining
+        self.record_reads = record_reads
+        self.reads: list[bytes] = []
         self.host = host
         self.port = port or free_port()
         self.received: list[Received] = []

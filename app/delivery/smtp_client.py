@@ -3,7 +3,8 @@
 Per recipient the result comes from its RCPT reply, and for the recipients RCPT accepted, from
 the reply to the end of DATA. Connection failures, timeouts and lost connections are temporary
 failures for every recipient of the transaction. The SMTP code, enhanced status code
-(RFC 3463), remote host and IP are kept for the events.
+(RFC 3463), remote host and IP are kept for the events. The commands go pipelined (RFC 2920)
+when the server offers it (``smtp_exchange``).
 
 Internationalised mail (RFC 6531): ``MAIL FROM ... SMTPUTF8`` when an envelope address or the
 header section is not ASCII and the server offers SMTPUTF8. A server without it still gets
@@ -25,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from .routing import Hop, Route
+from .smtp_exchange import StaleConnection, exchange
 
 ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b", re.ASCII)
 _LINE_END = re.compile(rb"\r?\n")
@@ -256,14 +258,6 @@ class ConnectFailed(Exception):
         self.enhanced_code = enhanced_code
 
 
-class StaleConnection(Exception):
-    """The connection was gone before the transaction began (nothing was sent)."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
 class SmtpClient:
     """Delivers one message's recipients to one destination."""
 
@@ -451,19 +445,15 @@ class SmtpClient:
                     wire.append((rid, address, plain))
             if not wire:
                 return [refused[rid] for rid, _ in recipients]
-        response: bytes | str  # smtplib's replies are bytes; SMTPDataError's may be a str
-        try:
-            code, response = smtp.mail(sender, options)
-        except smtplib.SMTPServerDisconnected as exc:
-            raise StaleConnection(exc) from exc
+        replies = exchange(smtp, sender, options, [sent_as for _, _, sent_as in wire], data)
+        code, response = replies.mail
         if code >= 400:
             self._reset(smtp, code)
             return self._all(recipients, kind_of(code), reply_text(code, response), code,
                              enhanced_of(response, code), conn)
         results: dict[int, RecipientResult] = dict(refused)
         accepted: list[tuple[int, str]] = []
-        for recipient_id, address, sent_as in wire:
-            code, response = smtp.rcpt(sent_as)
+        for (recipient_id, address, _), (code, response) in zip(wire, replies.rcpt, strict=True):
             if 200 <= code < 300:
                 accepted.append((recipient_id, address))
             else:
@@ -471,10 +461,9 @@ class SmtpClient:
         if not accepted:
             self._reset(smtp, max((r.smtp_code or 0) for r in results.values()))
         else:
-            try:
-                code, response = smtp.data(data)
-            except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
-                code, response = exc.smtp_code, exc.smtp_error
+            assert replies.data is not None  # DATA is sent whenever a recipient was accepted
+            code, response = replies.data
+            if not replies.content_sent:  # DATA itself refused (no 354)
                 self._reset(smtp, code)
             for recipient_id, address in accepted:
                 results[recipient_id] = self._result(recipient_id, address, code, response, conn)
