@@ -226,3 +226,17 @@ def test_the_worker_over_a_pipelining_peer(app, make_app):
                          ("carol@example.net", "rejection", 550)]
         _assert_one_batch(peer, True, 2)
         assert peer.recipients_received() == ["bob@example.net"]
+
+
+@pytest.mark.parametrize("address", [
+    "", "bob@example.net", "a.b+c@x-y.example", "o'neil@example.com", "{x}|~@example.com",
+    "zoë@example.net", '"john doe"@example.com', "a..b@example.com", ".a@example.com",
+    "a@b@example.com", "<bob@example.net>", "bob", "bob@", "Bob <bob@example.net>",
+])
+def test_pipelined_paths_are_what_smtplib_would_send(address):
+    """The fast path for plain addresses gives exactly smtplib.quoteaddr's text."""
+    import smtplib
+
+    from app.delivery.smtp_exchange import _path
+
+    assert _path(address) == smtplib.quoteaddr(address)
