@@ -15,16 +15,24 @@ method, path, status, duration and the request id as separate fields.
 
 Only the handler added here is managed here: other handlers (the database handler of
 ``app.logs``, pytest's capture) are left alone.
+
+The SMTP listener writes its lines on a thread of its own (``stdout_on_own_thread``): its event
+loop only queues each record, so a slow stdout (a full pipe, journald) never stalls a session.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime as dt
 import json
 import logging
 import os
+import queue
 import re
 import sys
+from collections.abc import Iterator
+from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
 from flask import Flask, g, has_request_context
@@ -239,13 +247,86 @@ class StdoutJsonHandler(logging.StreamHandler):
         return super().format(record)
 
 
+class StdoutLaneHandler(QueueHandler):
+    """Stands in for a ``StdoutJsonHandler`` (``target``) on the root logger: queues each record
+    for the thread that writes them (``stdout_on_own_thread``).
+
+    The stdlib's ``prepare`` formats the line here and drops ``exc_info``, ``args`` and the
+    stack; the thread would then wrap that text as the message of a second line. This one only
+    does what must happen on the calling thread: the request id is read (``RequestIdFilter``:
+    Flask's ``g`` belongs to this thread) and the message merged with its arguments (they may
+    change once the call returns). Everything else the formatter reads (the exception, the
+    stack, the ``extra=`` fields) stays on the record, so the thread writes the same line, to
+    the byte, that the target would have written here.
+    """
+
+    def __init__(self, lane: queue.SimpleQueue[logging.LogRecord],
+                 target: StdoutJsonHandler) -> None:
+        super().__init__(lane)
+        self.target = target
+        self.addFilter(RequestIdFilter())
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # A copy: the other handlers (the database's, pytest's) see the record as it was.
+        record = copy.copy(record)
+        # Merged only for the usual %-style tuple: a dict message is python-json-logger's
+        # fields, dict arguments are gunicorn's access atoms; both stay as they are.
+        if record.args and isinstance(record.args, tuple) and not isinstance(record.msg, dict):
+            record.msg = record.getMessage()
+            record.args = None
+        return record
+
+
+@contextlib.contextmanager
+def stdout_on_own_thread() -> Iterator[None]:
+    """While inside: this process's stdout lines are written by a thread of their own (one
+    ``QueueListener``) instead of by the thread that logs; on the way out every queued line is
+    written and the ``StdoutJsonHandler`` takes its place back, so what is logged later (the
+    last lines of a stopping process) is written directly.
+
+    For the SMTP listener's processes (app/smtpd/server.py, processes.py): their event loop
+    must not wait on a write to stdout. Not for a process that forks while inside (a thread
+    may hold a lock the child would inherit held). Lines keep their order: one queue, one
+    writer; each carries the time it was logged at, not written at.
+    """
+    root = logging.getLogger()
+    targets = [h for h in root.handlers if isinstance(h, StdoutJsonHandler)]
+    if not targets:  # no stdout handler here (a test's own set-up): nothing to move
+        yield
+        return
+    target = targets[0]
+    lane: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    handler = StdoutLaneHandler(lane, target)
+    writer = QueueListener(lane, target, respect_handler_level=True)
+    writer.start()  # before the swap: no record is queued without a thread to write it
+    # Swapped in place, one atomic list assignment: no record is written twice or missed
+    # (add-then-remove or remove-then-add would), and the handlers keep their order.
+    root.handlers[root.handlers.index(target)] = handler
+    try:
+        yield
+    finally:
+        if handler in root.handlers:
+            root.handlers[root.handlers.index(handler)] = target
+        writer.stop()  # writes what is queued, then its thread ends
+        # A record queued by another thread just after stop()'s end marker: written here.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                target.handle(lane.get_nowait())
+
+
+def _stdout_handlers(root: logging.Logger) -> list[StdoutJsonHandler]:
+    """The process's ``StdoutJsonHandler``, on the root logger or behind its lane."""
+    return [h.target if isinstance(h, StdoutLaneHandler) else h for h in root.handlers
+            if isinstance(h, (StdoutJsonHandler, StdoutLaneHandler))]
+
+
 def configure_logging(app: Flask, role: str | None = None) -> None:
     """Send every record of this process as a log line to stdout, once per process."""
     role = role or detect_role()
     level = LEVELS.get(str(app.config.get("LOG_LEVEL", "info")).lower(), logging.INFO)
     log_format = str(app.config.get("LOG_FORMAT", "auto")).lower()
     root = logging.getLogger()
-    ours = [h for h in root.handlers if isinstance(h, StdoutJsonHandler)]
+    ours = _stdout_handlers(root)
     if not ours:
         root.addHandler(StdoutJsonHandler(role, log_format))
     else:

@@ -42,6 +42,7 @@ from typing import Any
 
 from flask import Flask
 
+from ..logging_setup import stdout_on_own_thread
 from .admission import (
     REPLY_SHUTTING_DOWN,
     Admission,
@@ -232,7 +233,10 @@ def _run_child(app: Flask, settings: ListenerSettings, sockets: Sequence[socket.
         await listener.stop()
         client.close()
 
-    asyncio.run(main())
+    # As with one process (server.serve). Here, in each listener process, not in the parent,
+    # which forks: a writer thread of the parent could hold stdout's lock at the fork.
+    with stdout_on_own_thread():
+        asyncio.run(main())
 
 
 # --------------------------------------------------------------------------- the parent side

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
+from ..logging_setup import stdout_on_own_thread
 from .acceptor import Acceptor
 from .admission import (
     REPLY_SHUTTING_DOWN,
@@ -379,7 +380,9 @@ def serve(app: Flask, settings: ListenerSettings,
         log.info("SMTP listener stopping")
         await listener.stop()
 
-    asyncio.run(main())
+    # The event loop queues its log lines, a thread writes them (docs/OPERATIONS.md, Logs).
+    with stdout_on_own_thread():
+        asyncio.run(main())
 
 
 class ListenerThread:
