@@ -41,6 +41,9 @@ from pythonjsonlogger.json import JsonEncoder
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 
 ROLE_ENV = "ELEMTA_PROCESS_ROLE"
+# Lines queued for the listener's writer thread before a logging call waits for room
+# (``stdout_on_own_thread``): seconds of mail at full rate, a few MB of records.
+LANE_CAPACITY = 10_000
 FORMAT_ENV = "ELEMTA_LOG_FORMAT"
 FORMATS = ("auto", "json", "text")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
@@ -260,11 +263,17 @@ class StdoutLaneHandler(QueueHandler):
     the byte, that the target would have written here.
     """
 
-    def __init__(self, lane: queue.SimpleQueue[logging.LogRecord],
-                 target: StdoutJsonHandler) -> None:
+    def __init__(self, lane: queue.Queue[Any], target: StdoutJsonHandler) -> None:
         super().__init__(lane)
+        self.lane = lane
         self.target = target
         self.addFilter(RequestIdFilter())
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        # Waits when LANE_CAPACITY lines are behind (stdout stuck: a paused terminal, a dead
+        # journald): the process then waits on its log as before, but no line is dropped and
+        # memory stays bounded. The stdlib's put_nowait would drop the line with an error.
+        self.lane.put(record)
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         # A copy: the other handlers (the database's, pytest's) see the record as it was.
@@ -275,6 +284,19 @@ class StdoutLaneHandler(QueueHandler):
             record.msg = record.getMessage()
             record.args = None
         return record
+
+
+class _LaneWriter(QueueListener):
+    """The thread writing the lane's lines; its end marker waits for room, as records do
+    (the stdlib's ``put_nowait`` would raise with the lane full, and the thread never end)."""
+
+    def __init__(self, lane: queue.Queue[Any], target: StdoutJsonHandler) -> None:
+        super().__init__(lane, target, respect_handler_level=True)
+        self.lane = lane
+
+    def enqueue_sentinel(self) -> None:
+        # The documented override point; _sentinel is the marker the base class's loop ends on.
+        self.lane.put(self._sentinel)  # type: ignore[attr-defined]  # not in typeshed
 
 
 @contextlib.contextmanager
@@ -295,9 +317,9 @@ def stdout_on_own_thread() -> Iterator[None]:
         yield
         return
     target = targets[0]
-    lane: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    lane: queue.Queue[Any] = queue.Queue(LANE_CAPACITY)
     handler = StdoutLaneHandler(lane, target)
-    writer = QueueListener(lane, target, respect_handler_level=True)
+    writer = _LaneWriter(lane, target)
     writer.start()  # before the swap: no record is queued without a thread to write it
     # Swapped in place, one atomic list assignment: no record is written twice or missed
     # (add-then-remove or remove-then-add would), and the handlers keep their order.

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
+from app import logging_setup
 from app.logging_setup import (
     StdoutJsonHandler,
     StdoutLaneHandler,
@@ -88,6 +89,18 @@ def test_the_message_is_the_one_at_the_call(lone_handler, capsys):
         logging.getLogger("elemta.smtpd").info("recipients %s", changing)
         changing[0] = "changed after the call"
     assert json.loads(capsys.readouterr().out)["message"] == "recipients ['first']"
+
+
+def test_a_full_lane_makes_the_caller_wait_never_drops_a_line(lone_handler, monkeypatch,
+                                                             capsys):
+    monkeypatch.setattr(logging_setup, "LANE_CAPACITY", 1)
+    with stdout_on_own_thread():
+        for number in range(200):
+            logging.getLogger("elemta.smtpd").info("line %d", number)
+    captured = capsys.readouterr()
+    assert [json.loads(line)["message"] for line in captured.out.splitlines()] == [
+        f"line {number}" for number in range(200)]
+    assert "Logging error" not in captured.err
 
 
 def test_other_handlers_see_the_record_untouched(lone_handler, monkeypatch, capsys):
