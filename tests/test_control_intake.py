@@ -28,7 +28,8 @@ CHECKS = [
 ]
 
 
-def test_one_recipient_is_refused_as_the_general_check_refuses_it(app, session):
+def _seed(app, session) -> None:
+    """The suppressions and rules CHECKS are checked against."""
     later = utcnow() + dt.timedelta(hours=1)
     with app.app_context():
         add_suppression(db.session, "gone@example.net", "user unknown", None, "test")
@@ -48,22 +49,52 @@ def test_one_recipient_is_refused_as_the_general_check_refuses_it(app, session):
                     .values(expires_at=utcnow() - dt.timedelta(seconds=1)))
     session.commit()
 
-    def hits() -> dict[int, int]:
-        session.expire_all()
-        return {rule_id: n for rule_id, n in session.execute(sa.select(Rule.id, Rule.hits))}
 
+def _hits(session) -> dict[int, int]:
+    session.expire_all()
+    return {rule_id: n for rule_id, n in session.execute(sa.select(Rule.id, Rule.hits))}
+
+
+def test_one_recipient_is_refused_as_the_general_check_refuses_it(app, session):
+    _seed(app, session)
     answers = []
     for sender, address in CHECKS:
         with app.app_context():
-            before = hits()
+            before = _hits(session)
             general = intake.refusals(db.session, sender, [address]).get(address)
             db.session.commit()
-            after_general = hits()
+            after_general = _hits(session)
             one = intake.refusal(db.session.connection(), sender, address)
             db.session.commit()
             db.session.remove()
         assert one == general, (sender, address)
-        assert {k: v - after_general[k] for k, v in hits().items()} == \
+        assert {k: v - after_general[k] for k, v in _hits(session).items()} == \
             {k: v - before[k] for k, v in after_general.items()}
         answers.append(one is not None)
     assert answers == [True, True, False, False, True, True, False, False, True]
+
+
+def test_a_batch_of_checks_is_answered_as_each_check_alone(app, session):
+    """``refusals_of`` (several sessions' RCPTs in one statement): each check's reply is
+    ``refusal``'s, and each refused recipient counts its rule's hit once."""
+    _seed(app, session)
+    checks = [*CHECKS, ("alice@example.com", "y@bounced.example")]  # a rule caught twice
+    alone = []
+    before = _hits(session)
+    with app.app_context():
+        for sender, address in checks:
+            alone.append(intake.refusal(db.session.connection(), sender, address))
+            db.session.commit()
+        db.session.remove()
+    after_alone = _hits(session)
+    with app.app_context():
+        batch = intake.refusals_of(db.session.connection(), checks)
+        db.session.commit()
+        db.session.remove()
+    assert batch == alone
+    assert {k: v - after_alone[k] for k, v in _hits(session).items()} == \
+        {k: v - before[k] for k, v in after_alone.items()}
+    assert sum(after_alone.values()) - sum(before.values()) == 3  # the rule refusals
+    with app.app_context():
+        assert intake.refusals_of(db.session.connection(), []) == []
+        db.session.remove()

@@ -8,6 +8,7 @@ refused. Either way nothing is queued for that recipient, so no delivery is atte
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,30 +22,36 @@ from . import rulebook, suppression
 
 RULE_REPLY = "550 5.7.1 <{address}>: Refused by rule {rule_id} (until {until})"
 
-# The listener's check of one recipient (``refusal``), asked at every RCPT: the same reads as
-# ``refusals`` (suppression.active, rulebook.in_force), as ONE prebuilt Core statement, a
-# UNION ALL of the recipient's active suppression (kind "s") and the bounce rules in force
-# (kind "r"), run on a plain Core connection (``Storage.run_check``: no ORM session, and on
-# PostgreSQL no BEGIN/COMMIT either): one round trip per RCPT instead of two, and no ORM
-# session to set up and tear down (docs/PERFORMANCE.md, "Intake, group commit as arrays").
+# The listener's check of its recipients (``refusals_of``, asked at every RCPT, several
+# sessions' RCPTs at once: ``app/smtpd/recipient_checks.py``): the same reads as ``refusals``
+# (suppression.active, rulebook.in_force), as ONE prebuilt Core statement, a UNION ALL of the
+# recipients' active suppressions (kind "s") and the bounce rules in force (kind "r"), run on
+# a plain Core connection (``Storage.run_check``: no ORM session, and on PostgreSQL no
+# BEGIN/COMMIT either): one round trip per batch of RCPTs, and no ORM session to set up and
+# tear down (docs/PERFORMANCE.md, "Intake, group commit as arrays" and "Intake, concurrent
+# RCPT checks in one statement").
 _NO_TEXT = sa.cast(sa.null(), sa.String)
 _SUPPRESSED = sa.select(
     sa.literal("s").label("kind"), sa.cast(sa.null(), sa.Integer).label("id"),
+    Suppression.address.label("address"),
     Suppression.reason.label("reason"), Suppression.source.label("source"),
     _NO_TEXT.label("sender"), _NO_TEXT.label("recipient"), _NO_TEXT.label("domain"),
     _NO_TEXT.label("action"), sa.cast(sa.null(), UTCDateTime).label("expires_at"),
 ).where(
-    Suppression.address == sa.bindparam("address"),
+    Suppression.address.in_(sa.bindparam("addresses", expanding=True)),
     sa.or_(Suppression.expires_at.is_(None), Suppression.expires_at > sa.bindparam("now")))
 _BOUNCE_RULES = sa.select(
-    sa.literal("r"), Rule.id, _NO_TEXT, _NO_TEXT, Rule.sender, Rule.recipient, Rule.domain,
-    Rule.action, Rule.expires_at,
+    sa.literal("r"), Rule.id, _NO_TEXT, _NO_TEXT, _NO_TEXT, Rule.sender, Rule.recipient,
+    Rule.domain, Rule.action, Rule.expires_at,
 ).where(Rule.expires_at > sa.bindparam("now"), Rule.action == "bounce")
-# The suppression first (it decides alone), then the rules in id order, as rulebook.in_force.
+# The suppressions first (each decides alone), then the rules in id order, as
+# rulebook.in_force.
 _CHECK: Any = sa.union_all(_SUPPRESSED, _BOUNCE_RULES).order_by(
     sa.text("kind DESC, id"))
-_COUNT_HIT = sa.update(Rule).where(Rule.id == sa.bindparam("rule_id")).values(
-    hits=Rule.hits + 1)
+_COUNT_HITS = sa.update(Rule).where(Rule.id == sa.bindparam("rule_id")).values(
+    hits=Rule.hits + sa.bindparam("caught", type_=sa.Integer))
+# Bounds the statement's parameters (SQLite allows 32766, PostgreSQL 65535).
+MAX_CHECKS = 1000
 
 
 def refusals(session: so.Session, sender: str, addresses: Sequence[str],
@@ -62,9 +69,7 @@ def refusals(session: so.Session, sender: str, addresses: Sequence[str],
         rule = rulebook.first_match(bounces, sender, [address])
         if rule is not None:
             rulebook.count_hit(session, rule.id)
-            replies[address] = RULE_REPLY.format(
-                address=address, rule_id=rule.id,
-                until=rule.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"))
+            replies[address] = _rule_reply(address, rule)
     return replies
 
 
@@ -73,14 +78,39 @@ def refusal(connection: sa.Connection, sender: str, address: str,
     """``refusals`` for one recipient, on a Core connection: the reply refusing it, or None.
     A bounce rule's hit is counted on ``connection``; no commit (``Storage.run_check``'s
     connection commits, or is in autocommit)."""
+    return refusals_of(connection, [(sender, address)], now)[0]
+
+
+def refusals_of(connection: sa.Connection, checks: Sequence[tuple[str, str]],
+                now: dt.datetime | None = None) -> list[str | None]:
+    """``refusal`` for each ``(sender, address)`` of ``checks`` (at most ``MAX_CHECKS``; the
+    senders may differ: the checks come from different sessions), in one statement: the
+    reply refusing each, or None. Each refused recipient counts one hit of its rule, as
+    ``refusal`` would have, in one UPDATE per rule caught."""
+    if not checks:
+        return []
     now = now or utcnow()
-    rows = connection.execute(_CHECK, {"address": suppression.normalise(address),
-                                       "now": now}).all()
-    if rows and rows[0].kind == "s":
-        return suppression.refusal_reply(address, rows[0])
-    rule = rulebook.first_match(rows, sender, [address])
-    if rule is None:
-        return None
-    connection.execute(_COUNT_HIT, {"rule_id": rule.id})
+    rows = connection.execute(_CHECK, {
+        "addresses": sorted({suppression.normalise(a) for _, a in checks}), "now": now}).all()
+    suppressed = {row.address: row for row in rows if row.kind == "s"}
+    bounces = [row for row in rows if row.kind == "r"]
+    replies: list[str | None] = []
+    caught: Counter[int] = Counter()
+    for sender, address in checks:
+        entry = suppressed.get(suppression.normalise(address))
+        if entry is not None:
+            replies.append(suppression.refusal_reply(address, entry))
+            continue
+        rule = rulebook.first_match(bounces, sender, [address])
+        if rule is not None:
+            caught[rule.id] += 1
+        replies.append(None if rule is None else _rule_reply(address, rule))
+    if caught:  # in id order, so that concurrent listeners lock the rules in one order
+        connection.execute(_COUNT_HITS, [{"rule_id": rule_id, "caught": n}
+                                         for rule_id, n in sorted(caught.items())])
+    return replies
+
+
+def _rule_reply(address: str, rule: Any) -> str:
     return RULE_REPLY.format(address=address, rule_id=rule.id,
                              until=rule.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"))

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
 from ..auth.keys import SENDING_ROLES, verify_key
-from ..control.intake import refusal
 from .acceptor import Acceptor, Job
 from .policy import RelayPolicy, address_problem
 from .stamping import Trace
@@ -161,7 +160,7 @@ class QueueHandler:
         # Suppressed addresses and bounce rules (docs/DELIVERY.md): refused before queueing.
         sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         try:
-            refused = await self.storage.run_check(refusal, sender, address)
+            refused = await self.storage.recipient_checks.refusal(sender, address)
         except Exception:
             # The database is what fails: the message cannot be queued either, and DATA
             # answers 451 then; a passing fault should not refuse a good recipient.

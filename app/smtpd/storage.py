@@ -24,6 +24,7 @@ from ..dkim.signing import sign_outgoing
 from ..events import record_event
 from ..extensions import db
 from ..queue.service import NewMessage, add_messages
+from .recipient_checks import RecipientChecks
 from .stamping import Trace, stamp
 
 log = logging.getLogger("elemta.smtpd")
@@ -49,6 +50,8 @@ class Storage:
         self._local = threading.local()
         self._connections: set[sa.Connection] = set()
         self._lock = threading.Lock()
+        # The RCPT check of all sessions, coalesced into one run_check at a time.
+        self.recipient_checks = RecipientChecks(self.run_check)
 
     async def run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -128,6 +131,7 @@ class Storage:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        self.recipient_checks.log_summary()
         # The threads are gone: their connections can be closed from here.
         with self._lock:
             connections = list(self._connections)
