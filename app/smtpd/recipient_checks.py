@@ -74,17 +74,17 @@ class RecipientChecks:
 
     async def _run_once(self) -> None:
         taken: list[_Waiting] = []
+        results: list[tuple[_Waiting, str | None]] = []
 
         def check(connection: sa.Connection) -> None:
             with self._lock:
                 taken.extend(self._waiting[:MAX_CHECKS])
                 del self._waiting[:MAX_CHECKS]
             replies = refusals_of(connection, [(w.sender, w.address) for w in taken])
-            # Handed back through the closure: the run's result is read on the loop, after it.
-            for waiting, reply in zip(taken, replies, strict=True):
-                results.append((waiting, reply))
+            # Handed back through the closure (``taken`` too, for the error case): read on the
+            # loop once the run is over.
+            results.extend(zip(taken, replies, strict=True))
 
-        results: list[tuple[_Waiting, str | None]] = []
         try:
             await self._run_check(check)
         except Exception as exc:
