@@ -77,9 +77,7 @@ class RecipientChecks:
         results: list[tuple[_Waiting, str | None]] = []
 
         def check(connection: sa.Connection) -> None:
-            with self._lock:
-                taken.extend(self._waiting[:MAX_CHECKS])
-                del self._waiting[:MAX_CHECKS]
+            taken.extend(self._take())
             replies = refusals_of(connection, [(w.sender, w.address) for w in taken])
             # Handed back through the closure (``taken`` too, for the error case): read on the
             # loop once the run is over.
@@ -88,7 +86,9 @@ class RecipientChecks:
         try:
             await self._run_check(check)
         except Exception as exc:
-            for waiting in taken:
+            # Failed before ``check`` took its checks (no connection: the database is
+            # unreachable)? Those it would have taken get the error all the same.
+            for waiting in taken or self._take():
                 _settle(waiting.reply, error=exc)
             return
         except BaseException:  # cancelled (the loop is closing): nobody is left to answer
@@ -99,6 +99,12 @@ class RecipientChecks:
         self.checks += len(results)
         for waiting, reply in results:
             _settle(waiting.reply, reply=reply)
+
+    def _take(self) -> list[_Waiting]:
+        with self._lock:
+            taken = self._waiting[:MAX_CHECKS]
+            del self._waiting[:MAX_CHECKS]
+        return taken
 
     def _cancel_left(self) -> None:
         """Checks still waiting when the runs stop for good (cancelled): never left hanging.
