@@ -107,36 +107,43 @@ def test_mail_refused_temporarily(pipelining):
         _deliver_again_on_the_same_connection(client, route, peer)
 
 
-def test_some_recipients_refused(pipelining):
-    behaviour = Behaviour(rcpt_replies={"carol@example.net": "550 5.1.1 No such user",
-                                        "dave@example.net": "452 4.2.2 Mailbox full"})
-    with Peer(behaviour, pipelining=pipelining, record_reads=True) as peer:
+def _deliver_with_rcpt_replies(pipelining, rcpt_replies, recipients):
+    """Deliver to ``recipients`` through a peer answering RCPT with ``rcpt_replies``: the
+    outcomes, and the recipients of what the peer received. Checks on the way that the
+    commands went as one batch when pipelined and that the connection serves the next
+    transaction (every reply, DATA's 503 included, was read)."""
+    with Peer(Behaviour(rcpt_replies=rcpt_replies), pipelining=pipelining,
+              record_reads=True) as peer:
         client, route = _client(peer)
-        results = client.deliver(route, "alice@example.com", RECIPIENTS, MESSAGE)
-        assert _outcomes(results) == [
-            (1, "delivered", 250, "2.0.0", "250 2.0.0 Ok: queued"),
-            (2, "rejection", 550, "5.1.1", "550 5.1.1 No such user"),
-            (3, "tempfail", 452, "4.2.2", "452 4.2.2 Mailbox full"),
-        ]
-        _assert_one_batch(peer, pipelining, 3)
-        assert [m.rcpt_tos for m in peer.received] == [["bob@example.net"]]
+        results = client.deliver(route, "alice@example.com", recipients, MESSAGE)
+        _assert_one_batch(peer, pipelining, len(recipients))
+        received = [m.rcpt_tos for m in peer.received]
         _deliver_again_on_the_same_connection(client, route, peer)
+    return _outcomes(results), received
+
+
+def test_some_recipients_refused(pipelining):
+    outcomes, received = _deliver_with_rcpt_replies(
+        pipelining, {"carol@example.net": "550 5.1.1 No such user",
+                     "dave@example.net": "452 4.2.2 Mailbox full"}, RECIPIENTS)
+    assert outcomes == [
+        (1, "delivered", 250, "2.0.0", "250 2.0.0 Ok: queued"),
+        (2, "rejection", 550, "5.1.1", "550 5.1.1 No such user"),
+        (3, "tempfail", 452, "4.2.2", "452 4.2.2 Mailbox full"),
+    ]
+    assert received == [["bob@example.net"]]
 
 
 def test_all_recipients_refused(pipelining):
-    behaviour = Behaviour(rcpt_replies={"bob@example.net": "550 5.1.1 No such user",
-                                        "carol@example.net": "450 4.1.1 Try later"})
-    with Peer(behaviour, pipelining=pipelining, record_reads=True) as peer:
-        client, route = _client(peer)
-        results = client.deliver(route, "alice@example.com", RECIPIENTS[:2], MESSAGE)
-        assert _outcomes(results) == [
-            (1, "rejection", 550, "5.1.1", "550 5.1.1 No such user"),
-            (2, "tempfail", 450, "4.1.1", "450 4.1.1 Try later"),
-        ]
-        _assert_one_batch(peer, pipelining, 2)
-        assert peer.received == []
-        # Pipelined, DATA went too and got its 503: read, then RSET; the session is clean.
-        _deliver_again_on_the_same_connection(client, route, peer)
+    outcomes, received = _deliver_with_rcpt_replies(
+        pipelining, {"bob@example.net": "550 5.1.1 No such user",
+                     "carol@example.net": "450 4.1.1 Try later"}, RECIPIENTS[:2])
+    assert outcomes == [
+        (1, "rejection", 550, "5.1.1", "550 5.1.1 No such user"),
+        (2, "tempfail", 450, "4.1.1", "450 4.1.1 Try later"),
+    ]
+    # Nothing sent; pipelined, DATA went too and got its 503, read before the RSET.
+    assert received == []
 
 
 def test_data_refused(pipelining):
