@@ -27,7 +27,10 @@ written to ``docs/PERFORMANCE.md`` (a block per scale, replaced on each run). Wi
 Ports: ephemeral, or ``BENCH_PORT_BASE`` (Elemta's listeners on base+525.., Postfix on
 base+601, the sink on base+602). ``ELEMTA_BENCH_POSTFIX_SQLITE=1`` adds an Elemta-on-SQLite
 side; ``ELEMTA_BENCH_BASELINE=<commit>`` adds that commit's code (``git archive``, its own
-database) as one more side: a cut's before and after measured in the same run.
+database) as one more side: a cut's before and after measured in the same run;
+``ELEMTA_BENCH_VARIANT=ELEMTA_NAME=VALUE[,...]`` adds this tree once more with those settings
+(its own database), e.g. ``ELEMTA_SMTPD_PROCESSES=2,ELEMTA_WORKER_PROCESSES=2``: what a setting
+buys, in the same run.
 """
 
 from __future__ import annotations
@@ -185,6 +188,7 @@ class ElemtaSide:
     smtp_port: int
     sink_port: int
     source: str = ROOT  # the code tree that runs (a baseline: an exported older commit)
+    settings: dict[str, str] = field(default_factory=dict)  # a variant's ELEMTA_* settings
     env: dict[str, str] = field(default_factory=dict)
     listener: subprocess.Popen[bytes] | None = None
     monitor: Any = None  # a psycopg connection (PostgreSQL) or an SQLAlchemy engine
@@ -201,6 +205,7 @@ class ElemtaSide:
         self.env.update({"FLASK_APP": "wsgi.py", "ELEMTA_LOG_LEVEL": "info",
                          "ELEMTA_DATABASE_URL": self.url,
                          "ELEMTA_RELAY_HOST": f"127.0.0.1:{self.sink_port}"})
+        self.env.update(self.settings)
         # Byte-compiled as an installed package is (pip and Debian compile at install): with
         # PYTHONDONTWRITEBYTECODE set, as on the development machine, every `flask worker`
         # would otherwise compile the app's modules again, ~0.15 s of its start-up.
@@ -346,9 +351,9 @@ def _sink(port: int) -> subprocess.Popen[bytes]:
     return process
 
 
-def measure(scale: str, urls: list[tuple[str, str, str]]
+def measure(scale: str, urls: list[tuple[str, str, str, dict[str, str]]]
             ) -> dict[str, dict[str, list[Sample]]]:
-    """``urls``: (label, database URL, code tree) of each Elemta side."""
+    """``urls``: (label, database URL, code tree, extra settings) of each Elemta side."""
     n, rounds = MESSAGES[scale], ROUNDS[scale]
     base = os.environ.get("BENCH_PORT_BASE")
     ports = ((int(base) + 601, int(base) + 602, [int(base) + 525 + i for i in range(len(urls))])
@@ -356,8 +361,9 @@ def measure(scale: str, urls: list[tuple[str, str, str]]
     postfix_port, sink_port, elemta_ports = ports
     sink = _sink(sink_port)
     instance = PostfixInstance(postfix_port, sink_port)
-    elemtas = [ElemtaSide(label, url, port, sink_port, source)
-               for (label, url, source), port in zip(urls, elemta_ports, strict=True)]
+    elemtas = [ElemtaSide(label, url, port, sink_port, source, settings)
+               for (label, url, source, settings), port
+               in zip(urls, elemta_ports, strict=True)]
     samples: dict[str, dict[str, list[Sample]]] = {}
 
     def record(measure_name: str, side: Any, sample: Sample) -> None:
@@ -495,6 +501,17 @@ def write_doc(block: str, scale: str, path: str = DOC) -> None:
         fh.write(text)
 
 
+def variant_settings(text: str) -> dict[str, str]:
+    """``ELEMTA_BENCH_VARIANT``: ``NAME=VALUE[,NAME=VALUE...]`` of ELEMTA_* settings."""
+    settings: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("ELEMTA_"):
+            raise SystemExit(f"ELEMTA_BENCH_VARIANT: {item!r} is not ELEMTA_NAME=VALUE")
+        settings[name] = value
+    return settings
+
+
 def run(options: Any) -> list[Result]:
     scale = getattr(options, "scale", "small")
     why = unavailable()
@@ -507,7 +524,7 @@ def run(options: Any) -> list[Result]:
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(postgres_database(given, "postfix"))
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="elemta-bench-postfix-"))
-        urls = [("PostgreSQL", url, ROOT)]
+        urls: list[tuple[str, str, str, dict[str, str]]] = [("PostgreSQL", url, ROOT, {})]
         if baseline:
             # The same measures for an older commit in the same run: before/after of a cut.
             tree = os.path.join(tmp, "baseline")
@@ -516,9 +533,15 @@ def run(options: Any) -> list[Result]:
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
             old_url = stack.enter_context(postgres_database(None, "postfix_base"))
-            urls.insert(0, (f"PostgreSQL, {baseline}", old_url, tree))
+            urls.insert(0, (f"PostgreSQL, {baseline}", old_url, tree, {}))
+        variant = variant_settings(os.environ.get("ELEMTA_BENCH_VARIANT", ""))
+        if variant:
+            # This tree once more with other settings (its own database): what a setting buys.
+            variant_url = stack.enter_context(postgres_database(None, "postfix_variant"))
+            label = ", ".join(f"{k}={v}" for k, v in variant.items())
+            urls.append((f"PostgreSQL, {label}", variant_url, ROOT, variant))
         if os.environ.get("ELEMTA_BENCH_POSTFIX_SQLITE") == "1":
-            urls.append(("SQLite", f"sqlite:///{tmp}/bench.db", ROOT))
+            urls.append(("SQLite", f"sqlite:///{tmp}/bench.db", ROOT, {}))
         samples = measure(scale, urls)
     results = _ratio_results(samples, scale)
     if os.environ.get("BENCH_NO_DOC") != "1":

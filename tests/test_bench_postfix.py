@@ -1,4 +1,5 @@
-"""The Postfix side-by-side benchmark stops waiting for a worker that has exited (issue 13).
+"""The Postfix side-by-side benchmark stops waiting for a worker that has exited, and reads
+the settings of a variant side (issue 13).
 
 ``bench/suite_postfix.py`` times ``flask worker --once`` from its start to the first delivery.
 A worker that exits before delivering anything (a refused setting, a crash) used to be waited
@@ -14,6 +15,7 @@ import threading
 import pytest
 import sqlalchemy as sa
 
+from bench import suite_postfix
 from bench.suite_postfix import ElemtaSide
 from tests.delivery_helpers import bulk_queue
 
@@ -45,3 +47,16 @@ def test_delivery_stops_waiting_when_the_worker_exits_before_delivering(app, dat
     assert len(raised) == 1 and isinstance(raised[0], RuntimeError)
     assert "exited (2) before delivering any of the 1 queued" in str(raised[0])
     assert "ELEMTA_RELAY_HOST" in str(raised[0])
+
+
+def test_a_variant_is_elemta_settings_by_name():
+    assert suite_postfix.variant_settings(
+        "ELEMTA_SMTPD_PROCESSES=2, ELEMTA_WORKER_PROCESSES=2") == {
+        "ELEMTA_SMTPD_PROCESSES": "2", "ELEMTA_WORKER_PROCESSES": "2"}
+    assert suite_postfix.variant_settings("") == {}
+
+
+@pytest.mark.parametrize("text", ["ELEMTA_SMTPD_PROCESSES", "SMTPD_PROCESSES=2", "PATH=/tmp"])
+def test_a_variant_refuses_what_is_not_an_elemta_setting(text):
+    with pytest.raises(SystemExit, match="not ELEMTA_NAME=VALUE"):
+        suite_postfix.variant_settings(text)
