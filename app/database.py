@@ -358,7 +358,7 @@ def retry_on_conflict(session: so.Session, work: Callable[[], T], *, what: str,
 
 
 @contextlib.contextmanager
-def pipelined(session: so.Session) -> Iterator[None]:
+def pipelined(session: so.Session, *, commit: bool = False) -> Iterator[None]:
     """Run the block's statements on PostgreSQL in one psycopg pipeline; no-op on SQLite.
 
     Statements whose results nobody reads (UPDATE, INSERT, DELETE without RETURNING) are only
@@ -372,6 +372,15 @@ def pipelined(session: so.Session) -> Iterator[None]:
     it is wrapped here the same way (``sqlalchemy.exc.DBAPIError`` of the driver's class, the
     connection invalidated when it is lost), so the callers' judgement of database errors
     (``is_unreachable``, ``is_transient_conflict``) holds inside a pipeline too.
+
+    ``commit``: when the block ends without an error, a COMMIT is queued behind its writes, so
+    the pipeline's end answers both in one round trip instead of the end and then the COMMIT;
+    the caller's ``session.commit()`` that follows finds the transaction committed (psycopg
+    sends nothing for a connection with no transaction open) and only does the session's
+    bookkeeping. The COMMIT goes on the DBAPI connection itself: the session's commit would
+    hand the connection back to the pool with the pipeline still open on it. A COMMIT that
+    fails is raised at the block's end like any queued statement's error; on SQLite the caller's
+    ``session.commit()`` commits as usual.
     """
     connection = session.connection()
     dbapi_connection: Any = connection.connection.dbapi_connection
@@ -393,6 +402,8 @@ def pipelined(session: so.Session) -> Iterator[None]:
                 yield
             finally:
                 sa.event.remove(connection, "after_cursor_execute", read_now)
+            if commit:
+                dbapi_connection.execute(b"COMMIT")  # answered at the pipeline's end
     except driver_error as exc:
         lost = bool(connection.dialect.is_disconnect(exc, dbapi_connection, None))
         if lost and not connection.invalidated:

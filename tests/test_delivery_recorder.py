@@ -291,3 +291,34 @@ def test_the_domain_rollup_bump_of_a_group_adds_to_existing_rows(app):
         rows = {(r.grain, r.start, r.domain, r.outcome, r.failure_class, r.latency_bucket):
                 r.count for r in session.scalars(sa.select(DomainRollup))}
     assert rows == dict(first + second)
+
+
+def test_a_pipeline_that_commits_commits_with_its_end(app, database_url):
+    # The COMMIT rides the pipeline: the write is durable when the block ends, before (and
+    # whatever) the session does next; the session's own commit then sends nothing.
+    _postgresql_only(database_url)
+    [message_id] = bulk_queue(app, 1)
+    with app.app_context():
+        session = db.session()
+        with pipelined(session, commit=True):
+            session.connection().execute(sa.update(Message).where(Message.id == message_id)
+                                         .values(last_error="committed"))
+        session.rollback()  # too late: nothing left to roll back
+        db.session.remove()
+    with unit_of_work(app) as session:
+        assert session.scalar(sa.select(Message.last_error)) == "committed"
+
+
+def test_a_pipeline_that_fails_does_not_commit(app, database_url):
+    _postgresql_only(database_url)
+    [message_id] = bulk_queue(app, 1)
+    with pytest.raises(sa_exc.IntegrityError):
+        with unit_of_work(app) as session, pipelined(session, commit=True):
+            connection = session.connection()
+            connection.execute(sa.update(Message).where(Message.id == message_id)
+                               .values(last_error="not committed"))
+            connection.execute(sa.update(Recipient).where(Recipient.message_id == message_id)
+                               .values(address=None))
+    with unit_of_work(app) as session:
+        assert session.scalar(sa.select(Message.last_error)) is None
+        assert session.scalar(sa.select(Recipient.address)) == "r0@example.net"

@@ -113,10 +113,11 @@ def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Atte
     singles: list[Attempt] = []
     latencies: list[float] = []
     try:
-        # PostgreSQL: the batch's writes go in one pipeline, sent together when it ends
-        # instead of one round trip each; then the COMMIT (docs/PERFORMANCE.md, "Delivery,
-        # the recorder in one pipeline"). An error met when it ends is judged as any other.
-        with pipelined(session):
+        # PostgreSQL: the batch's writes and the COMMIT go in one pipeline, sent together
+        # when it ends instead of one round trip each (docs/PERFORMANCE.md, "Delivery, the
+        # recorder in one pipeline"; the commit below then costs no round trip). An error met
+        # when it ends is judged as any other.
+        with pipelined(session, commit=True):
             recorded, singles = record_attempts(
                 session, worker_id, attempts, functools.partial(judge, policy), now,
                 hold_back=functools.partial(_may_bounce, policy, now))
