@@ -56,6 +56,27 @@ def month_floor(moment: dt.datetime) -> dt.datetime:
 GRAIN_FLOOR = {"hour": hour_floor, "day": day_floor, "week": week_floor, "month": month_floor}
 
 
+Floors = tuple[dt.datetime, tuple[tuple[str, dt.datetime], ...]]
+
+
+def _floors(moment: dt.datetime) -> Floors:
+    """The hour of ``moment`` and its bucket of every domain grain. The events of a batch of
+    outcomes share one timestamp, so for UTC ones (all the recorder's) they are worked out
+    once a batch, not four times an event; other zones are not cached (a cache keyed by an
+    instant would mix up zones whose floors differ)."""
+    if moment.tzinfo is dt.UTC:
+        return _utc_floors(moment)
+    return _compute_floors(moment)
+
+
+def _compute_floors(moment: dt.datetime) -> Floors:
+    return hour_floor(moment), tuple((grain, GRAIN_FLOOR[grain](moment))
+                                     for grain in DOMAIN_GRAINS)
+
+
+_utc_floors = functools.lru_cache(maxsize=16)(_compute_floors)
+
+
 def grain_ceil(grain: str, moment: dt.datetime) -> dt.datetime:
     """The first instant of a ``grain`` bucket at or after ``moment``."""
     floor = GRAIN_FLOOR[grain](moment)
@@ -84,13 +105,15 @@ class Increments:
         outcome = OUTCOME_OF_EVENT.get(event_type)
         if outcome is None:
             return
-        self.hourly[(hour_floor(timestamp), outcome)] += 1
+        hour, grains = _floors(timestamp)
+        self.hourly[(hour, outcome)] += 1
         if domain is None:
             return
         bucket = bucket_of(latency) if event_type == "delivery" else NO_BUCKET
-        for grain in DOMAIN_GRAINS:
-            self.domains[(grain, GRAIN_FLOOR[grain](timestamp), domain, outcome,
-                          failure or "", bucket)] += 1
+        failure = failure or ""
+        domains = self.domains
+        for grain, start in grains:
+            domains[(grain, start, domain, outcome, failure, bucket)] += 1
 
     def add_event(self, event: DeliveryEvent) -> None:
         self.add(event.event_type, event.timestamp, event.domain, event.failure_class,
