@@ -31,6 +31,7 @@ from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
+from sqlalchemy.dialects import postgresql
 
 from ..control.suppression import suppress_after_failure, suppresses
 from ..events import Increments, event_row, record_events
@@ -198,9 +199,17 @@ _LOAD = (sa.select(*_MESSAGE_COLUMNS, *_RECIPIENT_COLUMNS)
          .select_from(_M.outerjoin(_R, _R.c.message_id == _M.c.id))
          .where(_M.c.id.in_(sa.bindparam("ids", expanding=True)))
          .order_by(_M.c.id, _R.c.id))
+# PostgreSQL: the ids as one array parameter (``= ANY``), not an expanding IN: SQLAlchemy
+# renders an expanding IN again for every batch (a tenth of the recorder's CPU for its two
+# statements); the array's statement is the same text every time.
+_IDS = sa.bindparam("ids", type_=postgresql.ARRAY(sa.String))
 # PostgreSQL: the loading SELECT takes the message rows' locks itself, in id order, as
 # lock_in_id_order takes them (FOR NO KEY UPDATE OF messages: the recipients are not locked).
-_LOAD_LOCKING = _LOAD.with_for_update(key_share=True, of=_M)
+_LOAD_LOCKING = (sa.select(*_MESSAGE_COLUMNS, *_RECIPIENT_COLUMNS)
+                 .select_from(_M.outerjoin(_R, _R.c.message_id == _M.c.id))
+                 .where(_M.c.id == sa.any_(_IDS))
+                 .order_by(_M.c.id, _R.c.id)
+                 .with_for_update(key_share=True, of=_M))
 # SQLite: an UPDATE first takes the write lock at once, so the transaction cannot fail later
 # on a lock upgrade.
 _TOUCH = (sa.update(_M).where(_M.c.id.in_(sa.bindparam("ids", expanding=True)))
@@ -220,6 +229,7 @@ _WRITE_MESSAGE = (
             updated_at=sa.bindparam("v_updated_at", type_=_M.c.updated_at.type),
             next_attempt_at=sa.bindparam("v_next_attempt_at", type_=_M.c.next_attempt_at.type)))
 _DELETE = sa.delete(_M).where(_M.c.id.in_(sa.bindparam("ids", expanding=True)))
+_DELETE_ARRAY = sa.delete(_M).where(_M.c.id == sa.any_(_IDS))  # PostgreSQL (``_IDS``)
 
 
 def _write_back(session: so.Session, messages: Sequence[MessageRow]) -> None:
@@ -293,7 +303,9 @@ def _delete(session: so.Session, ids: Sequence[str]) -> None:
     and one per message, each firing the trigger. The rows are locked already.
     """
     if ids:
-        session.connection().execute(_DELETE, {"ids": list(ids)})
+        connection = session.connection()
+        connection.execute(_DELETE_ARRAY if connection.dialect.name == "postgresql"
+                           else _DELETE, {"ids": list(ids)})
 
 
 def _already_recorded(session: so.Session, attempt: Attempt) -> set[str]:
