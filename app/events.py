@@ -209,9 +209,14 @@ def record_events(session: so.Session, rows: Sequence[Mapping[str, Any]]) -> Non
     bumps the rollup once for everything it records. The delivery recorder's path, where an
     ORM object per event cost more than the rest of the outcome: a Core INSERT on the
     session's connection (same transaction), not the ORM's bulk insert."""
+    if rows:
+        insert_event_rows(session.connection(), rows)
+
+
+def insert_event_rows(connection: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``record_events`` on a connection (the transaction's) the caller holds already."""
     if not rows:
         return
-    connection = session.connection()
     if connection.dialect.name == "postgresql":
         # psycopg runs an executemany as one pipeline of a prepared INSERT (or rides the
         # caller's: ``database.pipelined``), so nothing waits for an answer; the RETURNING

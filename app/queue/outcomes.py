@@ -34,10 +34,9 @@ import sqlalchemy.orm as so
 from sqlalchemy.dialects import postgresql
 
 from ..control.suppression import suppress_after_failure, suppresses
-from ..events import Increments, event_row, record_events
+from ..events import Increments, event_row, insert_event_rows
 from ..models import DeliveryEvent, Message, Recipient
 from . import shape
-from .locking import locks_rows
 from .service import settle_message_state
 from .states import RecipientStatus
 
@@ -130,12 +129,15 @@ def record_attempts(
     transactions of their own); they are returned second, untouched.
     """
     ids = sorted({a.message_id for a in attempts})
-    messages = _lock_and_load(session, ids, now)
+    # The transaction's connection, asked for once: ``Session.connection()`` costs about as
+    # much as building a statement's parameters, and a batch used it eight times.
+    connection = session.connection()
+    messages = _lock_and_load(connection, ids, now)
     increments = Increments()
     recorded: list[Recorded] = []
     held: list[Attempt] = []
     gone: list[str] = []  # every recipient delivered: the message leaves the queue
-    events = Events(session)
+    events = Events(connection)
     for attempt in attempts:
         message = messages.get(attempt.message_id)
         if message is None:
@@ -151,9 +153,9 @@ def record_attempts(
                 gone.append(message.id)
     leaving = set(gone)
     changed = [m for m in messages.values() if m.changed and m.id not in leaving]
-    _write_back(session, changed)
+    _write_back(connection, changed)
     events.write()
-    _delete(session, gone)
+    _delete(connection, gone)
     increments.bump(session)
     return recorded, held
 
@@ -232,13 +234,12 @@ _DELETE = sa.delete(_M).where(_M.c.id.in_(sa.bindparam("ids", expanding=True)))
 _DELETE_ARRAY = sa.delete(_M).where(_M.c.id == sa.any_(_IDS))  # PostgreSQL (``_IDS``)
 
 
-def _write_back(session: so.Session, messages: Sequence[MessageRow]) -> None:
+def _write_back(connection: sa.Connection, messages: Sequence[MessageRow]) -> None:
     """The recipients the batch changed, then their messages: one executemany each."""
     recipients = [{"rid": r.id, "v_status": str(r.status), "v_attempts": r.attempts,
                    "v_last_error": r.last_error, "v_last_attempt_at": r.last_attempt_at,
                    "v_next_attempt_at": r.next_attempt_at}
                   for m in messages for r in m.recipients if r.changed]
-    connection = session.connection()
     if recipients:
         connection.execute(_WRITE_RECIPIENT, recipients)
     if messages:
@@ -252,8 +253,8 @@ class Events:
     """The outcome events of a batch, written together in one INSERT (``events.record_events``)
     instead of one ORM object each, in the order they were added."""
 
-    def __init__(self, session: so.Session) -> None:
-        self.session = session
+    def __init__(self, connection: sa.Connection) -> None:
+        self.connection = connection
         self.rows: list[dict[str, Any]] = []
 
     def add(self, event_type: str, **fields: Any) -> dict[str, Any]:
@@ -263,11 +264,11 @@ class Events:
 
     def write(self) -> None:
         """Insert what was added so far (before anything that records events of its own)."""
-        record_events(self.session, self.rows)
+        insert_event_rows(self.connection, self.rows)
         self.rows = []
 
 
-def _lock_and_load(session: so.Session, ids: Sequence[str],
+def _lock_and_load(connection: sa.Connection, ids: Sequence[str],
                    now: dt.datetime) -> dict[str, MessageRow]:
     """Lock the message rows first, then load those still queued with their recipients.
 
@@ -275,8 +276,7 @@ def _lock_and_load(session: so.Session, ids: Sequence[str],
     of several messages does (locking.py). On SQLite an UPDATE comes first: it takes the write
     lock at once, so the transaction cannot fail later on a lock upgrade.
     """
-    connection = session.connection()
-    if locks_rows(session):
+    if connection.dialect.name == "postgresql":  # locks rows (locking.locks_rows)
         # One statement instead of a locking SELECT, an UPDATE and a loading SELECT
         # (docs/PERFORMANCE.md, the recorder).
         rows = connection.execute(_LOAD_LOCKING, {"ids": list(ids)})
@@ -295,7 +295,7 @@ def _lock_and_load(session: so.Session, ids: Sequence[str],
     return messages
 
 
-def _delete(session: so.Session, ids: Sequence[str]) -> None:
+def _delete(connection: sa.Connection, ids: Sequence[str]) -> None:
     """Delete the messages whose recipients are all delivered, in one statement.
 
     Their recipients and content go with them (``ON DELETE CASCADE``), and PostgreSQL's count
@@ -303,7 +303,6 @@ def _delete(session: so.Session, ids: Sequence[str]) -> None:
     and one per message, each firing the trigger. The rows are locked already.
     """
     if ids:
-        connection = session.connection()
         connection.execute(_DELETE_ARRAY if connection.dialect.name == "postgresql"
                            else _DELETE, {"ids": list(ids)})
 
