@@ -378,9 +378,11 @@ def pipelined(session: so.Session, *, commit: bool = False) -> Iterator[None]:
     the caller's ``session.commit()`` that follows finds the transaction committed (psycopg
     sends nothing for a connection with no transaction open) and only does the session's
     bookkeeping. The COMMIT goes on the DBAPI connection itself: the session's commit would
-    hand the connection back to the pool with the pipeline still open on it. A COMMIT that
-    fails is raised at the block's end like any queued statement's error; on SQLite the caller's
-    ``session.commit()`` commits as usual.
+    hand the connection back to the pool with the pipeline still open on it. The session is
+    flushed before it; whatever is written after the block (a ``before_commit`` hook's writes)
+    would start a transaction of its own, so everything of the transaction belongs in the block
+    (``shape.write_noted`` is called in it). A COMMIT that fails is raised at the block's end like
+    any queued statement's error; on SQLite the caller's ``session.commit()`` commits as usual.
     """
     connection = session.connection()
     dbapi_connection: Any = connection.connection.dbapi_connection
@@ -400,6 +402,11 @@ def pipelined(session: so.Session, *, commit: bool = False) -> Iterator[None]:
             sa.event.listen(connection, "after_cursor_execute", read_now)
             try:
                 yield
+                if commit:
+                    # What the ORM holds (a suppression added by a failure's outcome) is
+                    # flushed into the transaction first (its INSERT reads back the id: the
+                    # listener syncs), not after the COMMIT by the session's commit.
+                    session.flush()
             finally:
                 sa.event.remove(connection, "after_cursor_execute", read_now)
             if commit:

@@ -17,7 +17,7 @@ import sqlalchemy.exc as sa_exc
 
 from app.database import is_transient_conflict, is_unreachable, pipelined, unit_of_work
 from app.delivery import recorder as recorder_module
-from app.delivery.outcomes import OutcomePolicy
+from app.delivery.outcomes import OutcomePolicy, record_outcomes
 from app.delivery.recorder import Recorder
 from app.delivery.smtp_client import RecipientResult
 from app.delivery.worker import Worker
@@ -322,3 +322,23 @@ def test_a_pipeline_that_fails_does_not_commit(app, database_url):
     with unit_of_work(app) as session:
         assert session.scalar(sa.select(Message.last_error)) is None
         assert session.scalar(sa.select(Recipient.address)) == "r0@example.net"
+
+
+def test_a_suppression_commits_in_the_same_transaction_as_its_outcome(app, database_url):
+    # The ORM's pending suppression is flushed inside the pipeline, before the COMMIT queued
+    # there, not by the session's commit afterwards (which would be a transaction of its own).
+    _postgresql_only(database_url)
+    [delivered, refused] = _leased(app, 2)
+    [result] = refused.results
+    refused.results = [RecipientResult(result.recipient_id, result.address, "rejection",
+                                       "550 5.1.1 User unknown", 550, "5.1.1")]
+    with unit_of_work(app) as session:
+        record_outcomes(session, WORKER, [delivered, refused], POLICY)
+    with unit_of_work(app) as session:
+        suppressed = session.execute(sa.text(
+            "SELECT address, xmin::text FROM suppressions")).one()
+        outcomes = set(session.scalars(sa.text(
+            "SELECT xmin::text FROM delivery_events WHERE event_type IN "
+            "('delivery', 'rejection')")))
+    assert suppressed[0] == result.address
+    assert outcomes == {suppressed[1]}  # one transaction wrote them all
