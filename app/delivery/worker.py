@@ -24,7 +24,7 @@ import secrets
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +128,16 @@ class Worker:
         self.recorder.start()
         inflight: dict[cf.Future[None], Job] = {}
         reclaimed: dict[cf.Future[None], list[int]] = {}
+        # Finished jobs are handed over by their threads (a done callback) rather than found by
+        # ``cf.wait`` over every job in flight: that installs and removes a waiter on each of the
+        # 32-64 futures at every wake-up, once per group commit (3 % of the worker's GIL time).
+        finished: deque[cf.Future[None]] = deque()
+        woken = threading.Event()
+
+        def hand_over(future: cf.Future[None]) -> None:
+            finished.append(future)
+            woken.set()
+
         next_beat = next_fold = 0.0
         next_purge = time.monotonic() + 10
         try:
@@ -163,7 +173,9 @@ class Worker:
                 if jobs and inflight:
                     jobs = self._skip_in_flight(jobs, inflight, reclaimed)
                 for job in jobs:
-                    inflight[executor.submit(self._run_job, job)] = job
+                    future = executor.submit(self._run_job, job)
+                    inflight[future] = job
+                    future.add_done_callback(hand_over)
                 if not inflight:
                     if recording:
                         # Outcomes still being recorded may free work (a bounce, say).
@@ -174,9 +186,10 @@ class Worker:
                     self.pool.close_idle()
                     self._stop.wait(IDLE_POLL)
                     continue
-                done, _ = cf.wait(list(inflight), timeout=IDLE_POLL,
-                                  return_when=cf.FIRST_COMPLETED)
-                for future in done:
+                woken.wait(IDLE_POLL)
+                woken.clear()  # before draining: a job finishing meanwhile sets it again
+                while finished:
+                    future = finished.popleft()
                     inflight.pop(future)
                     # Claimed again while this job held them: the job is over (recorded or
                     # given back), so the new claim is given back too, and they are due again.
