@@ -23,7 +23,6 @@ import sqlalchemy.orm as so
 from flask import Flask
 
 from ..database import unit_of_work
-from ..extensions import db
 from ..queue.service import NewMessage, add_messages
 from .stamping import Trace
 from .storage import Storage, prepare_message
@@ -32,9 +31,12 @@ log = logging.getLogger("elemta.smtpd")
 
 MAX_BATCH = 64
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # a message alone may be larger; it then goes alone
-# Concurrent batches: one keeps SQLite's single writer busy; PostgreSQL overlaps two.
-WRITERS = {"sqlite": 1}
-DEFAULT_WRITERS = 2
+# One batch at a time, on both databases. SQLite has a single writer anyway; on PostgreSQL a
+# second concurrent batch overlapped the commits but halved the batches, and the listener is
+# bound by its CPU (one process, the GIL): one writer took 15 % less listener CPU and 25 % less
+# database CPU a message, and 11-18 % more messages a second (docs/PERFORMANCE.md, "Intake,
+# one group commit at a time"). Under load a batch simply grows (up to MAX_BATCH).
+WRITERS = 1
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,8 @@ class Acceptor:
         self._writers: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        with self.app.app_context():
-            dialect = db.engine.dialect.name
-        count = WRITERS.get(dialect, DEFAULT_WRITERS)
         self._writers = [asyncio.create_task(self._write_batches(), name=f"smtpd-writer-{n}")
-                         for n in range(count)]
+                         for n in range(WRITERS)]
 
     async def stop(self) -> None:
         for task in self._writers:
