@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
+from sqlalchemy.dialects import postgresql
 
 from ..models import Rule, Suppression
 from ..sqltypes import UTCDateTime
@@ -31,23 +32,34 @@ RULE_REPLY = "550 5.7.1 <{address}>: Refused by rule {rule_id} (until {until})"
 # tear down (docs/PERFORMANCE.md, "Intake, group commit as arrays" and "Intake, concurrent
 # RCPT checks in one statement").
 _NO_TEXT = sa.cast(sa.null(), sa.String)
-_SUPPRESSED = sa.select(
-    sa.literal("s").label("kind"), sa.cast(sa.null(), sa.Integer).label("id"),
-    Suppression.address.label("address"),
-    Suppression.reason.label("reason"), Suppression.source.label("source"),
-    _NO_TEXT.label("sender"), _NO_TEXT.label("recipient"), _NO_TEXT.label("domain"),
-    _NO_TEXT.label("action"), sa.cast(sa.null(), UTCDateTime).label("expires_at"),
-).where(
-    Suppression.address.in_(sa.bindparam("addresses", expanding=True)),
-    sa.or_(Suppression.expires_at.is_(None), Suppression.expires_at > sa.bindparam("now")))
-_BOUNCE_RULES = sa.select(
-    sa.literal("r"), Rule.id, _NO_TEXT, _NO_TEXT, _NO_TEXT, Rule.sender, Rule.recipient,
-    Rule.domain, Rule.action, Rule.expires_at,
-).where(Rule.expires_at > sa.bindparam("now"), Rule.action == "bounce")
-# The suppressions first (each decides alone), then the rules in id order, as
-# rulebook.in_force.
-_CHECK: Any = sa.union_all(_SUPPRESSED, _BOUNCE_RULES).order_by(
-    sa.text("kind DESC, id"))
+
+
+def _check_statement(address_matches: Any) -> Any:
+    suppressed = sa.select(
+        sa.literal("s").label("kind"), sa.cast(sa.null(), sa.Integer).label("id"),
+        Suppression.address.label("address"),
+        Suppression.reason.label("reason"), Suppression.source.label("source"),
+        _NO_TEXT.label("sender"), _NO_TEXT.label("recipient"), _NO_TEXT.label("domain"),
+        _NO_TEXT.label("action"), sa.cast(sa.null(), UTCDateTime).label("expires_at"),
+    ).where(
+        address_matches,
+        sa.or_(Suppression.expires_at.is_(None), Suppression.expires_at > sa.bindparam("now")))
+    bounce_rules = sa.select(
+        sa.literal("r"), Rule.id, _NO_TEXT, _NO_TEXT, _NO_TEXT, Rule.sender, Rule.recipient,
+        Rule.domain, Rule.action, Rule.expires_at,
+    ).where(Rule.expires_at > sa.bindparam("now"), Rule.action == "bounce")
+    # The suppressions first (each decides alone), then the rules in id order, as
+    # rulebook.in_force.
+    return sa.union_all(suppressed, bounce_rules).order_by(sa.text("kind DESC, id"))
+
+
+# On PostgreSQL the addresses go as one array (``= ANY``): one SQL text whatever the number
+# of checks, so SQLAlchemy renders nothing per run (an expanding IN is rewritten for every
+# execution) and psycopg prepares it once. SQLite has no arrays: an expanding IN there.
+_CHECK_ANY: Any = _check_statement(Suppression.address == sa.any_(
+    sa.bindparam("addresses", type_=postgresql.ARRAY(sa.String))))
+_CHECK_IN: Any = _check_statement(
+    Suppression.address.in_(sa.bindparam("addresses", expanding=True)))
 _COUNT_HITS = sa.update(Rule).where(Rule.id == sa.bindparam("rule_id")).values(
     hits=Rule.hits + sa.bindparam("caught", type_=sa.Integer))
 # Bounds the statement's parameters (SQLite allows 32766, PostgreSQL 65535).
@@ -90,7 +102,8 @@ def refusals_of(connection: sa.Connection, checks: Sequence[tuple[str, str]],
     if not checks:
         return []
     now = now or utcnow()
-    rows = connection.execute(_CHECK, {
+    check = _CHECK_ANY if connection.dialect.name == "postgresql" else _CHECK_IN
+    rows = connection.execute(check, {
         "addresses": sorted({suppression.normalise(a) for _, a in checks}), "now": now}).all()
     suppressed = {row.address: row for row in rows if row.kind == "s"}
     bounces = [row for row in rows if row.kind == "r"]
