@@ -249,8 +249,26 @@ def test_a_message_whose_header_cannot_be_parsed_is_queued_unsigned(app, zone):
     assert b"not a header line" in raw and signatures_of(raw) == []
 
 
-def test_a_group_commit_reads_the_keys_once_signs_every_message_and_a_retired_key_stops(app,
-                                                                                        zone):
+@pytest.fixture
+def key_reads(monkeypatch):  # type: ignore[no-untyped-def]
+    """Every read of the active keys. On PostgreSQL the read runs on psycopg's own cursor
+    (app/rawselect.py), which SQLAlchemy's statement events do not see: the reads are counted
+    where they are made."""
+    from app.dkim import signing
+
+    reads = []
+    read = signing._ACTIVE_KEYS_READ.rows
+
+    def counted(connection, params=None):  # type: ignore[no-untyped-def]
+        reads.append(connection)
+        return read(connection, params)
+
+    monkeypatch.setattr(signing._ACTIVE_KEYS_READ, "rows", counted)
+    return reads
+
+
+def test_a_group_commit_reads_the_keys_once_signs_every_message_and_a_retired_key_stops(
+        app, zone, key_reads):
     """The listener's batch: one key query per transaction (no flush per message), each
     message signed; the memo ends with the transaction, so a retired key signs nothing more."""
     from app.smtpd.acceptor import Job
@@ -258,8 +276,8 @@ def test_a_group_commit_reads_the_keys_once_signs_every_message_and_a_retired_ke
     selector, _ = make_key(app, zone)
     raw = crlf(email_message(sender="Alice <alice@example.com>", subject="Batch"))
     jobs = [Job("alice@example.com", ("bob@example.net",), raw, _trace()) for _ in range(5)]
-    ids, statements = _accept_watching_statements(app, jobs)
-    assert sum("FROM dkim_keys" in s for s in statements) == 1
+    ids, _statements = _accept_watching_statements(app, jobs)
+    assert len(key_reads) == 1
     for queue_id in ids:
         assert [s.selector for s in signatures_of(raw_of(app, queue_id))] == [selector]
 
@@ -307,19 +325,20 @@ def _batch_statements(app, senders):  # type: ignore[no-untyped-def]
     return _accept_watching_statements(app, jobs)
 
 
-def test_the_keys_are_read_once_per_transaction_whatever_the_from_domains(app, zone):
+def test_the_keys_are_read_once_per_transaction_whatever_the_from_domains(app, zone,
+                                                                           key_reads):
     """One key query for a batch whose messages come from several domains (a subdomain signed
     by its parent's key, a domain without keys), each message signed as it would be alone."""
     selector, _ = make_key(app, zone)
     senders = ["alice@example.com", "bob@mail.example.com", "carol@unsigned.example",
                "dave@example.com"]
-    ids, statements = _batch_statements(app, senders)
-    assert sum("FROM dkim_keys" in s for s in statements) == 1
+    ids, _statements = _batch_statements(app, senders)
+    assert len(key_reads) == 1
     signed = [[s.selector for s in signatures_of(raw_of(app, i))] for i in ids]
     assert signed == [[selector], [selector], [], [selector]]
 
 
-def test_without_an_active_key_no_from_field_is_parsed(app, monkeypatch):
+def test_without_an_active_key_no_from_field_is_parsed(app, monkeypatch, key_reads):
     """No active key at all: the batch reads the keys once and never looks for a From:
     domain (parsing it is most of signing's cost for mail nobody signs)."""
     from app.dkim import signing
@@ -329,6 +348,6 @@ def test_without_an_active_key_no_from_field_is_parsed(app, monkeypatch):
 
     monkeypatch.setattr(signing, "from_domain", never)
     monkeypatch.setattr(signing, "header_fields", never)
-    ids, statements = _batch_statements(app, ["alice@example.com", "bob@example.org"])
-    assert sum("FROM dkim_keys" in s for s in statements) == 1
+    ids, _statements = _batch_statements(app, ["alice@example.com", "bob@example.org"])
+    assert len(key_reads) == 1
     assert [signatures_of(raw_of(app, i)) for i in ids] == [[], []]

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 
 from ..models import DkimKey
+from ..rawselect import RawSelect
 from .records import InvalidName, normalise_domain, parent_domains, parse_tags
 
 log = logging.getLogger("elemta.dkim")
@@ -92,6 +93,9 @@ _MEMO = "dkim_signing_keys"
 _ACTIVE_KEYS = sa.select(DkimKey.__table__.c.domain, DkimKey.__table__.c.selector,
                          DkimKey.__table__.c.algorithm, DkimKey.__table__.c.private_key).where(
     DkimKey.__table__.c.state == "active")
+# On PostgreSQL on the raw psycopg cursor of the transaction (app/rawselect.py): the
+# listener's group commit reads the keys once per batch.
+_ACTIVE_KEYS_READ = RawSelect(_ACTIVE_KEYS)
 
 KeyRow = tuple[str, str, str, str]
 
@@ -107,7 +111,7 @@ def active_keys(session: so.Session) -> dict[str, list[KeyRow]]:
     memo: dict[str, list[KeyRow]] | None = session.info.get(_MEMO)
     if memo is None:
         memo = {}
-        for row in session.connection().execute(_ACTIVE_KEYS):
+        for row in _ACTIVE_KEYS_READ.rows(session.connection()):
             memo.setdefault(row.domain, []).append(tuple(row))
         for rows in memo.values():
             rows.sort(key=lambda row: row[2], reverse=True)  # rsa first, then ed25519

@@ -27,6 +27,7 @@ from ..control import rulebook
 from ..copyinsert import SMALL_BATCH_BYTES, CopyInsert, supported
 from ..errors import ValidationFailed
 from ..models import DeliveryEvent, Message, MessageContent, Recipient, Rule
+from ..rawselect import RawSelect
 from ..timeutil import isoformat_z, utcnow
 from . import shape
 from .content import subject_of
@@ -45,6 +46,8 @@ _HOLD_DEFER_RULES = sa.select(Rule.id, Rule.sender, Rule.recipient, Rule.domain,
                               Rule.expires_at).where(
     Rule.expires_at > sa.bindparam("now"),
     sa.or_(Rule.action == "hold", Rule.action == "defer")).order_by(Rule.id)
+# On PostgreSQL on the raw psycopg cursor of the batch's transaction (app/rawselect.py).
+_HOLD_DEFER_READ = RawSelect(_HOLD_DEFER_RULES)
 # Every row of one executemany must name the same columns.
 _EVENT_COLUMNS = tuple(c.name for c in DeliveryEvent.__table__.c if c.name != "id")
 # On PostgreSQL, the same four tables written by one binary COPY each (app/copyinsert.py):
@@ -114,7 +117,7 @@ def add_messages(session: so.Session, new: Sequence[NewMessage]) -> list[str]:
     if any(not item.recipients for item in new):
         raise ValidationFailed("A message needs at least one recipient")
     connection = session.connection()
-    rules = connection.execute(_HOLD_DEFER_RULES, {"now": utcnow()}).all()
+    rules = _HOLD_DEFER_READ.rows(connection, {"now": utcnow()})
     messages: list[tuple[Any, ...]] = []
     contents: list[tuple[Any, ...]] = []
     recipients: list[tuple[Any, ...]] = []
