@@ -411,10 +411,7 @@ SETTINGS: dict[str, Setting] = {
     # empty, they are relative. Never the client's Host header.
     "PUBLIC_URL": Setting("", public_url),
     "WORKER_LEASE_SECONDS": Setting(300, integer(1)),
-    # Delivery threads per worker process. 16, not 8: their outcomes share the recorder's
-    # commits, and twice the threads make groups twice as large (about 11 outcomes a commit
-    # instead of 6): +30 % msg/s and -25 % CPU a message on PostgreSQL (docs/PERFORMANCE.md).
-    "WORKER_CONCURRENCY": Setting(16, integer(1)),
+    "WORKER_CONCURRENCY": Setting(8, integer(1)),
     # ``flask worker`` processes (app/delivery/processes.py); 0: one per CPU core.
     "WORKER_PROCESSES": Setting(1, integer(0)),
     "MAX_CONNECTIONS_PER_DOMAIN": Setting(10, integer(1)),
