@@ -30,6 +30,7 @@ a transient conflict (``retry_on_conflict``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import select
@@ -412,11 +413,39 @@ def pipelined(session: so.Session, *, commit: bool = False) -> Iterator[None]:
             if commit:
                 dbapi_connection.execute(b"COMMIT")  # answered at the pipeline's end
     except driver_error as exc:
-        lost = bool(connection.dialect.is_disconnect(exc, dbapi_connection, None))
-        if lost and not connection.invalidated:
-            connection.invalidate(exc)
-        raise sa_exc.DBAPIError.instance(None, None, exc, driver_error,
-                                         connection_invalidated=lost) from exc
+        raise _wrapped(connection, dbapi_connection, exc) from exc
+
+
+def _wrapped(connection: sa.Connection, dbapi_connection: Any, exc: Any) -> BaseException:
+    """A driver's error as SQLAlchemy would raise it (the connection invalidated when lost)."""
+    lost = bool(connection.dialect.is_disconnect(exc, dbapi_connection, None))
+    if lost and not connection.invalidated:
+        connection.invalidate(exc)
+    return sa_exc.DBAPIError.instance(None, None, exc, connection.dialect.loaded_dbapi.Error,
+                                      connection_invalidated=lost)
+
+
+@functools.lru_cache(maxsize=256)
+def values_sql(head: str, width: int, count: int, tail: str = "") -> str:
+    """``{head} VALUES (%s, ...), ... {tail}``: ``count`` rows of ``width`` psycopg
+    placeholders (``driver_write``). The same text for every batch of a size, so psycopg
+    prepares it after a few uses; an INSERT coerces each value to its column's type."""
+    row = "(" + ", ".join(["%s"] * width) + ")"
+    return f"{head} VALUES {', '.join([row] * count)}{tail}"
+
+
+def driver_write(connection: sa.Connection, sql: str, params: Sequence[Any]) -> None:
+    """A write whose result nobody reads (INSERT, UPDATE, DELETE without RETURNING), its SQL
+    written for psycopg, run on the driver's connection in the transaction of ``connection``
+    (PostgreSQL only): inside ``pipelined`` it is only queued. SQLAlchemy's execution (a
+    compiled statement's context, its bind processing: a few hundred Python calls a
+    statement) is skipped, and so are its ``before_cursor_execute`` listeners and echo; the
+    caller converts the values itself. A driver's error is raised as SQLAlchemy's would be."""
+    dbapi_connection: Any = connection.connection.dbapi_connection
+    try:
+        dbapi_connection.execute(sql, params)
+    except connection.dialect.loaded_dbapi.Error as exc:
+        raise _wrapped(connection, dbapi_connection, exc) from exc
 
 
 def _returns_rows(context: Any) -> bool:

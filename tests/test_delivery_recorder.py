@@ -342,3 +342,86 @@ def test_a_suppression_commits_in_the_same_transaction_as_its_outcome(app, datab
             "('delivery', 'rejection')")))
     assert suppressed[0] == result.address
     assert outcomes == {suppressed[1]}  # one transaction wrote them all
+
+
+OUTCOMES = {"delivered": (250, "2.0.0", "250 2.0.0 ok"),
+            "tempfail": (451, "4.3.0", "451 4.3.0 try again later"),
+            "rejection": (550, "5.7.1", "550 5.7.1 refused by policy")}
+
+
+def test_a_group_of_mixed_outcomes_writes_what_the_read_side_recounts(app):
+    # On PostgreSQL the group's events, rollups, shape deltas and DELETE are bound by hand on
+    # the driver's connection (database.driver_write): what they store must be what Core
+    # stored, and the rollups what a recount of the events gives.
+    from app.events import rebuild_rollup
+    from app.models import DeliveryRollup, DomainRollup
+    from app.queue import shape
+
+    attempts = _leased(app, 7)
+    with unit_of_work(app) as session:
+        shape.rebuild(session)  # bulk_queue's messages counted, as accepting counts them
+    kinds = ["delivered", "tempfail", "rejection", "delivered", "tempfail", "delivered",
+             "delivered"]
+    for attempt, kind in zip(attempts, kinds, strict=True):
+        [result] = attempt.results
+        code, enhanced, text = OUTCOMES[kind]
+        attempt.results = [RecipientResult(result.recipient_id, result.address, kind, text,
+                                           code, enhanced, "mx.example.net", "192.0.2.7")]
+    with unit_of_work(app) as session:
+        record_outcomes(session, WORKER, attempts, POLICY)
+    with unit_of_work(app) as session:
+        events = session.scalars(sa.select(DeliveryEvent).where(
+            DeliveryEvent.event_type.in_(["delivery", "tempfail", "rejection"]))
+            .order_by(DeliveryEvent.id)).all()
+        # One event per outcome, in the order the attempts were handed in.
+        assert [e.recipient for e in events] == [a.results[0].address for a in attempts]
+        assert [e.event_type for e in events] == [
+            {"delivered": "delivery"}.get(k, k) for k in kinds]
+        for event, kind in zip(events, kinds, strict=True):
+            assert event.timestamp.tzinfo is not None
+            assert event.threats == [] and event.domain == "example.net"
+            assert (event.smtp_code, event.enhanced_code) == OUTCOMES[kind][:2]
+            assert (event.delivery_host, event.delivery_ip) == ("mx.example.net", "192.0.2.7")
+            assert (event.latency is not None) == (kind == "delivered")
+            assert (event.failure_class is not None) == (kind != "delivered")
+        assert len({e.timestamp for e in events}) == 1
+        # The delivered messages left the queue with their recipients and content.
+        assert session.scalar(sa.select(sa.func.count()).select_from(Message)) == 3
+        assert session.scalar(sa.select(sa.func.count()).select_from(Recipient)) == 3
+
+        def rollups() -> tuple[dict, dict]:
+            return ({(r.hour, r.outcome): r.count
+                     for r in session.scalars(sa.select(DeliveryRollup))},
+                    {(r.grain, r.start, r.domain, r.outcome, r.failure_class,
+                      r.latency_bucket): r.count
+                     for r in session.scalars(sa.select(DomainRollup))})
+
+        kept = rollups()
+        assert sum(kept[0].values()) == 7 and sum(kept[1].values()) == 4 * 7
+        rebuild_rollup(session)
+        session.expire_all()
+        assert rollups() == kept
+        now = utcnow()
+        for by in ("domain", "sender_domain"):
+            counted = shape.read_shape(session, "all", by, top=1000, now=now)
+            assert {r.domain: r.buckets for r in counted.rows} == shape.direct_shape(
+                session, "all", by, now)
+
+
+def test_an_event_the_database_refuses_refuses_the_group(app, database_url):
+    # A value too long for its column is an error on the hand-bound path too (not cut
+    # silently), and a database error, judged as one: not an outage.
+    from app.events import event_row, insert_event_rows
+
+    _postgresql_only(database_url)  # SQLite does not check a varchar's length
+
+    with pytest.raises(sa_exc.DBAPIError) as caught:
+        with unit_of_work(app) as session:
+            insert_event_rows(session.connection(), [
+                event_row("delivery", message_id="m-ok", recipient="a@example.net",
+                          message="fine"),
+                event_row("delivery", message_id="m" * 65, recipient="b@example.net",
+                          message="too long an id")])
+    assert not is_unreachable(caught.value)
+    with unit_of_work(app) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(DeliveryEvent)) == 0
