@@ -30,7 +30,8 @@ a transient conflict (``retry_on_conflict``).
 from __future__ import annotations
 
 import contextlib
-import functools
+import datetime
+import json
 import logging
 import random
 import select
@@ -425,13 +426,22 @@ def _wrapped(connection: sa.Connection, dbapi_connection: Any, exc: Any) -> Base
                                       connection_invalidated=lost)
 
 
-@functools.lru_cache(maxsize=256)
-def values_sql(head: str, width: int, count: int, tail: str = "") -> str:
-    """``{head} VALUES (%s, ...), ... {tail}``: ``count`` rows of ``width`` psycopg
-    placeholders (``driver_write``). The same text for every batch of a size, so psycopg
-    prepares it after a few uses; an INSERT coerces each value to its column's type."""
-    row = "(" + ", ".join(["%s"] * width) + ")"
-    return f"{head} VALUES {', '.join([row] * count)}{tail}"
+def json_rows(rows: Sequence[Any]) -> str:
+    """Rows (dicts of column values) as one JSON parameter for ``driver_write``'s
+    ``SELECT ... FROM json_populate_recordset(NULL::<table>, %s)``: the server converts each
+    value with its column's type (a string too long for its ``varchar(n)`` is an error, as
+    through Core), the client only runs ``json.dumps`` (in C). Datetimes go as ISO 8601 in
+    UTC, as ``UTCDateTime`` binds them (a naive one is refused). One parameter whatever the
+    number of rows: psycopg parses a query of more than 50 parameters again every time."""
+    return json.dumps(rows, default=_json_value, separators=(",", ":"))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            raise ValueError("UTCDateTime needs an aware datetime")
+        return value.astimezone(datetime.UTC).isoformat()
+    raise TypeError(f"{type(value).__name__} is not a column value")
 
 
 def driver_write(connection: sa.Connection, sql: str, params: Sequence[Any]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +19,9 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .database import driver_write, values_sql
+from .database import driver_write, json_rows
 from .models import ERROR_EVENTS_SQL, OUTCOME_OF_EVENT, DeliveryEvent, DeliveryRollup, DomainRollup
-from .sqltypes import UTCDateTime, time_bucket
+from .sqltypes import time_bucket
 from .stats.classify import failure_class
 from .stats.latency import NO_BUCKET, bucket_of, bucket_sql
 from .timeutil import utcnow
@@ -126,10 +125,11 @@ class Increments:
         self.add(row["event_type"], row["timestamp"], row.get("domain"),
                  row.get("failure_class"), row.get("latency"))
 
-    def bump(self, session: so.Session) -> None:
-        """Apply to both rollups: the hourly one first, then the domains' (a fixed order)."""
-        bump_rollup(session, self.hourly)
-        bump_domain_rollup(session, self.domains)
+    def bump(self, session: so.Session, connection: sa.Connection | None = None) -> None:
+        """Apply to both rollups: the hourly one first, then the domains' (a fixed order);
+        ``connection``: the session's, when the caller holds it already."""
+        bump_rollup(session, self.hourly, connection)
+        bump_domain_rollup(session, self.domains, connection)
 
 
 def record_event(
@@ -219,45 +219,19 @@ def insert_event_rows(connection: sa.Connection, rows: Sequence[Mapping[str, Any
     if not rows:
         return
     if connection.dialect.name == "postgresql":
-        # One multi-row INSERT on the driver's connection, no RETURNING: inside the recorder's
-        # pipeline (``database.pipelined``) it is only queued. An executemany through Core was
-        # one Execute per row on the server and SQLAlchemy's bind processing of every value
-        # (docs/PERFORMANCE.md, "Delivery, the recorder's statements on the driver").
-        params: list[Any] = []
-        for row in rows:
-            params.extend(_pg_event_value(name, row[name]) for name in EVENT_FIELDS)
-        driver_write(connection, values_sql(_PG_INSERT_EVENTS, len(EVENT_FIELDS), len(rows)),
-                     params)
+        # One INSERT of the rows as one JSON parameter, on the driver's connection, no
+        # RETURNING: inside the recorder's pipeline (``database.pipelined``) it is only
+        # queued. An executemany through Core was one Execute per row on the server and
+        # SQLAlchemy's bind processing of every value (docs/PERFORMANCE.md, "Delivery, the
+        # recorder's statements on the driver").
+        driver_write(connection, _PG_INSERT_EVENTS, [json_rows(rows)])
     else:
         connection.execute(_INSERT_EVENTS, list(rows)).all()
 
 
-def _utc(moment: dt.datetime) -> dt.datetime:
-    """``UTCDateTime``'s binding on PostgreSQL, for values bound by hand."""
-    if moment.tzinfo is None:
-        raise ValueError("UTCDateTime needs an aware datetime")
-    return moment.astimezone(dt.UTC)
-
-
-_JSON_FIELDS = frozenset(c.key for c in _EVENTS.columns if isinstance(c.type, sa.JSON))
-_TIME_FIELDS = frozenset(c.key for c in _EVENTS.columns if isinstance(c.type, UTCDateTime))
-
-
-def _pg_event_value(name: str, value: Any) -> Any:
-    """A value of an event row as ``DeliveryEvent``'s column types would bind it on
-    PostgreSQL: JSON serialised (``json.dumps``, SQLAlchemy's default), timestamps aware and
-    in UTC (``UTCDateTime``: a naive one is refused); the rest as it is."""
-    if value is None:
-        return None
-    if name in _TIME_FIELDS:
-        return _utc(value)
-    if name in _JSON_FIELDS:
-        return json.dumps(value)
-    return value
-
-
-_PG_INSERT_EVENTS = "INSERT INTO delivery_events ({})".format(  # noqa: UP032
-    ", ".join(f'"{name}"' for name in EVENT_FIELDS))
+_COLUMNS = ", ".join(f'"{name}"' for name in EVENT_FIELDS)
+_PG_INSERT_EVENTS = (f"INSERT INTO delivery_events ({_COLUMNS}) SELECT {_COLUMNS} "
+                     "FROM json_populate_recordset(NULL::delivery_events, %s)")
 
 
 def is_outcome(event_type: str, recipient: str | None, message_id: str | None) -> bool:
@@ -317,11 +291,19 @@ def record_system_events(
     return len(values)
 
 
-def bump_rollup(session: so.Session, increments: Mapping[tuple[dt.datetime, str], int]) -> None:
+def bump_rollup(session: so.Session, increments: Mapping[tuple[dt.datetime, str], int],
+                connection: sa.Connection | None = None) -> None:
     """Add counts to rollup rows (hour, outcome), creating them as needed, atomically."""
     if not increments:
         return
-    connection = session.connection()
+    connection = connection or session.connection()
+    if connection.dialect.name == "postgresql":
+        # One upsert of the rows as one JSON parameter (``database.json_rows``), in key
+        # order, on the driver's connection: no SQLAlchemy execution a group.
+        driver_write(connection, _PG_ROLLUP_UPSERT, [json_rows(
+            [{"hour": hour, "outcome": outcome, "count": count}
+             for (hour, outcome), count in sorted(increments.items())])])
+        return
     # A stable order: two transactions bumping the same rows lock them in the same order.
     # One executemany on the session's connection (psycopg pipelines it), not an ORM
     # execution per row.
@@ -364,25 +346,26 @@ def _domain_upsert(dialect: str) -> Any:
     return _DOMAIN_UPSERTS[dialect]
 
 
-def bump_domain_rollup(session: so.Session, increments: Mapping[DomainKey, int]) -> None:
+def bump_domain_rollup(session: so.Session, increments: Mapping[DomainKey, int],
+                       connection: sa.Connection | None = None) -> None:
     """Add counts to domain_rollup rows, creating them as needed, atomically: one upsert
     executed for every row (executemany; psycopg pipelines it), in key order (two writers
     lock shared rows in the same order)."""
     if not increments:
         return
     ordered = sorted(increments.items())
-    connection = session.connection()
+    connection = connection or session.connection()
     if connection.dialect.name == "postgresql":
-        # One statement for the whole batch, the rows as arrays (in key order: unnest keeps
-        # it): the server plans and runs one upsert instead of one per row (a batch of eight
-        # deliveries has 32 rows: four grains each), and the client binds seven parameters.
-        columns: list[list[Any]] = [[] for _ in range(7)]
-        for key, count in ordered:
-            for column, value in zip(columns, (*key, count), strict=True):
-                column.append(value)
-        connection.execute(_PG_DOMAIN_UPSERT_ALL, dict(zip(
-            ("grain", "start", "domain", "outcome", "failure", "bucket", "count"), columns,
-            strict=True)))
+        # One statement for the whole batch, in key order (the function returns the rows in
+        # the order given): the server plans and runs one upsert instead of one per row (a
+        # batch of eight deliveries has 32 rows: four grains each, fewer once the Counter
+        # merged equal keys), the rows as one JSON parameter (``database.json_rows``: an
+        # array per column, as the ``unnest`` form had them, was dumped by psycopg element by
+        # element in Python), on the driver's connection.
+        driver_write(connection, _PG_DOMAIN_UPSERT, [json_rows(
+            [{"grain": grain, "start": start, "domain": domain, "outcome": outcome,
+              "failure_class": failure, "latency_bucket": bucket, "count": count}
+             for (grain, start, domain, outcome, failure, bucket), count in ordered])])
         return
     rows = [{"grain": grain, "start": start, "domain": domain, "outcome": outcome,
              "failure_class": failure, "latency_bucket": bucket, "count": count}
@@ -390,15 +373,16 @@ def bump_domain_rollup(session: so.Session, increments: Mapping[DomainKey, int])
     connection.execute(_domain_upsert(connection.dialect.name), rows)
 
 
-_PG_DOMAIN_UPSERT_ALL = sa.text("""
-INSERT INTO domain_rollup (grain, start, domain, outcome, failure_class, latency_bucket, count)
-SELECT * FROM unnest(CAST(:grain AS varchar[]), CAST(:start AS timestamptz[]),
-                     CAST(:domain AS varchar[]), CAST(:outcome AS varchar[]),
-                     CAST(:failure AS varchar[]), CAST(:bucket AS smallint[]),
-                     CAST(:count AS bigint[]))
-ON CONFLICT (grain, start, domain, outcome, failure_class, latency_bucket)
-DO UPDATE SET count = domain_rollup.count + excluded.count
-""")
+_PG_DOMAIN_UPSERT = (
+    "INSERT INTO domain_rollup (grain, start, domain, outcome, failure_class, latency_bucket, "
+    "count) SELECT grain, start, domain, outcome, failure_class, latency_bucket, count "
+    "FROM json_populate_recordset(NULL::domain_rollup, %s) "
+    "ON CONFLICT (grain, start, domain, outcome, failure_class, latency_bucket) "
+    "DO UPDATE SET count = domain_rollup.count + excluded.count")
+_PG_ROLLUP_UPSERT = (
+    "INSERT INTO delivery_rollup (hour, outcome, count) SELECT hour, outcome, count "
+    "FROM json_populate_recordset(NULL::delivery_rollup, %s) "
+    "ON CONFLICT (hour, outcome) DO UPDATE SET count = delivery_rollup.count + excluded.count")
 
 
 def rebuild_rollup(

@@ -34,6 +34,7 @@ import sqlalchemy.orm as so
 from sqlalchemy.dialects import postgresql
 
 from ..control.suppression import suppress_after_failure, suppresses
+from ..database import driver_write
 from ..events import Increments, event_row, insert_event_rows
 from ..models import DeliveryEvent, Message, Recipient
 from . import shape
@@ -156,7 +157,7 @@ def record_attempts(
     _write_back(connection, changed)
     events.write()
     _delete(connection, gone)
-    increments.bump(session)
+    increments.bump(session, connection)
     return recorded, held
 
 
@@ -231,7 +232,6 @@ _WRITE_MESSAGE = (
             updated_at=sa.bindparam("v_updated_at", type_=_M.c.updated_at.type),
             next_attempt_at=sa.bindparam("v_next_attempt_at", type_=_M.c.next_attempt_at.type)))
 _DELETE = sa.delete(_M).where(_M.c.id.in_(sa.bindparam("ids", expanding=True)))
-_DELETE_ARRAY = sa.delete(_M).where(_M.c.id == sa.any_(_IDS))  # PostgreSQL (``_IDS``)
 
 
 def _write_back(connection: sa.Connection, messages: Sequence[MessageRow]) -> None:
@@ -302,9 +302,14 @@ def _delete(connection: sa.Connection, ids: Sequence[str]) -> None:
     trigger runs once for the batch: through the unit of work it was one DELETE per recipient
     and one per message, each firing the trigger. The rows are locked already.
     """
-    if ids:
-        connection.execute(_DELETE_ARRAY if connection.dialect.name == "postgresql"
-                           else _DELETE, {"ids": list(ids)})
+    if not ids:
+        return
+    if connection.dialect.name == "postgresql":
+        # On the driver's connection: a fixed text, nothing to bind but the ids' array.
+        driver_write(connection, "DELETE FROM messages WHERE id = ANY(%s::varchar[])",
+                     [list(ids)])
+    else:
+        connection.execute(_DELETE, {"ids": list(ids)})
 
 
 def _already_recorded(session: so.Session, attempt: Attempt) -> set[str]:

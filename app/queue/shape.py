@@ -35,7 +35,7 @@ import sqlalchemy.orm as so
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.compiler import compiles
 
-from ..database import writable
+from ..database import driver_write, json_rows, writable
 from ..models import SHAPE_KINDS, Message, QueueShapeCount, QueueShapeDelta, Recipient
 from ..timeutil import utcnow
 from .states import QueueState, RecipientStatus
@@ -191,9 +191,10 @@ def write_noted(session: so.Session) -> None:
     if connection.dialect.name == "postgresql":
         # One statement, the rows as arrays: nothing to read back, so inside a pipeline
         # (database.pipelined) it goes with the COMMIT instead of costing a round trip.
-        connection.execute(_PG_INSERT_DELTAS, {
-            name: [row[name] for row in values]
-            for name in ("kind", "state", "domain", "minute", "delta")})
+        # One statement, the rows as one JSON parameter (``database.json_rows``), on the
+        # driver's connection: nothing to read back, so inside a pipeline
+        # (database.pipelined) it goes with the COMMIT; no SQLAlchemy execution.
+        driver_write(connection, _PG_INSERT_DELTAS, [json_rows(values)])
     else:
         # Core on the session's connection, RETURNING so that the rows go as one multi-row
         # VALUES: the ORM's bulk insert was one INSERT per row (pipelined) and its bookkeeping.
@@ -202,10 +203,9 @@ def write_noted(session: so.Session) -> None:
 
 _DELTAS = cast(sa.Table, QueueShapeDelta.__table__)
 _INSERT_DELTAS = sa.insert(_DELTAS).returning(_DELTAS.c.id)
-_PG_INSERT_DELTAS = sa.text(
-    "INSERT INTO queue_shape_deltas (kind, state, domain, minute, delta) "
-    "SELECT * FROM unnest(CAST(:kind AS text[]), CAST(:state AS text[]), "
-    "CAST(:domain AS text[]), CAST(:minute AS bigint[]), CAST(:delta AS bigint[]))")
+_PG_INSERT_DELTAS = ("INSERT INTO queue_shape_deltas (kind, state, domain, minute, delta) "
+                     "SELECT kind, state, domain, minute, delta "
+                     "FROM json_populate_recordset(NULL::queue_shape_deltas, %s)")
 
 
 def contribution_insert(where: sa.ColumnElement[bool], sign: int,
