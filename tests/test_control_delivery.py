@@ -173,6 +173,55 @@ def test_threads_of_a_worker_share_one_reservation_and_a_full_window(app):
     assert control.admit(tight).limits is tight
 
 
+def test_threads_meeting_an_expired_policy_cache_read_the_policies_once(app, monkeypatch):
+    """Eight threads finding the policy cache expired at once: one reads the policies, the
+    others go on with the book they have; before the first read they all wait for it, and
+    every one of them sees the policy."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.control import gate
+    from app.control.gate import DeliveryControl
+
+    add_policy(app, pattern=LIMITED, max_connections=2)
+    control = DeliveryControl(app, "worker-a", 4)
+    reads = []
+    release = threading.Event()
+    real = gate.load_rows
+
+    def slow_read(session):
+        reads.append(1)
+        release.wait(5)  # every other thread arrives meanwhile
+        return real(session)
+
+    monkeypatch.setattr(gate, "load_rows", slow_read)
+
+    def limits(_):
+        return control.limits_for(LIMITED, LIMITED).max_connections
+
+    with ThreadPoolExecutor(8) as pool:
+        first = [pool.submit(limits, n) for n in range(8)]
+        time.sleep(0.2)
+        release.set()
+        assert [f.result(10) for f in first] == [2] * 8
+    assert len(reads) == 1
+
+    # The cache expires: one thread reads again, the others keep the book they have.
+    add_policy(app, pattern=OTHER, max_connections=3)
+    release.clear()
+    control._loaded_at -= gate.REFRESH_SECONDS
+    with ThreadPoolExecutor(8) as pool:
+        again = [pool.submit(lambda _: control.limits_for(OTHER, OTHER).max_connections, n)
+                 for n in range(8)]
+        time.sleep(0.2)
+        seen = [f.result(1) for f in again if f.done()]
+        assert len(seen) == 7 and set(seen) == {4}  # not read yet: the default's limit
+        release.set()
+        assert again[0].result(10) in (3, 4)
+    assert len(reads) == 2
+    assert control.limits_for(OTHER, OTHER).max_connections == 3
+
+
 def test_throttling_slows_that_destination_only_and_it_recovers(mx_app):
     app = mx_app(worker_concurrency=1)
     queue_to(app, LIMITED, 5)

@@ -67,6 +67,7 @@ class DeliveryControl:
         self._resolved: dict[tuple[str, str, tuple[str, ...]], Limits] = {}
         self._backoff: dict[str, BackoffState] = {}
         self._loaded_at = -REFRESH_SECONDS
+        self._refreshing = threading.Lock()  # held by the one thread reading the policies
         # Messages reserved in the database but not sent yet, per limit key, for the windows
         # they were reserved in (limits.chunk_for): most admissions cost no transaction.
         self._allowance: dict[str, tuple[tuple[dt.datetime, ...], int]] = {}
@@ -83,6 +84,21 @@ class DeliveryControl:
     def refresh(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._loaded_at < REFRESH_SECONDS:
             return
+        # One thread reads the policies; the others go on with the book they have (at most
+        # one read old) instead of each reading them too: every delivery thread met the
+        # expired cache at once, eight reads where one does (docs/PERFORMANCE.md, "Delivery,
+        # the worker's CPU outside the recorder"). Before the first read there is no book to
+        # go on with: they wait for it.
+        first = self._loaded_at < 0
+        if not self._refreshing.acquire(blocking=force or first):
+            return
+        try:
+            if force or time.monotonic() - self._loaded_at >= REFRESH_SECONDS:
+                self._load()
+        finally:
+            self._refreshing.release()
+
+    def _load(self) -> None:
         try:
             with unit_of_work(self.app) as session:
                 rows = load_rows(session)
