@@ -46,7 +46,11 @@ def clean_remote(text: str | None, limit: int = TEXT_LIMIT) -> str | None:
     """A text that came from elsewhere (a reply, a host name, an error) made safe to store."""
     if text is None:
         return None
-    text = _UNSAFE.sub("?", text.replace("\r\n", " ").replace("\t", " "))
+    # The common case (a one-line reply, a host name) has none of them: ``isprintable`` is
+    # false for every character _UNSAFE matches (controls, C1, surrogates) and for CR, LF
+    # and tab, so such a text is kept as it is without three copies of it.
+    if not text.isprintable():
+        text = _UNSAFE.sub("?", text.replace("\r\n", " ").replace("\t", " "))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

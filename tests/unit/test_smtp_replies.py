@@ -55,6 +55,24 @@ def test_clean_remote_replaces_control_characters_and_bounds_the_length():
     assert clean_remote("x" * TEXT_LIMIT) == "x" * TEXT_LIMIT
 
 
+def test_clean_remote_keeps_a_printable_text_and_treats_every_unsafe_character_alike():
+    """The shortcut for printable texts gives what the substitution gives, for every
+    character the substitution matches and a few it does not (one at a time, in a text)."""
+    import re
+
+    unsafe = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
+
+    def by_substitution(text: str, limit: int = TEXT_LIMIT) -> str:
+        text = unsafe.sub("?", text.replace("\r\n", " ").replace("\t", " "))
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    assert clean_remote("250 2.0.0 Ok: queued as 4Xyz") == "250 2.0.0 Ok: queued as 4Xyz"
+    for code in [*range(0x00, 0x300), *range(0xD800, 0xE000), 0x2028, 0x200B, 0xFEFF, 0x10FFFF]:
+        for text in (chr(code), f"250 ok {chr(code)} x", f"a\r\n{chr(code)}\tb"):
+            assert clean_remote(text) == by_substitution(text), hex(code)
+            assert clean_remote(text, 4) == by_substitution(text, 4), hex(code)
+
+
 def test_a_recipient_result_is_sanitised_once_on_creation():
     result = RecipientResult(recipient_id=1, address="bob@example.net", kind="tempfail",
                              text="451\x00 later", remote_host="mx\x07.example.net",
