@@ -133,10 +133,18 @@ class Worker:
         # 32-64 futures at every wake-up, once per group commit (3 % of the worker's GIL time).
         finished: deque[cf.Future[None]] = deque()
         woken = threading.Event()
+        batch_size = self.batch_size
 
         def hand_over(future: cf.Future[None]) -> None:
             finished.append(future)
-            woken.set()
+            # The main thread is woken when it has something to do: room for the next claim
+            # (the last job finishing included), or a claim taken again to give back. Waking
+            # it for every finished job (about once a group commit) only had it check that
+            # nothing was to be done, taking the GIL from the recorder and the delivery
+            # threads each time (docs/PERFORMANCE.md, "Delivery, the worker's CPU outside the
+            # recorder"). It still wakes at least every IDLE_POLL for its housekeeping.
+            if len(inflight) - len(finished) < batch_size or future in reclaimed:
+                woken.set()
 
         next_beat = next_fold = 0.0
         next_purge = time.monotonic() + 10
@@ -172,6 +180,8 @@ class Worker:
                 jobs = self._claim(self.batch_size) if claiming else []
                 if jobs and inflight:
                     jobs = self._skip_in_flight(jobs, inflight, reclaimed)
+                    if any(future.done() for future in reclaimed):
+                        woken.set()  # its holder finished before it was noted: give it back
                 for job in jobs:
                     future = executor.submit(self._run_job, job)
                     inflight[future] = job
