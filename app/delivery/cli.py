@@ -12,8 +12,6 @@ from flask.cli import with_appcontext
 
 from .worker import Worker
 
-SWITCH_INTERVAL = 0.0005  # seconds; CPython's default is 0.005 (run_worker)
-
 
 @click.command("worker")
 @click.option("--once", is_flag=True,
@@ -52,13 +50,6 @@ def run_worker(app: Flask, once: bool, *, forked: bool = False) -> int:
 
         with app.app_context():
             db.engine.dispose(close=False)
-    # The delivery threads wake together when the recorder commits, and come back together
-    # (one commit for all of them) only if each reaches its SMTP exchange soon: with
-    # CPython's default 5 ms a thread waiting for the GIL can wait that long behind the
-    # recorder's or another thread's Python. 0.5 ms: +3-50 % msg/s in 6 of 6 same-run
-    # pairs, larger commit groups, less CPU a message (docs/PERFORMANCE.md, "Delivery, the
-    # worker's CPU outside the recorder"). This process only: the worker runs nothing else.
-    sys.setswitchinterval(SWITCH_INTERVAL)
     worker = Worker(app)
 
     def _stop(_signum: int, _frame: object) -> None:
