@@ -3,16 +3,21 @@ errors, and a database that fails (API.md §11; 451, never 250, nothing half-wri
 
 from __future__ import annotations
 
+import datetime as dt
 import smtplib
 import socket
 
 import pytest
 import sqlalchemy as sa
 
+from app.control.rules import create_rule
 from app.extensions import db
+from app.models import Message, Rule
+from app.queue.shape import read_shape
 from app.smtpd.acceptor import Job, accept_batch
 from app.smtpd.server import ListenerSettings, ListenerThread
 from app.smtpd.stamping import Trace
+from app.timeutil import utcnow
 from tests.smtpd_helpers import crlf, email_message, free_port, queued_id, running_listener, stored
 
 
@@ -223,6 +228,41 @@ def test_a_batch_is_one_transaction(app):
     ids = accept_batch(app, jobs)
     assert all(isinstance(i, str) and i.startswith("msg-") for i in ids)
     assert sorted(m.id for m in stored(app)["messages"]) == sorted(ids)
+
+
+def test_a_batch_reads_the_rules_in_force_and_commits_its_queue_shape(app):
+    """The batch's reads (rules, keys) and its queue-shape write with the COMMIT go in
+    pipelines on PostgreSQL: the rules read in the batch's transaction apply, a rule made
+    after one batch applies to the next, and the shape counts every message of each batch."""
+    trace = Trace("client.example", "127.0.0.1", "mx.test.example", True, False, False, False,
+                  ("x@example.net",))
+    raw = crlf(email_message())
+    until = (utcnow() + dt.timedelta(hours=2)).replace(microsecond=0)
+    with app.app_context():
+        hold = create_rule(db.session, action="hold", expires_at=until,
+                           sender="mallory@spam.example", actor="test").id
+        db.session.remove()
+    first = accept_batch(app, [Job("alice@example.com", ("bob@example.org",), raw, trace),
+                               Job("mallory@spam.example", ("dave@example.net",), raw, trace)])
+    with app.app_context():
+        defer = create_rule(db.session, action="defer", expires_at=until, domain="slow.example",
+                            actor="test").id
+        db.session.remove()
+    second = accept_batch(app, [Job("alice@example.com", ("carol@slow.example",), raw, trace),
+                                Job("mallory@spam.example", ("erin@example.net",), raw, trace),
+                                Job("alice@example.com", ("frank@example.net",), raw, trace)])
+    assert all(isinstance(i, str) for i in first + second)
+    with app.app_context():
+        session = db.session
+        states = [session.get(Message, i).queue_state for i in first + second]
+        hits = dict(session.execute(sa.select(Rule.id, Rule.hits)).all())
+        held = read_shape(session, "held").total.buckets
+        pending = read_shape(session, "pending").total.buckets
+        deferred = read_shape(session, "deferred").total.buckets
+        db.session.remove()
+    assert states == ["pending", "held", "deferred", "held", "pending"]
+    assert hits == {hold: 2, defer: 1}
+    assert (sum(pending), sum(held), sum(deferred)) == (2, 2, 1)
 
 
 def test_stop_says_goodbye_to_connected_clients(fresh_app):
