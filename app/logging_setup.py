@@ -44,6 +44,8 @@ ROLE_ENV = "ELEMTA_PROCESS_ROLE"
 # Lines queued for the listener's writer thread before a logging call waits for room
 # (``stdout_on_own_thread``): seconds of mail at full rate, a few MB of records.
 LANE_CAPACITY = 10_000
+# Lines the writer thread writes (and flushes) at most at once: all those waiting, up to this.
+LANE_BATCH = 256
 FORMAT_ENV = "ELEMTA_LOG_FORMAT"
 FORMATS = ("auto", "json", "text")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
@@ -288,11 +290,68 @@ class StdoutLaneHandler(QueueHandler):
 
 class _LaneWriter(QueueListener):
     """The thread writing the lane's lines; its end marker waits for room, as records do
-    (the stdlib's ``put_nowait`` would raise with the lane full, and the thread never end)."""
+    (the stdlib's ``put_nowait`` would raise with the lane full, and the thread never end).
+
+    Every line waiting in the lane when the thread wakes goes out in one ``write`` and one
+    ``flush`` (at most ``LANE_BATCH`` lines): the listener logs the ``Queued`` lines of a whole
+    group commit in one turn of its event loop, and a write and a flush per line were two
+    system calls, each letting go of the GIL and waiting to get it back. The bytes and their
+    order are those of one ``handle`` per record."""
 
     def __init__(self, lane: queue.Queue[Any], target: StdoutJsonHandler) -> None:
         super().__init__(lane, target, respect_handler_level=True)
         self.lane = lane
+        self.target = target
+
+    def _monitor(self) -> None:
+        # QueueListener's loop (the documented thread body), a batch of lines at a time.
+        lane = self.lane
+        sentinel = self._sentinel  # type: ignore[attr-defined]  # not in typeshed
+        while True:
+            batch = [lane.get()]
+            while len(batch) < LANE_BATCH:
+                try:
+                    batch.append(lane.get_nowait())
+                except queue.Empty:
+                    break
+            self._write(batch, sentinel)
+            for _ in batch:
+                lane.task_done()
+            if any(item is sentinel for item in batch):
+                return  # lines queued after the marker: written by stdout_on_own_thread
+
+    def _write(self, batch: list[Any], sentinel: Any) -> None:
+        """What ``target.handle`` does for each record (level, filters, format), then the lines
+        in one write and one flush under the handler's lock."""
+        target = self.target
+        lines: list[str] = []
+        last: logging.LogRecord | None = None
+        for item in batch:
+            if item is sentinel:
+                continue
+            record = self.prepare(item)
+            if record.levelno < target.level or not target.filter(record):
+                continue
+            try:
+                lines.append(target.format(record) + target.terminator)
+                last = record
+            except RecursionError:
+                raise
+            except Exception:
+                target.handleError(record)
+        if last is None:
+            return
+        target.acquire()
+        try:
+            stream = target.stream
+            stream.write("".join(lines))
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            target.handleError(last)
+        finally:
+            target.release()
 
     def enqueue_sentinel(self) -> None:
         # The documented override point; _sentinel is the marker the base class's loop ends on.

@@ -5,6 +5,7 @@ the same lines as when the logging thread wrote them, and none lost when the lis
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import signal
@@ -122,6 +123,38 @@ def test_configuring_again_inside_adds_no_second_handler(lone_handler, app: Flas
         configure_logging(app, role="smtpd")
         handlers = _ours()
     assert [type(h) for h in handlers] == [StdoutLaneHandler]
+    assert _ours() == [lone_handler]
+
+
+class _CountingStdout(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_the_lines_waiting_go_out_in_one_write_the_same_bytes(lone_handler, log_format,
+                                                             monkeypatch):
+    """Lines queued while the writer is held up (here: by the handler's lock) are written
+    together, the same bytes in the same order as one handle() per record."""
+    lone_handler.log_format = log_format
+    stdout = _CountingStdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    records = [r for _ in range(20) for r in _records()]
+    expected = "".join(lone_handler.format(copy.copy(r)) + "\n" for r in records)
+    with stdout_on_own_thread():
+        lone_handler.acquire()  # the writer formats what it took, then waits here
+        try:
+            for record in records:
+                logging.getLogger().handle(record)
+        finally:
+            lone_handler.release()
+    assert stdout.getvalue() == expected
+    assert 1 <= stdout.writes <= 2  # what it took before the lock, then all the others
     assert _ours() == [lone_handler]
 
 
