@@ -31,6 +31,7 @@ import os
 import queue
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from logging.handlers import QueueHandler, QueueListener
 from typing import Any
@@ -46,6 +47,11 @@ ROLE_ENV = "ELEMTA_PROCESS_ROLE"
 LANE_CAPACITY = 10_000
 # Lines the writer thread writes (and flushes) at most at once: all those waiting, up to this.
 LANE_BATCH = 256
+# Seconds the writer lets lines gather after the first one before it writes them (cut short
+# when the listener stops, skipped while the lane is full): at a few hundred lines a second
+# it then wakes once per gather, not once per line (docs/PERFORMANCE.md, "Intake, the
+# listener's wake-ups"). A line reaches stdout at most this much later; its time is the call's.
+LANE_GATHER = 0.01
 FORMAT_ENV = "ELEMTA_LOG_FORMAT"
 FORMATS = ("auto", "json", "text")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
@@ -292,16 +298,16 @@ class _LaneWriter(QueueListener):
     """The thread writing the lane's lines; its end marker waits for room, as records do
     (the stdlib's ``put_nowait`` would raise with the lane full, and the thread never end).
 
-    Every line waiting in the lane when the thread wakes goes out in one ``write`` and one
-    ``flush`` (at most ``LANE_BATCH`` lines): the listener logs the ``Queued`` lines of a whole
-    group commit in one turn of its event loop, and a write and a flush per line were two
-    system calls, each letting go of the GIL and waiting to get it back. The bytes and their
-    order are those of one ``handle`` per record."""
+    After the first line it lets more gather for ``LANE_GATHER`` seconds, then every line
+    waiting goes out in one ``write`` and one ``flush`` (at most ``LANE_BATCH`` lines): a wake-up
+    of this thread (and its turn at the GIL) and a write per accepted message's ``Queued`` line
+    become one per gather. The bytes and their order are those of one ``handle`` per record."""
 
     def __init__(self, lane: queue.Queue[Any], target: StdoutJsonHandler) -> None:
         super().__init__(lane, target, respect_handler_level=True)
         self.lane = lane
         self.target = target
+        self._stopping = threading.Event()  # ends the gather pause at once
 
     def _monitor(self) -> None:
         # QueueListener's loop (the documented thread body), a batch of lines at a time.
@@ -309,6 +315,8 @@ class _LaneWriter(QueueListener):
         sentinel = self._sentinel  # type: ignore[attr-defined]  # not in typeshed
         while True:
             batch = [lane.get()]
+            if batch[0] is not sentinel and not lane.full():
+                self._stopping.wait(LANE_GATHER)
             while len(batch) < LANE_BATCH:
                 try:
                     batch.append(lane.get_nowait())
@@ -354,6 +362,7 @@ class _LaneWriter(QueueListener):
             target.release()
 
     def enqueue_sentinel(self) -> None:
+        self._stopping.set()
         # The documented override point; _sentinel is the marker the base class's loop ends on.
         self.lane.put(self._sentinel)  # type: ignore[attr-defined]  # not in typeshed
 
