@@ -50,7 +50,8 @@ LANE_BATCH = 256
 # Seconds the writer lets lines gather after the first one before it writes them (cut short
 # when the listener stops, skipped while the lane is full): at a few hundred lines a second
 # it then wakes once per gather, not once per line (docs/PERFORMANCE.md, "Intake, the
-# listener's wake-ups"). A line reaches stdout at most this much later; its time is the call's.
+# listener's wake-ups and the batch's round trips"). A line reaches stdout at most this much
+# later (plus the write); its timestamp is the call's.
 LANE_GATHER = 0.01
 FORMAT_ENV = "ELEMTA_LOG_FORMAT"
 FORMATS = ("auto", "json", "text")
