@@ -33,7 +33,7 @@ import re
 import sys
 import threading
 from collections.abc import Iterator
-from logging.handlers import QueueHandler, QueueListener
+from logging.handlers import QueueHandler
 from typing import Any
 
 from flask import Flask, g, has_request_context
@@ -295,50 +295,62 @@ class StdoutLaneHandler(QueueHandler):
         return record
 
 
-class _LaneWriter(QueueListener):
-    """The thread writing the lane's lines; its end marker waits for room, as records do
-    (the stdlib's ``put_nowait`` would raise with the lane full, and the thread never end).
+_END = object()  # the lane's end marker: the writer writes what came before it, then ends
+
+
+class _LaneWriter:
+    """The thread writing the lane's lines.
 
     After the first line it lets more gather for ``LANE_GATHER`` seconds, then every line
     waiting goes out in one ``write`` and one ``flush`` (at most ``LANE_BATCH`` lines): a wake-up
     of this thread (and its turn at the GIL) and a write per accepted message's ``Queued`` line
-    become one per gather. The bytes and their order are those of one ``handle`` per record."""
+    become one per gather. The bytes and their order are those of one ``handle`` per record.
+    Its own thread rather than the stdlib's ``QueueListener``, whose loop handles one record
+    at a time and whose end marker is private; ``stop``'s marker waits for room, as records do
+    (a lane full of lines is written out, then the thread ends)."""
 
     def __init__(self, lane: queue.Queue[Any], target: StdoutJsonHandler) -> None:
-        super().__init__(lane, target, respect_handler_level=True)
         self.lane = lane
         self.target = target
         self._stopping = threading.Event()  # ends the gather pause at once
+        self._thread = threading.Thread(target=self._run, name="elemta-stdout-lane",
+                                        daemon=True)
 
-    def _monitor(self) -> None:
-        # QueueListener's loop (the documented thread body), a batch of lines at a time.
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write every line queued before this call, then end the thread."""
+        self._stopping.set()
+        self.lane.put(_END)
+        self._thread.join()
+
+    def _run(self) -> None:
         lane = self.lane
-        sentinel = self._sentinel  # type: ignore[attr-defined]  # not in typeshed
         while True:
             batch = [lane.get()]
-            if batch[0] is not sentinel and not lane.full():
+            if batch[0] is not _END and not lane.full():
                 self._stopping.wait(LANE_GATHER)
             while len(batch) < LANE_BATCH:
                 try:
                     batch.append(lane.get_nowait())
                 except queue.Empty:
                     break
-            self._write(batch, sentinel)
+            self._write(batch)
             for _ in batch:
                 lane.task_done()
-            if any(item is sentinel for item in batch):
+            if any(item is _END for item in batch):
                 return  # lines queued after the marker: written by stdout_on_own_thread
 
-    def _write(self, batch: list[Any], sentinel: Any) -> None:
+    def _write(self, batch: list[Any]) -> None:
         """What ``target.handle`` does for each record (level, filters, format), then the lines
         in one write and one flush under the handler's lock."""
         target = self.target
         lines: list[str] = []
         last: logging.LogRecord | None = None
-        for item in batch:
-            if item is sentinel:
+        for record in batch:
+            if record is _END:
                 continue
-            record = self.prepare(item)
             if record.levelno < target.level or not target.filter(record):
                 continue
             try:
@@ -362,16 +374,11 @@ class _LaneWriter(QueueListener):
         finally:
             target.release()
 
-    def enqueue_sentinel(self) -> None:
-        self._stopping.set()
-        # The documented override point; _sentinel is the marker the base class's loop ends on.
-        self.lane.put(self._sentinel)  # type: ignore[attr-defined]  # not in typeshed
-
 
 @contextlib.contextmanager
 def stdout_on_own_thread() -> Iterator[None]:
     """While inside: this process's stdout lines are written by a thread of their own (one
-    ``QueueListener``) instead of by the thread that logs; on the way out every queued line is
+    ``_LaneWriter``) instead of by the thread that logs; on the way out every queued line is
     written and the ``StdoutJsonHandler`` takes its place back, so what is logged later (the
     last lines of a stopping process) is written directly.
 
