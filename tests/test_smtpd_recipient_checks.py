@@ -123,8 +123,8 @@ def test_a_lone_check_runs_at_once_and_sees_a_new_suppression(app) -> None:
 
 
 def test_a_failing_run_fails_every_check_it_took(app, monkeypatch) -> None:
-    """A real database error: every waiting caller gets it (the listener then accepts
-    unchecked, as before); the connection is discarded and the next check answers."""
+    """A real database error: every waiting caller gets it (the listener then answers 451);
+    the connection is discarded and the next check answers."""
     _seed(app)
     storage = Storage(app, 1)
     real = recipient_checks.refusals_of
@@ -182,3 +182,33 @@ def test_concurrent_rcpts_over_smtp_get_each_their_own_reply(app, sessions: int)
     spammers = (sessions + 1) // 2
     assert after[ids["sender"]] - before[ids["sender"]] == spammers * 3 * 2
     assert after[ids["domain"]] - before[ids["domain"]] == (sessions - spammers) * 3
+
+
+def test_a_failing_check_answers_rcpt_451_and_queues_nothing(app, monkeypatch) -> None:
+    """The database fails the check: RCPT gets a temporary 451 (the client tries again later),
+    so neither is a good recipient refused nor a suppressed one queued; once the fault passes,
+    the same session gets the usual answers."""
+    _seed(app)
+    real = recipient_checks.refusals_of
+
+    def failing(connection, _checks):
+        connection.exec_driver_sql("SELECT * FROM no_such_table")  # fails on both
+
+    with running_listener(app) as port, smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.example")
+        monkeypatch.setattr(recipient_checks, "refusals_of", failing)
+        client.mail("alice@example.com")
+        for address in ("gone@example.net", "fine@example.net"):
+            code, text = client.rcpt(address)
+            assert (code, text.decode()) == (
+                451, f"4.3.0 <{address}>: Temporary lookup failure; try again later")
+        assert client.docmd("DATA")[0] == 503  # no recipient was accepted
+        client.rset()
+        monkeypatch.setattr(recipient_checks, "refusals_of", real)
+        client.mail("alice@example.com")
+        assert client.rcpt("gone@example.net")[0] == 550
+        assert client.rcpt("fine@example.net")[0] == 250
+        client.rset()
+    with app.app_context():
+        assert db.session.scalar(sa.text("SELECT count(*) FROM messages")) == 0
+        db.session.remove()

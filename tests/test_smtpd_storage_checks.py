@@ -66,7 +66,7 @@ def test_a_check_after_the_server_killed_the_threads_backend_answers(
         assert _check(storage, "gone@example.net").startswith("550")
         assert _thread_pids(storage) == pids  # the same connection, kept
         terminate_backends(admin, pids)
-        # Not an error (which the listener answers by accepting unchecked): a fresh connection.
+        # Not an error (which the listener answers with 451): a fresh connection.
         assert _check(storage, "gone@example.net").startswith("550")
         assert _thread_pids(storage).isdisjoint(pids)
         assert _check(storage, "fine@example.net") is None
@@ -92,8 +92,8 @@ def test_shutdown_closes_the_threads_connections(make_app, own_postgresql_databa
 
 
 def test_a_check_that_fails_discards_its_connection(make_app, own_postgresql_database) -> None:
-    """The error surfaces as before (the listener then accepts unchecked, as it always did);
-    the next check runs on a fresh connection."""
+    """The error surfaces as before (the listener then answers 451); the next check runs on a
+    fresh connection."""
     url, _admin, _name = own_postgresql_database
     app = make_app(database_url=url)
     _suppress(app, "gone@example.net")

@@ -34,6 +34,9 @@ REPLY_AUTH_UNAVAILABLE = "454 4.7.0 Temporary authentication failure"
 REPLY_AUTH_CANNOT_SEND = ("535 5.7.8 Authentication credentials invalid: a send or admin API key "
                           "is needed")
 REPLY_INTERNAL = "451 4.3.0 Internal error; try again later"
+# Postfix's answer when a lookup table fails: a temporary failure, so the client retries and
+# neither a good recipient is refused nor a suppressed one let through.
+REPLY_LOOKUP_FAILED = "451 4.3.0 <{address}>: Temporary lookup failure; try again later"
 
 
 def _api_key_is_valid(session: Any, password: str) -> tuple[str, str] | None:
@@ -162,11 +165,11 @@ class QueueHandler:
         try:
             refused = await self.storage.recipient_checks.refusal(sender, address)
         except Exception:
-            # The database is what fails: the message cannot be queued either, and DATA
-            # answers 451 then; a passing fault should not refuse a good recipient.
+            # The database is what fails. Accepting unchecked would queue mail to a suppressed
+            # address should the fault pass before DATA; refusing would bounce a good one.
             log.warning("Checking recipient %s against suppressions and rules failed; "
-                        "accepted unchecked", address, exc_info=True)
-            refused = None
+                        "answered 451", address, exc_info=True)
+            return REPLY_LOOKUP_FAILED.format(address=address)
         if refused:
             return refused
         envelope.rcpt_tos.append(address)
