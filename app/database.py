@@ -13,7 +13,7 @@ and the ``ROLLBACK`` at teardown (docs/PERFORMANCE.md). Two changes leave one:
   counters' fold, which must be one transaction, opens one of its own (``writable``). The mode
   is fixed when the session is created: sessions of the CLI, the worker, the listener, tests
   and non-GET requests keep their transactions.
-* ``_check_idle_connection`` replaces ``pool_pre_ping``: an idle pooled connection to which the
+* ``check_idle_connection`` replaces ``pool_pre_ping``: an idle pooled connection to which the
   server has sent nothing is alive as far as a round trip could tell. A server that terminates a
   backend (``pg_terminate_backend``, a restart, ``idle_session_timeout``) sends a FATAL error and
   closes the socket, which makes it readable; only then is the connection really pinged, and a
@@ -228,7 +228,7 @@ def unit_of_work(app: Flask) -> Iterator[so.Session]:
 
 
 @sa.event.listens_for(sa.pool.Pool, "checkout")
-def _check_idle_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+def check_idle_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     """``pool_pre_ping`` without a round trip while the server has said nothing (docstring)."""
     pgconn = getattr(dbapi_connection, "pgconn", None)
     if pgconn is None:  # not psycopg (SQLite)

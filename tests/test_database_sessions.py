@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from flask.testing import FlaskClient
 
-from app.database import DriverRead, Session, _check_idle_connection, writable
+from app.database import DriverRead, Session, check_idle_connection, writable
 from app.extensions import db
 from app.models import QueueCountDelta
 from app.queue import counters
@@ -212,11 +212,11 @@ def test_a_driver_read_on_a_dead_connection_is_503_and_invalidates_the_pool(
         pool = db.engine.pool
     before = pool._invalidate_time
     _terminate_backends(admin, name)
-    sa.event.remove(sa.pool.Pool, "checkout", _check_idle_connection)
+    sa.event.remove(sa.pool.Pool, "checkout", check_idle_connection)
     try:
         response = anonymous.get("/api/queue/stats")
     finally:
-        sa.event.listen(sa.pool.Pool, "checkout", _check_idle_connection)
+        sa.event.listen(sa.pool.Pool, "checkout", check_idle_connection)
     assert response.status_code == 503, response.get_json()
     assert response.get_json()["code"] == "SERVICE_UNAVAILABLE"
     assert pool._invalidate_time > before
@@ -233,12 +233,12 @@ def test_a_driver_read_error_is_sqlalchemys_with_the_connection_invalidated(
     with app.test_request_context("/api/queue/stats", method="GET"):
         assert [tuple(row) for row in read.rows(db.session)] == [(1,)]
         _terminate_backends(admin, name)
-        sa.event.remove(sa.pool.Pool, "checkout", _check_idle_connection)
+        sa.event.remove(sa.pool.Pool, "checkout", check_idle_connection)
         try:
             with pytest.raises(sa.exc.OperationalError) as raised:
                 read.rows(db.session)
         finally:
-            sa.event.listen(sa.pool.Pool, "checkout", _check_idle_connection)
+            sa.event.listen(sa.pool.Pool, "checkout", check_idle_connection)
         assert raised.value.connection_invalidated is True
         assert isinstance(raised.value.orig, psycopg.OperationalError)
         assert [tuple(row) for row in read.rows(db.session)] == [(1,)]

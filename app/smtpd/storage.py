@@ -19,7 +19,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as so
 from flask import Flask
 
-from ..database import _check_idle_connection, autocommit_engine, unit_of_work
+from ..database import autocommit_engine, check_idle_connection, unit_of_work
 from ..dkim.signing import sign_outgoing
 from ..events import record_event
 from ..extensions import db
@@ -73,7 +73,7 @@ class Storage:
         storage thread keeps its connection for all its checks (no pool checkout, isolation
         switch and reset per RCPT; docs/PERFORMANCE.md, "Intake, a connection per storage
         thread for the RCPT check"). Before each use it is checked as the pool checks a
-        connection at checkout (``database._check_idle_connection``, no round trip): one the
+        connection at checkout (``database.check_idle_connection``, no round trip): one the
         server has dropped (a restart, a terminated backend) is replaced by a fresh one
         first. A connection on which a check fails is discarded, and the error surfaces as
         it did through the pool. ``close`` closes them all.
@@ -101,7 +101,7 @@ class Storage:
         connection: sa.Connection | None = getattr(self._local, "connection", None)
         if connection is not None:
             try:
-                _check_idle_connection(connection.connection.dbapi_connection, None, None)
+                check_idle_connection(connection.connection.dbapi_connection, None, None)
             except Exception:
                 log.info("Replacing a dropped database connection of the RCPT checks")
                 self._discard(connection)
