@@ -411,7 +411,11 @@ SETTINGS: dict[str, Setting] = {
     # empty, they are relative. Never the client's Host header.
     "PUBLIC_URL": Setting("", public_url),
     "WORKER_LEASE_SECONDS": Setting(300, integer(1)),
-    "WORKER_CONCURRENCY": Setting(8, integer(1)),
+    "WORKER_CONCURRENCY": Setting(8, integer(1)),  # SMTP deliveries at once (SPEC.md §10)
+    # Delivery threads of a worker process (``worker_threads``: twice the concurrency unless
+    # set; at least the concurrency): the threads beyond it wait for their last outcome's
+    # commit while others are in SMTP (docs/DELIVERY.md, "Threads and deliveries at once").
+    "WORKER_THREADS": Setting(OPTIONAL, integer(1)),
     # ``flask worker`` processes (app/delivery/processes.py); 0: one per CPU core.
     "WORKER_PROCESSES": Setting(1, integer(0)),
     "MAX_CONNECTIONS_PER_DOMAIN": Setting(10, integer(1)),
@@ -515,6 +519,7 @@ def validate(app: Flask) -> None:
             cfg[key] = setting.parse(key, cfg[key])
     _check_tls_pair(cfg["TLS_CERT"], cfg["TLS_KEY"])
     _check_trusted_reserve(cfg)
+    _check_worker_threads(cfg)
 
     url = cfg["DATABASE_URL"] or _default_sqlite_url(app)
     cfg["SQLALCHEMY_DATABASE_URI"] = normalise_database_url(url)
@@ -522,6 +527,11 @@ def validate(app: Flask) -> None:
     if cfg["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         # WAL + busy timeout are set per connection in extensions.py; here only the pool side.
         cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("connect_args", {"timeout": 30})
+        if not _sqlite_in_memory(cfg["SQLALCHEMY_DATABASE_URI"]):
+            # SQLAlchemy's pool for a file: 5 kept + 10 overflow, 15 at once; a worker with
+            # more delivery threads needs more (an in-memory database has one, StaticPool).
+            cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault(
+                "max_overflow", max(10, worker_connections(cfg) - 5))
     else:
         # No pool_pre_ping: app/database.py checks a pooled connection at checkout without a
         # round trip unless the server has sent something on it (a terminated backend).
@@ -530,7 +540,10 @@ def validate(app: Flask) -> None:
         # API threads, ~80 PostgreSQL sessions opened and closed in 6 s; docs/PERFORMANCE.md,
         # "HTTP, thread switches around the stats read"). A process keeps what its busiest
         # moment opened; one with fewer threads (listener, worker) never opens more than those.
-        cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("pool_size", 30)
+        # A worker with more delivery threads than that (ELEMTA_WORKER_THREADS, or a raised
+        # concurrency) gets a connection for each, or its threads would queue for the pool.
+        cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("pool_size",
+                                                    max(30, worker_connections(cfg)))
         cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("max_overflow", 0)
         # A database host that drops packets must make /readyz answer 503, not hang. A
         # connect_timeout given in the URL is left to the URL (connect_args would override it).
@@ -539,6 +552,38 @@ def validate(app: Flask) -> None:
     # Flask's own request-size limit produces the 413 of the contract.
     cfg["MAX_CONTENT_LENGTH"] = cfg["MAX_REQUEST_BYTES"]
     cfg["SQLALCHEMY_TRACK_MODIFICATIONS"] = False
+
+
+def worker_threads(cfg: Mapping[str, Any]) -> int:
+    """A delivery worker process's threads: ``WORKER_THREADS``, else twice the concurrency.
+
+    ``WORKER_CONCURRENCY`` of them at most are in an SMTP transaction; the others wait for
+    their last outcome's commit meanwhile (app/delivery/worker.py)."""
+    threads = cfg.get("WORKER_THREADS")
+    return int(threads) if threads else 2 * int(cfg["WORKER_CONCURRENCY"])
+
+
+WORKER_OTHER_CONNECTIONS = 3  # the main thread's, the recorder's, one to spare
+
+
+def worker_connections(cfg: Mapping[str, Any]) -> int:
+    """Database connections a worker process may hold at once: one per delivery thread (at
+    most one each: a content read, a claim given back, a control check), and its others."""
+    return worker_threads(cfg) + WORKER_OTHER_CONNECTIONS
+
+
+def _check_worker_threads(cfg: Mapping[str, Any]) -> None:
+    """Each delivery at once runs on a thread of its own: fewer threads than the concurrency
+    would quietly lower it."""
+    threads = cfg.get("WORKER_THREADS")
+    if threads is not None and threads < cfg["WORKER_CONCURRENCY"]:
+        raise _refuse("WORKER_THREADS", threads, "must be at least ELEMTA_WORKER_CONCURRENCY "
+                      f"({cfg['WORKER_CONCURRENCY']}): each delivery at once needs a thread")
+
+
+def _sqlite_in_memory(url: str) -> bool:
+    database = sa.engine.make_url(url).database
+    return not database or ":memory:" in database or "mode=memory" in url
 
 
 def _check_trusted_reserve(cfg: Mapping[str, Any]) -> None:

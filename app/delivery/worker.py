@@ -4,10 +4,14 @@ A *job* is one message's claimed recipients that share a destination (one SMTP t
 Delivery threads run jobs and hand their results to the recorder (``recorder.py``), which
 commits the outcomes of every thread that finished meanwhile in one transaction; a thread starts
 its next job only once its outcome is committed, so a crash can send again at most one
-transaction per thread. The main thread claims in batches (the next one while a batch's worth
-is still queued; nothing while the recorder waits for the database), submits jobs, beats the
-heartbeat, folds the queue counters and purges expired failed mail. ``stop()`` (SIGTERM) ends
-claiming; jobs not yet started give their claims back at once; jobs under way get up to
+transaction per thread. A job's SMTP part (routing, admission, connection, transaction) holds
+one of ``WORKER_CONCURRENCY`` slots, given back when the outcome is handed to the recorder:
+there are twice as many threads as slots by default (``WORKER_THREADS``), so while some wait
+for their commit, as many others are in SMTP, and a commit carries more outcomes. The main
+thread claims in batches (the next one while a batch's worth is still queued; nothing while the
+recorder waits for the database), submits jobs, beats the heartbeat, folds the queue counters
+and purges expired failed mail. ``stop()`` (SIGTERM) ends claiming; jobs not yet started give
+their claims back at once (a job waiting for a slot included); jobs under way get up to
 ``SHUTDOWN_GRACE`` seconds to finish.
 
 A job that fails unexpectedly (a bug, not an SMTP or DNS outcome) is recorded as a temporary
@@ -32,7 +36,7 @@ from typing import Any
 import sqlalchemy.exc
 from flask import Flask
 
-from ..config import local_hostname
+from ..config import local_hostname, worker_threads
 from ..control.gate import Clock, DeliveryControl, Postpone
 from ..database import (
     describe_error,
@@ -84,7 +88,11 @@ class Worker:
         cfg = app.config
         self.app = app
         self.worker_id = worker_id or new_worker_id()
+        # SMTP transactions at once (SPEC.md §10), and the threads that run them: the threads
+        # beyond the concurrency are those waiting for their last outcome's commit.
         self.concurrency = max(1, int(cfg["WORKER_CONCURRENCY"]))
+        self.threads = max(self.concurrency, worker_threads(cfg))
+        self._smtp_slots = threading.BoundedSemaphore(self.concurrency)
         self.lease_seconds = max(1, int(cfg["WORKER_LEASE_SECONDS"]))
         self.failed_retention = int(cfg["FAILED_RETENTION"])
         hostname = local_hostname(cfg["SMTP_HOSTNAME"])
@@ -102,7 +110,7 @@ class Worker:
                                     max_queue_lifetime=int(cfg["MAX_QUEUE_LIFETIME"]),
                                     send_bounces=bool(cfg["SEND_BOUNCES"]),
                                     reporting_mta=hostname)
-        self.batch_size = max(CLAIM_BATCH_MIN, 4 * self.concurrency)
+        self.batch_size = max(CLAIM_BATCH_MIN, 2 * self.threads)
         self.recorder = Recorder(app, self.worker_id, self.policy, self.lease_seconds)
         self._stop = threading.Event()
 
@@ -120,11 +128,11 @@ class Worker:
     def run(self, once: bool = False) -> int:
         """Deliver until ``stop()`` (or, with ``once``, until nothing is due); returns 0."""
         started = utcnow()
-        log.info("delivery worker %s starting (concurrency %d, %s)", self.worker_id,
-                 self.concurrency,
+        log.info("delivery worker %s starting (concurrency %d, %d threads, %s)",
+                 self.worker_id, self.concurrency, self.threads,
                  f"relay {self.router.relay[0]}:{self.router.relay[1]}" if self.router.relay
                  else "MX routing")
-        executor = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="elemta-delivery")
+        executor = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="elemta-delivery")
         self.recorder.start()
         inflight: dict[cf.Future[None], Job] = {}
         reclaimed: dict[cf.Future[None], list[int]] = {}
@@ -302,34 +310,52 @@ class Worker:
     # ----------------------------------------------------------------- one job
 
     def _run_job(self, job: Job) -> None:
-        """Deliver one job over SMTP; return once its results are recorded."""
+        """Deliver one job over SMTP; return once its results are recorded.
+
+        The SMTP part holds one of the ``concurrency`` slots; the slot is given back before
+        the outcome is handed to the recorder, so another thread's transaction can run while
+        this one waits for the commit. The thread itself starts nothing else until then."""
+        # Begun before the slot is taken: the recorder's gathering then waits for the threads
+        # its last commit released even while they wait for a slot, and one commit carries
+        # them all (13-14 outcomes a commit at 16 threads against 8-11 when begun under the
+        # slot; docs/PERFORMANCE.md, "Delivery, slots for the SMTP part").
         self.recorder.begin()
         results: list[RecipientResult] | None = None
         try:
-            if time.monotonic() - job.claimed_at > self.lease_seconds * LEASE_MARGIN:
+            with self._smtp_slots:
+                results = self._deliver(job)
+        finally:
+            if results is None:
+                self.recorder.abandon()
+        job.raw = None
+        if results is not None:
+            self.recorder.record(Attempt(job.message_id, job.sender, results))
+
+    def _deliver(self, job: Job) -> list[RecipientResult] | None:
+        """The job's SMTP part, under a slot: its results, or None when it has no outcome to
+        record (its claim given back or postponed, its message gone)."""
+        try:
+            # A job that waited for a slot after SIGTERM has not started: its claim goes back,
+            # as those of the jobs still queued do.
+            if self._stop.is_set() or \
+                    time.monotonic() - job.claimed_at > self.lease_seconds * LEASE_MARGIN:
                 self._housekeeping(release_leases, self.worker_id, [r.id for r in job.recipients])
-                return
+                return None
             if job.raw is None and not self._load_content(job):
-                return  # deleted since the claim; its recipients went with it
-            results = self._attempt(job, job.sender, job.raw or b"")
+                return None  # deleted since the claim; its recipients went with it
+            return self._attempt(job, job.sender, job.raw or b"")
         except Postpone as wait:
             # Not an attempt: the destination's limits say "later" (docs/DELIVERY.md).
             log.debug("postponed %s: %s", job.message_id, wait.reason)
             self._housekeeping(postpone_leases, self.worker_id,
                                [r.id for r in job.recipients], wait.until)
-            job.raw = None
-            return
+            return None
         except Exception as exc:
             # Keeping the lease would bring the job back every lease period, failing the same
             # way for ever with no retry schedule, no expiry and no bounce: record it instead.
             log.exception("delivery of %s to %s failed unexpectedly; recorded as a temporary "
                           "failure", job.message_id, job.destination)
-            results = internal_error_results(job, exc)
-        finally:
-            if results is None:
-                self.recorder.abandon()
-        job.raw = None
-        self.recorder.record(Attempt(job.message_id, job.sender, results))
+            return internal_error_results(job, exc)
 
     def _load_content(self, job: Job) -> bool:
         with unit_of_work(self.app) as session:
