@@ -118,6 +118,11 @@ def smtp_source(port: int, messages: int, size: int, sessions: int, reuse: bool)
     return elapsed
 
 
+# The worker's last log line: "... stopped after N delivery attempt(s) recorded in M
+# transaction(s)".
+STOPPED = re.compile(r"stopped after (\d+) delivery attempt\(s\) recorded in (\d+) transaction")
+
+
 @dataclass
 class Sample:
     seconds: float
@@ -126,6 +131,7 @@ class Sample:
     db_cpu_ms: float | None = None  # database backends, per message
     startup_s: float | None = None
     load: float = 0.0
+    per_commit: float | None = None  # the worker's outcomes a commit (its log's last line)
 
     @property
     def rate(self) -> float:
@@ -328,9 +334,12 @@ class ElemtaSide:
                                f"{left} queued: {errors[-500:]}")
         worker_total = usage.ru_utime + usage.ru_stime
         db_used = sum(v - db_first.get(pid, 0.0) for pid, v in seen.items())
+        stopped = STOPPED.search(errors)
         return Sample(last[0] - first, total, cpu_ms=1000 * (worker_total - cpu_first) / total,
                       db_cpu_ms=1000 * db_used / total if seen else None,
-                      startup_s=first - started, load=load())
+                      startup_s=first - started, load=load(),
+                      per_commit=int(stopped[1]) / int(stopped[2])
+                      if stopped and int(stopped[2]) else None)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -371,7 +380,8 @@ def measure(scale: str, urls: list[tuple[str, str, str, dict[str, str]]]
         extra = "".join(
             f", {label} {value:.2f}{unit}" for label, value, unit in (
                 ("cpu", sample.cpu_ms, " ms/msg"), ("db", sample.db_cpu_ms, " ms/msg"),
-                ("start-up", sample.startup_s, " s")) if value is not None)
+                ("start-up", sample.startup_s, " s"),
+                ("outcomes a commit", sample.per_commit, "")) if value is not None)
         log(f"{measure_name}: {side.name}: {sample.rate:.1f} msg/s ({sample.seconds:.3f} s"
             f"{extra}), load {sample.load}")
 
