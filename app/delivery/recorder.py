@@ -8,8 +8,8 @@ the threads the last commit woke, so that all the threads go round together) and
 threads. One recorder serves all the delivery threads: on PostgreSQL a group's writes go in one
 pipeline (``delivery.outcomes.record_outcomes``), a few round trips whatever its size. So a
 worker killed at any moment has at most one unrecorded transaction per delivery thread: what a
-crash can send twice is bounded by the concurrency (docs/DELIVERY.md, "What a crash or an outage
-can send twice").
+crash can send twice is bounded by the thread count (docs/DELIVERY.md, "What a crash or an
+outage can send twice").
 
 When the write fails because the database cannot be reached (or stays locked, or keeps
 conflicting), the outcomes and their leases are kept: the recorder waits for the database with
