@@ -297,7 +297,7 @@ class ElemtaSide:
         errlog = tempfile.TemporaryFile()
         started = time.perf_counter()
         process = subprocess.Popen([FLASK, "worker", "--once"], cwd=self.source, env=self.env,
-                                   stdout=subprocess.DEVNULL, stderr=errlog)
+                                   stdout=errlog, stderr=errlog)
         # Until the first delivery, or the worker's exit: a worker that exits (or dies) before
         # delivering anything would otherwise be waited for until the timeout (half an hour).
         first, cpu_first = _wait_until(
