@@ -166,13 +166,16 @@ def test_database_failure_during_data_answers_451_and_stores_nothing(app,
 
 
 def test_unreachable_database_answers_451(make_app, tmp_path):
+    """No database: RCPT cannot be checked against suppressions and rules, so it is answered
+    451 (the client tries again later) and no message can follow."""
     app = make_app(database_url=f"sqlite:///{tmp_path}/missing/dir/elemta.db")
     with running_listener(app) as port, smtplib.SMTP("127.0.0.1", port) as client:
         client.ehlo("client.example")
         client.mail("alice@example.com")
-        client.rcpt("bob@example.net")
-        code, _ = client.data(crlf(email_message()))
-    assert code == 451
+        code, text = client.rcpt("bob@example.net")
+        assert (code, text.decode()) == (
+            451, "4.3.0 <bob@example.net>: Temporary lookup failure; try again later")
+        assert client.docmd("DATA")[0] == 503
 
 
 def test_cli_help_and_bad_listen_address(runner):
