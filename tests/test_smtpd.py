@@ -405,6 +405,72 @@ def test_a_session_is_built_as_aiosmtpd_builds_it(options, monkeypatch):
         loop.close()
 
 
+def test_sessions_of_one_handler_share_its_bound_hooks():
+    """The handler's hooks and AUTH methods are bound once per handler: two sessions share
+    them (aiosmtpd only reads them); a session that excludes a mechanism gets its own
+    mapping and leaves the shared one whole; another handler gets its own."""
+    import asyncio
+    import types
+
+    from app.smtpd import protocol
+    from app.smtpd.handler import QueueHandler
+
+    settings = types.SimpleNamespace(relay_networks=["127.0.0.0/8"])
+    handler = QueueHandler(settings, None, None)
+    loop = asyncio.new_event_loop()
+    try:
+        one = protocol.ElemtaSMTP(handler, listener=None, loop=loop)
+        two = protocol.ElemtaSMTP(handler, listener=None, loop=loop)
+        assert one._handle_hooks is two._handle_hooks
+        assert one._auth_methods is two._auth_methods
+        assert one._handle_hooks["DATA"] == handler.handle_DATA
+        assert sorted(one._auth_methods) == ["LOGIN", "PLAIN"]
+        assert one._smtp_methods["DATA"].__self__ is one  # the commands are each session's
+        assert two._smtp_methods["DATA"].__self__ is two
+        without = protocol.ElemtaSMTP(handler, listener=None, loop=loop,
+                                      auth_exclude_mechanism=["LOGIN"])
+        assert sorted(without._auth_methods) == ["PLAIN"]
+        assert sorted(one._auth_methods) == ["LOGIN", "PLAIN"]
+        other = protocol.ElemtaSMTP(QueueHandler(settings, None, None), listener=None,
+                                    loop=loop)
+        assert other._handle_hooks is not one._handle_hooks
+    finally:
+        loop.close()
+
+
+def test_aiosmtpds_command_log_looks_at_the_level_first(caplog):
+    """aiosmtpd logs every command line through ``sanitized_log``: below the level of
+    ``mail.log`` nothing is formatted; at the level, the line is logged with AUTH data
+    masked, as aiosmtpd does."""
+    import logging
+
+    import aiosmtpd.smtp as aiosmtpd_smtp
+
+    from app.smtpd import protocol
+
+    assert aiosmtpd_smtp.sanitized_log is protocol.sanitized_log
+    mail_log = logging.getLogger("mail.log")
+
+    class Loud:
+        def __repr__(self):
+            raise AssertionError("formatted below the level")
+
+    old = mail_log.level
+    try:
+        mail_log.setLevel(logging.ERROR)
+        with caplog.at_level(logging.ERROR, logger="mail.log"):
+            aiosmtpd_smtp.sanitized_log(mail_log.info, "%r >> %r", Loud(), b"AUTH PLAIN x\r\n")
+            aiosmtpd_smtp.sanitized_log(mail_log.debug, "readline: %r", Loud())
+        assert not caplog.records
+        with caplog.at_level(logging.DEBUG, logger="mail.log"):
+            aiosmtpd_smtp.sanitized_log(mail_log.info, "%r >> %r", "peer",
+                                        b"AUTH PLAIN c2VjcmV0\r\n")
+        assert [r.getMessage() for r in caplog.records] == [
+            "'peer' >> b'AUTH PLAIN ********\\r\\n'"]
+    finally:
+        mail_log.setLevel(old)
+
+
 def test_a_handler_with_hooks_of_its_own_gets_aiosmtpds_constructor():
     """Lookups are kept per class: a handler with a hook set on the instance is looked up
     as aiosmtpd does."""

@@ -237,6 +237,34 @@ def test_relay_policy_rules():
     assert policy.auth_allowed(client_ip(("198.51.100.1", 25)), over_tls=True)
 
 
+def test_known_clients_are_answered_as_the_first_time():
+    """``client_ip`` and ``RelayPolicy.trusted`` remember what they found (asked at every
+    connection and RCPT): asked again, and after their memory is cleared when full, they give
+    the same answers as the first time."""
+    from app.smtpd import policy as policy_module
+
+    relay = RelayPolicy(tuple(__import__("ipaddress").ip_network(n)
+                              for n in ("127.0.0.0/8", "10.1.0.0/16")))
+    peers = [("127.0.0.1", 1), ("::ffff:10.1.2.3", 25, 0, 0), ("10.2.0.1", 25),
+             ("fe80::1%eth0", 25, 0, 2), ("not an address", 25), (None, 25)]
+    first = [(client_ip(peer), relay.trusted(client_ip(peer))) for peer in peers]
+    assert [str(ip) for ip, _ in first] == ["127.0.0.1", "10.1.2.3", "10.2.0.1", "fe80::1",
+                                            "None", "None"]
+    assert [trusted for _, trusted in first] == [True, True, False, False, False, False]
+    for _ in range(2):
+        assert [(client_ip(peer), relay.trusted(client_ip(peer))) for peer in peers] == first
+    original = policy_module._PARSED_MAX
+    try:
+        policy_module._PARSED_MAX = 2  # from now on the memory is cleared when it has two
+        policy_module._PARSED.clear()
+        relay._trusted.clear()
+        assert [(client_ip(peer), relay.trusted(client_ip(peer))) for peer in peers] == first
+        assert len(policy_module._PARSED) <= 2 and len(relay._trusted) <= 2
+    finally:
+        policy_module._PARSED_MAX = original
+    assert relay == RelayPolicy(relay.networks)  # the memory is not part of the policy
+
+
 @pytest.mark.parametrize("address,is_sender,smtputf8,ok", [
     ("", True, False, True),
     ("", False, False, False),

@@ -20,6 +20,7 @@ Everything here runs on the listener's event loop: no locks. With several listen
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -57,7 +58,7 @@ class AdmissionLimits:
     def untrusted_sessions(self) -> int:
         return max(1, self.max_sessions - self.trusted_reserve)
 
-    @property
+    @functools.cached_property  # asked at every command of every session (_reset_timeout)
     def stress_threshold(self) -> int:
         return max(1, math.ceil(self.max_sessions * STRESS_FRACTION))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -25,11 +25,29 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SPACE = re.compile(r"\s")
 
 
+# Hosts already parsed by client_ip (every connection parses its peer's: ~2 us a time); a
+# few clients send most connections. Cleared when full rather than kept in LRU order.
+_PARSED: dict[str, IPAddress | None] = {}
+_PARSED_MAX = 4096
+
+
 def client_ip(address: object) -> IPAddress | None:
     """The IP of a peer as asyncio reports it (``(host, port[, flow, scope])``), unmapped."""
     host = address[0] if isinstance(address, (tuple, list)) and address else address
     if not isinstance(host, str):
         return None
+    try:
+        return _PARSED[host]
+    except KeyError:
+        pass
+    ip = _parse_ip(host)
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[host] = ip
+    return ip
+
+
+def _parse_ip(host: str) -> IPAddress | None:
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -46,10 +64,20 @@ def in_networks(ip: IPAddress | None, networks: Sequence[IPNetwork]) -> bool:
 @dataclass(frozen=True)
 class RelayPolicy:
     networks: tuple[IPNetwork, ...]
+    # Clients already looked up (asked at every connection and every RCPT); cleared when full.
+    _trusted: dict[IPAddress, bool] = field(default_factory=dict, compare=False, repr=False)
 
     def trusted(self, ip: IPAddress | None) -> bool:
         """A client of the relay networks: may send without authenticating."""
-        return in_networks(ip, self.networks)
+        if ip is None:
+            return False
+        known = self._trusted.get(ip)
+        if known is None:
+            known = in_networks(ip, self.networks)
+            if len(self._trusted) >= _PARSED_MAX:
+                self._trusted.clear()
+            self._trusted[ip] = known
+        return known
 
     def may_relay(self, ip: IPAddress | None, authenticated: bool) -> bool:
         return authenticated or self.trusted(ip)

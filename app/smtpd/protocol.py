@@ -23,6 +23,7 @@ import inspect
 import logging
 import re
 import ssl
+import weakref
 from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
@@ -64,6 +65,31 @@ _SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z
                           r"([^(\r\n]*)\Z")
 REPLY_LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 REPLY_TOO_MUCH_DATA = "552 Error: Too much mail data"
+
+
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+               "error": logging.ERROR, "exception": logging.ERROR,
+               "critical": logging.CRITICAL}
+_aiosmtpd_sanitized_log = aiosmtpd_smtp.sanitized_log
+
+
+def sanitized_log(func: Any, msg: Any, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's ``sanitized_log``, which its command loop calls twice for every command
+    line (``mail.log`` debug and info) and which masks AUTH data with a regular expression
+    in each argument before the logger looks at its level: here the level is looked at
+    first, so a line that would not be logged costs nothing more (the listener keeps
+    ``mail.log`` at ERROR, server.AIOSMTPD_LOG_LEVEL). A line that is logged goes through
+    aiosmtpd's own, masked as before."""
+    logger = getattr(func, "__self__", None)
+    level = _LOG_LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None and (
+            not logger.isEnabledFor(level)):
+        return
+    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
+
+
+# aiosmtpd's command loop finds it as a global of its module.
+aiosmtpd_smtp.sanitized_log = sanitized_log
 
 
 class DataTooLong(Exception):
@@ -196,9 +222,15 @@ class _Lookups:
     ``inspect.getmembers`` and ``dir``: ~0.6 ms a connection), kept per pair of classes."""
 
     auth: tuple[tuple[str, bool, str], ...]  # (mechanism, a method of the protocol, attribute)
-    hooks: tuple[str, ...]  # the handler's handle_* attributes
+    hooks: tuple[tuple[str, str], ...]  # (hook, the handler's handle_* attribute)
     ehlo_hook_ver: str | None
-    commands: tuple[str, ...]  # the protocol's smtp_* attributes
+    commands: tuple[tuple[str, str], ...]  # (command, the protocol's smtp_* attribute)
+
+    @property
+    def auth_on_handler(self) -> bool:
+        """Every AUTH mechanism is a method of the handler: the mapping can be shared by
+        every session of that handler."""
+        return not any(on_protocol for _mechanism, on_protocol, _name in self.auth)
 
 
 _LOOKUPS: dict[tuple[type, type], _Lookups] = {}
@@ -232,10 +264,45 @@ def _lookups(protocol: type, handler: Any) -> _Lookups | None:
     found = _Lookups(
         auth=tuple((mechanism, on_protocol, name)
                    for mechanism, (on_protocol, name) in auth.items()),
-        hooks=hooks, ehlo_hook_ver=ehlo_hook_ver,
-        commands=tuple(name for name in dir(protocol) if name.startswith("smtp_")))
+        hooks=tuple((name.replace("handle_", ""), name) for name in hooks),
+        ehlo_hook_ver=ehlo_hook_ver,
+        commands=tuple((name.replace("smtp_", ""), name) for name in dir(protocol)
+                       if name.startswith("smtp_")))
     _LOOKUPS[key] = found
     return found
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What aiosmtpd's constructor binds to the handler, the same for all its sessions."""
+
+    auth_methods: dict[str, Any]
+    handle_hooks: dict[str, Any]
+
+
+_SHARED: weakref.WeakKeyDictionary[Any, _Shared] = weakref.WeakKeyDictionary()
+
+
+def _shared_of(handler: Any, lookups: _Lookups) -> _Shared | None:
+    """The handler's bound hooks and AUTH methods, made once per handler (None when an AUTH
+    mechanism is the protocol's own: bound to each session, or when the handler cannot be a
+    weak key)."""
+    if not lookups.auth_on_handler:
+        return None
+    try:
+        shared = _SHARED.get(handler)
+    except TypeError:  # not hashable or not weakly referenceable
+        return None
+    if shared is None:
+        shared = _Shared(
+            auth_methods={mechanism: aiosmtpd_smtp._AuthMechAttr(getattr(handler, name), False)
+                          for mechanism, _on_protocol, name in lookups.auth},
+            handle_hooks={hook: getattr(handler, name) for hook, name in lookups.hooks})
+        try:
+            _SHARED[handler] = shared
+        except TypeError:
+            return None
+    return shared
 
 
 class ElemtaSMTP(SMTP):
@@ -324,21 +391,26 @@ class ElemtaSMTP(SMTP):
             self._auth_callback = auth_callback or aiosmtpd_smtp.login_always_fail
             self._authenticator = None
         self._auth_required = auth_required
-        self._auth_methods = {
-            mechanism: aiosmtpd_smtp._AuthMechAttr(
-                getattr(self if on_protocol else handler, name), on_protocol)
-            for mechanism, on_protocol, name in lookups.auth}
+        shared = _shared_of(handler, lookups)
+        if shared is not None and not auth_exclude_mechanism:
+            # The handler's methods, bound once for all its sessions (aiosmtpd only reads
+            # these two mappings after its constructor).
+            self._auth_methods = shared.auth_methods
+        else:
+            self._auth_methods = {
+                mechanism: aiosmtpd_smtp._AuthMechAttr(
+                    getattr(self if on_protocol else handler, name), on_protocol)
+                for mechanism, on_protocol, name in lookups.auth}
         for mechanism in (auth_exclude_mechanism or []):
             self._auth_methods.pop(mechanism, None)
         if mail_log.isEnabledFor(logging.INFO):
             mail_log.info("Available AUTH mechanisms: " + " ".join(
                 m + "(builtin)" if impl.is_builtin else m
                 for m, impl in sorted(self._auth_methods.items())))
-        self._handle_hooks = {name.replace("handle_", ""): getattr(handler, name)
-                              for name in lookups.hooks}
+        self._handle_hooks = (shared.handle_hooks if shared is not None else
+                              {hook: getattr(handler, name) for hook, name in lookups.hooks})
         self._ehlo_hook_ver = lookups.ehlo_hook_ver
-        self._smtp_methods = {name.replace("smtp_", ""): getattr(self, name)
-                              for name in lookups.commands}
+        self._smtp_methods = {command: getattr(self, name) for command, name in lookups.commands}
         if command_call_limit is None:
             self._enforce_call_limit = False
         else:
@@ -347,7 +419,8 @@ class ElemtaSMTP(SMTP):
                 self._call_limit_base = {}
                 self._call_limit_default = command_call_limit
             elif isinstance(command_call_limit, dict):
-                if not all(map(aiosmtpd_smtp.is_int, command_call_limit.values())):
+                if command_call_limit is not COMMAND_CALL_LIMITS and not all(
+                        map(aiosmtpd_smtp.is_int, command_call_limit.values())):
                     raise TypeError("All command_call_limit values must be int")
                 self._call_limit_base = command_call_limit
                 self._call_limit_default = command_call_limit.get(
