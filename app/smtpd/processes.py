@@ -56,6 +56,7 @@ from .server import (
     Listener,
     ListenerConfigError,
     ListenerSettings,
+    freeze_start_up_heap,
     serve,
 )
 
@@ -227,6 +228,7 @@ def _run_child(app: Flask, settings: ListenerSettings, sockets: Sequence[socket.
         listener = Listener(app, settings, sockets=sockets, remote=client, name=name)
         client.on_stress = listener.shorten_idle_timers
         await listener.start()
+        freeze_start_up_heap()
         client.ready()
         await stop.wait()
         log.info("SMTP listener %s stopping", name)
