@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 
 
 class RawSelect:
-    def __init__(self, statement: sa.Select) -> None:
+    def __init__(self, statement: sa.Select | sa.CompoundSelect) -> None:
         self.statement = statement
         compiled = statement.compile(dialect=postgresql_psycopg.dialect())
         self._sql = str(compiled)

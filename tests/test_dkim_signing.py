@@ -255,16 +255,62 @@ def key_reads(monkeypatch):  # type: ignore[no-untyped-def]
     (app/rawselect.py), which SQLAlchemy's statement events do not see: the reads are counted
     where they are made."""
     from app.dkim import signing
+    from app.smtpd import acceptor
 
     reads = []
-    read = signing._ACTIVE_KEYS_READ.rows
+    # The keys alone, or (the listener's group commit on PostgreSQL) with the batch's rules.
+    for select in (signing._ACTIVE_KEYS_READ, acceptor._KEYS_AND_RULES_READ):
 
-    def counted(connection, params=None):  # type: ignore[no-untyped-def]
-        reads.append(connection)
-        return read(connection, params)
+        def counted(connection, params=None, read=select.rows):  # type: ignore[no-untyped-def]
+            reads.append(connection)
+            return read(connection, params)
 
-    monkeypatch.setattr(signing._ACTIVE_KEYS_READ, "rows", counted)
+        monkeypatch.setattr(select, "rows", counted)
     return reads
+
+
+def test_the_group_commit_reads_the_keys_and_the_rules_as_each_read_alone(app, zone):
+    """On PostgreSQL the group commit reads the keys and the rules in force in one statement:
+    the signing gets the keys ``active_keys`` reads, the queueing the rules of
+    ``HOLD_DEFER_RULES`` (in force now, hold and defer only, by id), with the same values."""
+    import datetime as dt
+
+    from app.control.rules import create_rule
+    from app.dkim import signing
+    from app.queue import accepting
+    from app.smtpd import acceptor
+    from app.timeutil import utcnow
+
+    make_key(app, zone)
+    make_key(app, zone, algorithm="ed25519")
+    make_key(app, zone, domain="mail.example.org")
+    until = (utcnow() + dt.timedelta(hours=2)).replace(microsecond=0)
+    with app.app_context():
+        for action, fields in [("defer", {"domain": "slow.example"}),
+                               ("bounce", {"sender": "x@spam.example"}),
+                               ("hold", {"sender": "mallory@spam.example"}),
+                               ("hold", {"recipient": "bob@example.net"})]:
+            create_rule(db.session, action=action, expires_at=until, actor="test", **fields)
+        db.session.commit()
+        db.session.remove()
+    with app.app_context():
+        session = db.session
+        rules = acceptor._read_keys_and_rules(session)
+        together = signing.active_keys(session)
+        db.session.remove()
+    with app.app_context():
+        session = db.session
+        alone = signing.active_keys(session)
+        rules_alone = accepting._HOLD_DEFER_READ.rows(session.connection(), {"now": utcnow()})
+        db.session.remove()
+    assert {domain: len(keys) for domain, keys in alone.items()} == {"example.com": 2,
+                                                                      "mail.example.org": 1}
+    if rules is None:  # SQLite: each is read where it is needed
+        return
+    assert together == alone
+    assert [tuple(rule) for rule in rules] == [tuple(rule) for rule in rules_alone]
+    assert [rule.action for rule in rules] == ["defer", "hold", "hold"]
+    assert all(rule.expires_at == until for rule in rules)
 
 
 def test_a_group_commit_reads_the_keys_once_signs_every_message_and_a_retired_key_stops(

@@ -96,6 +96,7 @@ _ACTIVE_KEYS = sa.select(DkimKey.__table__.c.domain, DkimKey.__table__.c.selecto
 # On PostgreSQL on the raw psycopg cursor of the transaction (app/rawselect.py): the
 # listener's group commit reads the keys once per batch.
 _ACTIVE_KEYS_READ = RawSelect(_ACTIVE_KEYS)
+ACTIVE_KEYS = _ACTIVE_KEYS  # for a caller that reads them with its own (remember_active_keys)
 
 KeyRow = tuple[str, str, str, str]
 
@@ -110,12 +111,23 @@ def active_keys(session: so.Session) -> dict[str, list[KeyRow]]:
     per message would undo the group commit's one flush per batch."""
     memo: dict[str, list[KeyRow]] | None = session.info.get(_MEMO)
     if memo is None:
-        memo = {}
-        for row in _ACTIVE_KEYS_READ.rows(session.connection()):
-            memo.setdefault(row.domain, []).append(tuple(row))
-        for rows in memo.values():
-            rows.sort(key=lambda row: row[2], reverse=True)  # rsa first, then ed25519
-        session.info[_MEMO] = memo
+        memo = remember_active_keys(session, _ACTIVE_KEYS_READ.rows(session.connection()))
+    return memo
+
+
+def remember_active_keys(session: so.Session, rows: Sequence[Sequence[str]]
+                         ) -> dict[str, list[KeyRow]]:
+    """Take ``rows``, ``(domain, selector, algorithm, private key)`` of every active key read
+    by the caller in this transaction (``ACTIVE_KEYS``'s rows), as ``active_keys`` would have
+    read them: the listener's group commit reads them with the batch's rules in one
+    statement. Kept for the transaction, as ``active_keys`` keeps its own read."""
+    memo: dict[str, list[KeyRow]] = {}
+    for row in rows:
+        domain, selector, algorithm, private_key = row
+        memo.setdefault(domain, []).append((domain, selector, algorithm, private_key))
+    for keys in memo.values():
+        keys.sort(key=lambda row: row[2], reverse=True)  # rsa first, then ed25519
+    session.info[_MEMO] = memo
     return memo
 
 

@@ -48,6 +48,7 @@ _HOLD_DEFER_RULES = sa.select(Rule.id, Rule.sender, Rule.recipient, Rule.domain,
     sa.or_(Rule.action == "hold", Rule.action == "defer")).order_by(Rule.id)
 # On PostgreSQL on the raw psycopg cursor of the batch's transaction (app/rawselect.py).
 _HOLD_DEFER_READ = RawSelect(_HOLD_DEFER_RULES)
+HOLD_DEFER_RULES = _HOLD_DEFER_RULES  # for a caller that reads them with its own (``rules``)
 # Every row of one executemany must name the same columns.
 _EVENT_COLUMNS = tuple(c.name for c in DeliveryEvent.__table__.c if c.name != "id")
 # On PostgreSQL, the same four tables written by one binary COPY each (app/copyinsert.py):
@@ -110,14 +111,19 @@ def _as_dicts(copy: CopyInsert, rows: Sequence[tuple[Any, ...]]) -> list[dict[st
     return [dict(zip(copy.columns, row, strict=True)) for row in rows]
 
 
-def add_messages(session: so.Session, new: Sequence[NewMessage]) -> list[str]:
-    """Queue every message of ``new``; returns their ids, in order. No commit."""
+def add_messages(session: so.Session, new: Sequence[NewMessage],
+                 rules: Sequence[Any] | None = None) -> list[str]:
+    """Queue every message of ``new``; returns their ids, in order. No commit.
+
+    ``rules``: the hold and defer rules in force, when the caller read them in this
+    transaction (``HOLD_DEFER_RULES``'s rows, in its order); otherwise they are read here."""
     if not new:
         return []
     if any(not item.recipients for item in new):
         raise ValidationFailed("A message needs at least one recipient")
     connection = session.connection()
-    rules = _HOLD_DEFER_READ.rows(connection, {"now": utcnow()})
+    if rules is None:
+        rules = _HOLD_DEFER_READ.rows(connection, {"now": utcnow()})
     messages: list[tuple[Any, ...]] = []
     contents: list[tuple[Any, ...]] = []
     recipients: list[tuple[Any, ...]] = []
