@@ -458,6 +458,26 @@ def driver_write(connection: sa.Connection, sql: str, params: Sequence[Any]) -> 
         raise _wrapped(connection, dbapi_connection, exc) from exc
 
 
+def driver_read(connection: sa.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """The rows of a read (a SELECT, a locking one included), its SQL written for psycopg, run
+    on the driver's cursor in the transaction of ``connection`` (PostgreSQL only), as lists of
+    the values psycopg loads: no SQLAlchemy execution context, no result processing (the caller
+    converts what needs it; ``timestamptz`` comes in the session's zone). Inside ``pipelined``
+    the fetch syncs the pipeline, so the writes queued before it are answered first. A
+    driver's error is raised as SQLAlchemy's would be (``driver_write``)."""
+    dbapi_connection: Any = connection.connection.dbapi_connection
+    try:
+        with dbapi_connection.cursor(row_factory=_list_row) as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+    except connection.dialect.loaded_dbapi.Error as exc:
+        raise _wrapped(connection, dbapi_connection, exc) from exc
+
+
+def _list_row(_cursor: Any) -> Callable[[Sequence[Any]], list[Any]]:
+    return list
+
+
 def _returns_rows(context: Any) -> bool:
     """Whether a statement's result is read (a SELECT, RETURNING, text that is not a plain
     write); the writes of ``pipelined`` need no answer before the next one."""

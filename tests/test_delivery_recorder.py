@@ -425,3 +425,50 @@ def test_an_event_the_database_refuses_refuses_the_group(app, database_url):
     assert not is_unreachable(caught.value)
     with unit_of_work(app) as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(DeliveryEvent)) == 0
+
+
+def test_the_locking_load_reads_what_core_reads(app):
+    """``_lock_and_load`` (PostgreSQL: on the driver's cursor, with the timestamps converted
+    by hand) gives the rows and values the Core SELECT with its result processing gives:
+    aware UTC datetimes, None where NULL, recipients in id order, a missing id left out."""
+    from app.queue.outcomes import _LOAD, _SPLIT, _lock_and_load
+
+    attempts = _leased(app, 3)
+    ids = sorted(a.message_id for a in attempts)
+    with unit_of_work(app) as session:
+        session.execute(sa.update(Recipient).where(Recipient.message_id == ids[0]).values(
+            last_attempt_at=dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC),
+            last_error="451 later"))
+        # A second recipient on one message: rows of the join come in recipient id order.
+        session.add(Recipient(message_id=ids[1], address="zed@example.net",
+                              domain="example.net", status="deferred", attempts=2,
+                              next_attempt_at=utcnow()))
+    with unit_of_work(app) as session:
+        expected: dict[str, list] = {}
+        for row in session.execute(_LOAD, {"ids": ids}):
+            expected.setdefault(row[0], [list(row[:_SPLIT])]).append(list(row[_SPLIT:]))
+        session.rollback()
+        loaded = _lock_and_load(session.connection(), [*ids, "no-such-id"], utcnow())
+        got = {m.id: [[getattr(m, a) for a in ("id", "sender", "created_at", "queue_state",
+                                              "attempts", "updated_at", "next_attempt_at",
+                                              "last_error")]]
+               + [[getattr(r, a) for a in RECIPIENT_FIELDS] for r in m.recipients]
+               for m in loaded.values()}
+    assert set(got) == set(ids)
+    for message_id in ids:
+        message, *recipients = got[message_id]
+        # SQLite's touch moves updated_at to now: compare the rest there.
+        assert message[:5] + message[6:] == expected[message_id][0][:5] + \
+            expected[message_id][0][6:]
+        assert recipients == expected[message_id][1:]
+    assert len(got[ids[1]]) == 3
+    for message, *recipients in got.values():
+        for value in message + [v for r in recipients for v in r]:
+            if isinstance(value, dt.datetime):
+                assert value.tzinfo is dt.UTC
+    assert got[ids[0]][1][RECIPIENT_FIELDS.index("last_attempt_at")] == dt.datetime(
+        2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
+
+
+RECIPIENT_FIELDS = ("id", "address", "domain", "status", "attempts", "last_error",
+                    "last_attempt_at", "next_attempt_at", "lease_owner", "lease_expires_at")
