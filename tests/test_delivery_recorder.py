@@ -177,7 +177,7 @@ def test_a_group_waits_for_the_threads_the_last_commit_released_not_for_a_slow_j
         b_thread = threading.Thread(target=thread_b)
         b_thread.start()
         # b's outcome waits for a's (a was released by the last commit and is on a job)...
-        wait_for(lambda: recorder.busy and recorder._queue.unfinished_tasks == 0, seconds=30)
+        wait_for(lambda: recorder.busy and recorder._queue.empty(), seconds=30)
         assert "b" not in answers
         a_go.set()
         a.join(60)
@@ -472,3 +472,39 @@ def test_the_locking_load_reads_what_core_reads(app):
 
 RECIPIENT_FIELDS = ("id", "address", "domain", "status", "attempts", "last_error",
                     "last_attempt_at", "next_attempt_at", "lease_owner", "lease_expires_at")
+
+
+def test_busy_from_the_hand_over_until_the_commit_and_the_thread_woken_after_it(
+        app, monkeypatch):
+    """The hand-over (a one-shot lock per outcome, a SimpleQueue, a count of unsettled
+    outcomes): ``busy`` holds from ``record`` until the group is committed, and the delivery
+    thread returns only after the commit, with its outcome recorded."""
+    [attempt] = _leased(app, 1)
+    writing, go = threading.Event(), threading.Event()
+    committed: list[bool] = []
+    real = recorder_module.record_outcomes
+
+    def slow_record(session, *args, **kwargs):
+        writing.set()
+        assert go.wait(60)
+        real(session, *args, **kwargs)
+        committed.append(True)
+
+    monkeypatch.setattr(recorder_module, "record_outcomes", slow_record)
+    recorder = Recorder(app, WORKER, POLICY, 300)
+    recorder.start()
+    answers: list[bool] = []
+    try:
+        assert not recorder.busy
+        thread = threading.Thread(target=lambda: answers.append(recorder.record(attempt)))
+        thread.start()
+        assert writing.wait(30)
+        assert recorder.busy and not answers
+        go.set()
+        thread.join(30)
+        assert answers == [True] and committed == [True]
+        wait_for(lambda: not recorder.busy, seconds=10)
+    finally:
+        go.set()
+        recorder.close(30)
+    assert _delivered(app) == Counter({"r0@example.net": 1})

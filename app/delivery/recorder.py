@@ -29,7 +29,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 from flask import Flask
 
@@ -58,14 +57,30 @@ REFUSED_TRIES = 3
 GATHER_MAX = 0.03
 
 
-@dataclass
 class Outcome:
-    """An attempt waiting to be recorded, and the event its delivery thread waits on."""
+    """An attempt waiting to be recorded, and the lock its delivery thread waits on.
 
-    attempt: Attempt
-    done: threading.Event = field(default_factory=threading.Event)
-    thread: int = field(default_factory=threading.get_ident)  # the delivery thread's
-    recorded: bool = False
+    ``done`` is a plain lock used as a one-shot: taken when the outcome is made, released
+    once by the recorder when the outcome is committed or given up; the delivery thread waits
+    by taking it. A ``threading.Event`` is a Condition with a lock of its own, and its wait
+    and set cost several Python calls and a second lock each; a lock's acquire and release
+    are one C call each (docs/PERFORMANCE.md, "Delivery, the recorder's fixed cost a commit").
+    """
+
+    __slots__ = ("attempt", "done", "thread", "recorded")
+
+    def __init__(self, attempt: Attempt) -> None:
+        self.attempt = attempt
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.thread = threading.get_ident()  # the delivery thread's
+        self.recorded = False
+
+    def wait(self) -> None:
+        self.done.acquire()
+
+    def release(self) -> None:
+        self.done.release()
 
     def recipient_ids(self) -> list[int]:
         return [r.recipient_id for r in self.attempt.results]
@@ -89,7 +104,12 @@ class Recorder:
         self._running_lock = threading.Lock()
         self.healthy = threading.Event()  # clear while outcomes wait for the database
         self.healthy.set()
-        self._queue: queue.Queue[Outcome | None] = queue.Queue()
+        # The hand-over: a SimpleQueue (in C: a put or get is one call, where queue.Queue
+        # takes a Condition's lock and notifies in Python), and the count of outcomes handed
+        # over and not yet committed or given up (``busy``), kept under ``_running_lock``,
+        # which ``record`` takes anyway.
+        self._queue: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
+        self._unsettled = 0
         self._held: list[Outcome] = []
         self._give_up_at: float | None = None
         self._ending = False
@@ -113,8 +133,9 @@ class Recorder:
         outcome = Outcome(attempt)
         with self._running_lock:
             self._running.discard(outcome.thread)
+            self._unsettled += 1
         self._queue.put(outcome)
-        outcome.done.wait()
+        outcome.wait()
         return outcome.recorded
 
     def is_healthy(self) -> bool:
@@ -123,7 +144,7 @@ class Recorder:
     @property
     def busy(self) -> bool:
         """Outcomes are queued or being written (recording may still free work: a bounce)."""
-        return self._queue.unfinished_tasks > 0 or bool(self._held)
+        return self._unsettled > 0
 
     # --------------------------------------------------------- the worker's side
 
@@ -176,7 +197,6 @@ class Recorder:
             self._ending = True  # every outcome handed over before it is held now
         else:
             self._held.append(item)
-        self._queue.task_done()
 
     def _take_queued(self) -> None:
         """Hold everything queued meanwhile: it goes in the same transaction."""
@@ -255,16 +275,22 @@ class Recorder:
         self.recorded_attempts += len(outcomes)
         self.transactions += 1
         self._released = frozenset(o.thread for o in outcomes)
+        self._settled(len(outcomes))
         for outcome in outcomes:
             outcome.recorded = True
-            outcome.done.set()
+            outcome.release()
+
+    def _settled(self, count: int) -> None:
+        with self._running_lock:
+            self._unsettled -= count
 
     def _give_up(self, error: BaseException) -> None:
         count = sum(len(o.attempt.results) for o in self._held)
         log.error("giving up recording %d delivery outcome(s) of %d recipient(s): %s; their "
                   "leases stay and expire, then they are delivered again", len(self._held),
                   count, describe_error(error), exc_info=error)
+        self._settled(len(self._held))
         for outcome in self._held:
-            outcome.done.set()
+            outcome.release()
         self._held = []
         self.healthy.set()
