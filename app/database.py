@@ -392,16 +392,11 @@ def pipelined(session: so.Session, *, commit: bool = False) -> Iterator[None]:
         yield
         return
     driver_error: Any = connection.dialect.loaded_dbapi.Error
+    _listen_for_pipelines(connection.engine)
+    info = connection.connection.info  # the pooled connection's, where the listener looks
     try:
         with dbapi_connection.pipeline() as pipeline:
-            def read_now(_conn: Any, _cursor: Any, _statement: str, _parameters: Any,
-                         context: Any, _many: bool) -> None:
-                # SQLAlchemy reads the cursor's description as soon as the statement ran: a
-                # statement whose rows are read must have its result now, not at the COMMIT.
-                if _returns_rows(context):
-                    pipeline.sync()
-
-            sa.event.listen(connection, "after_cursor_execute", read_now)
+            info[_PIPELINE] = pipeline
             try:
                 yield
                 if commit:
@@ -410,11 +405,36 @@ def pipelined(session: so.Session, *, commit: bool = False) -> Iterator[None]:
                     # listener syncs), not after the COMMIT by the session's commit.
                     session.flush()
             finally:
-                sa.event.remove(connection, "after_cursor_execute", read_now)
+                info.pop(_PIPELINE, None)
             if commit:
                 dbapi_connection.execute(b"COMMIT")  # answered at the pipeline's end
     except driver_error as exc:
         raise _wrapped(connection, dbapi_connection, exc) from exc
+
+
+_PIPELINE = "elemta.pipeline"  # the open psycopg pipeline, in the pooled connection's info
+_pipelined_engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+
+
+def _listen_for_pipelines(engine: sa.Engine) -> None:
+    """Install ``_read_now`` on the engine once. Listening on each group's connection and
+    removing the listener again (as ``pipelined`` did) cost SQLAlchemy's event registry about
+    a twentieth of the delivery recorder's CPU a group (docs/PERFORMANCE.md); the engine's
+    listener finds the pipeline in the connection's ``info`` and does nothing without one."""
+    if engine not in _pipelined_engines:
+        with _lock:
+            if engine not in _pipelined_engines:
+                sa.event.listen(engine, "after_cursor_execute", _read_now)
+                _pipelined_engines.add(engine)
+
+
+def _read_now(conn: sa.Connection, _cursor: Any, _statement: str, _parameters: Any,
+              context: Any, _many: bool) -> None:
+    # SQLAlchemy reads the cursor's description as soon as the statement ran: inside a
+    # pipeline, a statement whose rows are read must have its result now, not at the COMMIT.
+    pipeline = conn.connection.info.get(_PIPELINE)
+    if pipeline is not None and _returns_rows(context):
+        pipeline.sync()
 
 
 def _wrapped(connection: sa.Connection, dbapi_connection: Any, exc: Any) -> BaseException:

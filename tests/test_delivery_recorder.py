@@ -508,3 +508,33 @@ def test_busy_from_the_hand_over_until_the_commit_and_the_thread_woken_after_it(
         go.set()
         recorder.close(30)
     assert _delivered(app) == Counter({"r0@example.net": 1})
+
+
+def test_the_pipeline_listener_is_the_engines_and_acts_only_inside_a_pipeline(
+        app, database_url):
+    """``pipelined`` installs its read listener on the engine once (not on each group's
+    connection) and marks the open pipeline in the pooled connection's ``info``: reads inside
+    each block see the writes queued before them, and the mark is gone after the block, also
+    when the block failed."""
+    _postgresql_only(database_url)
+    from app.database import _PIPELINE
+
+    [first] = bulk_queue(app, 1)
+    for n in range(3):
+        with unit_of_work(app) as session:
+            with pipelined(session):
+                connection = session.connection()
+                connection.execute(sa.update(Message).where(Message.id == first)
+                                   .values(last_error=f"try {n}"))
+                assert connection.execute(sa.select(Message.last_error)
+                                          .where(Message.id == first)).scalar_one() == f"try {n}"
+                assert connection.connection.info[_PIPELINE] is not None
+            assert _PIPELINE not in connection.connection.info
+    with pytest.raises(sa_exc.DBAPIError), unit_of_work(app) as session:
+        connection = session.connection()
+        info = connection.connection.info
+        with pipelined(session):
+            connection.execute(sa.text("SELECT 1/0"))
+    assert _PIPELINE not in info
+    with unit_of_work(app) as session:
+        assert session.scalar(sa.select(Message.last_error)) == "try 2"
