@@ -471,11 +471,59 @@ def driver_write(connection: sa.Connection, sql: str, params: Sequence[Any]) -> 
     compiled statement's context, its bind processing: a few hundred Python calls a
     statement) is skipped, and so are its ``before_cursor_execute`` listeners and echo; the
     caller converts the values itself. A driver's error is raised as SQLAlchemy's would be."""
+    combining = connection.connection.info.get(_COMBINE)
+    if combining is not None:
+        combining.append((sql, params))
+        return
     dbapi_connection: Any = connection.connection.dbapi_connection
     try:
         dbapi_connection.execute(sql, params)
     except connection.dialect.loaded_dbapi.Error as exc:
         raise _wrapped(connection, dbapi_connection, exc) from exc
+
+
+_COMBINE = "elemta.combine"  # the writes ``combined_writes`` holds, in the connection's info
+_combined_sql: dict[tuple[str, ...], str] = {}
+
+
+@contextlib.contextmanager
+def combined_writes(connection: sa.Connection) -> Iterator[None]:
+    """The block's ``driver_write`` statements sent as one statement when it ends (PostgreSQL;
+    a no-op elsewhere): ``WITH w0 AS (first), w1 AS (second) ... last``, their parameters in
+    order. One Execute (and psycopg's per-statement work) instead of one each: the delivery
+    recorder's writes at the end of a group (events, the rollups, the DELETE, the queue-shape
+    deltas) were five (docs/PERFORMANCE.md, "Delivery, the recorder's fixed cost a commit").
+
+    Only for writes that do not depend on each other: PostgreSQL runs the sub-statements of
+    one statement on one snapshot, none sees another's rows, and their order is unspecified
+    (the same table must not be written twice). Nothing else may run on the connection inside
+    the block (a read, a Core statement would come before the held writes). A statement's
+    error fails the combined one, raised as ``driver_write`` raises it; on an error inside the
+    block nothing held is sent."""
+    if connection.dialect.name != "postgresql":
+        yield
+        return
+    info = connection.connection.info
+    held: list[tuple[str, Sequence[Any]]] = []
+    info[_COMBINE] = held
+    try:
+        yield
+    finally:
+        info.pop(_COMBINE, None)
+    if not held:
+        return
+    if len(held) == 1:
+        driver_write(connection, *held[0])
+        return
+    key = tuple(sql for sql, _ in held)
+    sql = _combined_sql.get(key)
+    if sql is None:
+        *first, last = key
+        sql = "WITH " + ", ".join(f"w{n} AS ({text})" for n, text in enumerate(first)) + \
+            " " + last
+        if len(_combined_sql) < 256:  # a handful of shapes in practice
+            _combined_sql[key] = sql
+    driver_write(connection, sql, [value for _, params in held for value in params])
 
 
 def driver_read(connection: sa.Connection, sql: str, params: Sequence[Any]) -> list[Any]:

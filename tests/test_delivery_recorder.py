@@ -538,3 +538,65 @@ def test_the_pipeline_listener_is_the_engines_and_acts_only_inside_a_pipeline(
     assert _PIPELINE not in info
     with unit_of_work(app) as session:
         assert session.scalar(sa.select(Message.last_error)) == "try 2"
+
+
+def test_a_groups_last_writes_go_as_one_statement_and_store_what_they_stored(
+        app, database_url, monkeypatch):
+    """The group's events, DELETE, rollups and queue-shape deltas as one statement
+    (``database.combined_writes``, PostgreSQL): the delivered messages leave with their
+    recipients and content, the queue counts (the DELETE's statement trigger) equal a recount,
+    the rollups a recount of the events, the shape the direct count."""
+    from app import database
+    from app.events import rebuild_rollup
+    from app.models import DeliveryRollup, MessageContent
+    from app.queue import counters, shape
+
+    sent: list[str] = []
+    real = database.driver_write
+
+    def spy(connection, sql, params):
+        if database._COMBINE not in connection.connection.info:
+            sent.append(sql)
+        return real(connection, sql, params)
+
+    monkeypatch.setattr(database, "driver_write", spy)
+    attempts = _leased(app, 6)
+    with unit_of_work(app) as session:
+        shape.rebuild(session)
+        counters.recount(session)
+        before = counters.queue_counts(session)
+    assert before["pending"] == 6
+    for attempt, kind in zip(attempts, ["delivered", "tempfail"] * 3, strict=True):
+        [result] = attempt.results
+        code, enhanced, text = OUTCOMES[kind]
+        attempt.results = [RecipientResult(result.recipient_id, result.address, kind, text,
+                                           code, enhanced, "mx.example.net", "192.0.2.7")]
+    with unit_of_work(app) as session:
+        record_outcomes(session, WORKER, attempts, POLICY)
+    if database_url.startswith("postgresql"):
+        [combined] = sent  # one statement for the group's last writes
+        assert combined.startswith("WITH w0 AS (INSERT INTO delivery_events")
+        assert "DELETE FROM messages" in combined and "queue_shape_deltas" in combined
+    gone = {a.message_id for a in attempts[::2]}
+    with unit_of_work(app) as session:
+        assert not set(session.scalars(sa.select(Message.id))) & gone
+        assert not set(session.scalars(sa.select(Recipient.message_id))) & gone
+        assert not set(session.scalars(sa.select(MessageContent.message_id))) & gone
+        assert session.scalar(sa.select(sa.func.count()).select_from(MessageContent)) == 3
+        counted = counters.queue_counts(session)
+        assert counted["total"] == 3 and counted["deferred"] == 3
+        actual = dict(session.execute(sa.select(Message.queue_state, sa.func.count())
+                                      .group_by(Message.queue_state)).all())
+        assert {k: v for k, v in counted.items() if v and k != "total"} == actual
+    with unit_of_work(app) as session:
+        assert counters.queue_counts(session) == counted
+        kept = {(r.hour, r.outcome): r.count for r in session.scalars(sa.select(DeliveryRollup))}
+        assert sum(kept.values()) == 6
+        rebuild_rollup(session)
+        session.expire_all()
+        assert {(r.hour, r.outcome): r.count
+                for r in session.scalars(sa.select(DeliveryRollup))} == kept
+        now = utcnow()
+        counted_shape = shape.read_shape(session, "all", "domain", top=1000, now=now)
+        assert {r.domain: r.buckets for r in counted_shape.rows} == shape.direct_shape(
+            session, "all", "domain", now)

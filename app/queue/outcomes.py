@@ -35,7 +35,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 
 from ..control.suppression import suppress_after_failure, suppresses
-from ..database import driver_read, driver_write
+from ..database import combined_writes, driver_read, driver_write
 from ..events import Increments, event_row, insert_event_rows
 from ..models import DeliveryEvent, Message, Recipient
 from ..sqltypes import UTC, UTCDateTime
@@ -157,9 +157,14 @@ def record_attempts(
     leaving = set(gone)
     changed = [m for m in messages.values() if m.changed and m.id not in leaving]
     _write_back(connection, changed)
-    events.write()
-    _delete(connection, gone)
-    increments.bump(session, connection)
+    # PostgreSQL: the group's last writes (events, DELETE, the two rollups, the queue-shape
+    # deltas) as one statement; they touch five different tables and read nothing written
+    # before them in this statement (``database.combined_writes``).
+    with combined_writes(connection):
+        events.write()
+        _delete(connection, gone)
+        increments.bump(session, connection)
+        shape.write_noted(session)
     return recorded, held
 
 
