@@ -504,6 +504,9 @@ def combined_writes(connection: sa.Connection) -> Iterator[None]:
         yield
         return
     info = connection.connection.info
+    if _COMBINE in info:  # inside another block: its writes join that block's statement
+        yield
+        return
     held: list[tuple[str, Sequence[Any]]] = []
     info[_COMBINE] = held
     try:

@@ -600,3 +600,26 @@ def test_a_groups_last_writes_go_as_one_statement_and_store_what_they_stored(
         counted_shape = shape.read_shape(session, "all", "domain", top=1000, now=now)
         assert {r.domain: r.buckets for r in counted_shape.rows} == shape.direct_shape(
             session, "all", "domain", now)
+
+
+def test_combined_writes_nested_join_the_outer_statement_in_order(app, database_url):
+    _postgresql_only(database_url)
+    from app.database import _COMBINE, combined_writes, driver_write
+
+    [first, second] = sorted(bulk_queue(app, 2))
+    with unit_of_work(app) as session:
+        connection = session.connection()
+        with combined_writes(connection):
+            driver_write(connection, "UPDATE messages SET last_error = %s WHERE id = %s",
+                         ["one", first])
+            with combined_writes(connection):
+                driver_write(connection, "UPDATE recipients SET last_error = %s "
+                             "WHERE message_id = %s", ["r", first])
+            assert len(connection.connection.info[_COMBINE]) == 2
+            driver_write(connection, "DELETE FROM message_contents WHERE message_id = %s",
+                         [second])
+        assert _COMBINE not in connection.connection.info
+    with unit_of_work(app) as session:
+        assert session.scalar(sa.select(Message.last_error).where(Message.id == first)) == "one"
+        assert session.scalar(sa.select(Recipient.last_error)
+                              .where(Recipient.message_id == first)) == "r"
