@@ -165,12 +165,14 @@ class Recorder:
     # --------------------------------------------------------- the recorder thread
 
     def _run(self) -> None:
-        while not (self._ending and not self._held):
-            if not self._held and not self._ending:
-                self._take(self._queue.get())
-                self._gather()
-            self._take_queued()
-            self._write_held()
+        # One app context for the thread's life (``_record``: a session a group within it).
+        with self.app.app_context():
+            while not (self._ending and not self._held):
+                if not self._held and not self._ending:
+                    self._take(self._queue.get())
+                    self._gather()
+                self._take_queued()
+                self._write_held()
 
     def _gather(self) -> None:
         """Wait (at most ``GATHER_MAX``) for the outcomes of the threads the last commit
@@ -257,9 +259,7 @@ class Recorder:
                     renew_leases(session, self.worker_id,
                                  [i for o in self._held for i in o.recipient_ids()],
                                  lease_seconds=self.lease_seconds)
-            with unit_of_work(self.app) as session:
-                record_outcomes(session, self.worker_id, [o.attempt for o in self._held],
-                                self.policy)
+            self._record([o.attempt for o in self._held])
         except NotRecorded as exc:
             unrecorded = {id(a) for a in exc.unrecorded}
             self._finish([o for o in self._held if id(o.attempt) not in unrecorded])
@@ -270,6 +270,21 @@ class Recorder:
         self._finish(self._held)
         self._held = []
         return None
+
+    def _record(self, attempts: list[Attempt]) -> None:
+        """``record_outcomes`` in a session of its own, in the thread's app context: what
+        ``unit_of_work`` does, without pushing an app context a group and without its final
+        commit (``record_outcomes`` commits, or rolls back and raises, itself; an empty commit
+        after it cost a session transaction's begin and end a group)."""
+        scoped = self.app.extensions["sqlalchemy"].session
+        session = scoped()
+        try:
+            record_outcomes(session, self.worker_id, attempts, self.policy)
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            scoped.remove()
 
     def _finish(self, outcomes: list[Outcome]) -> None:
         self.recorded_attempts += len(outcomes)
