@@ -10,9 +10,6 @@ processes that no longer exist are removed at start, so a restart starts from ze
 
 Streams: ``post_worker_init`` makes a worker's SIGTERM close its WebSocket streams with 1001
 first (docs/STREAMS.md).
-
-Logging: ``post_worker_init`` hands the worker's stdout lines to a writer thread of their own,
-``worker_exit`` writes what is still queued (docs/OPERATIONS.md, "Logs").
 """
 
 import glob
@@ -139,21 +136,9 @@ def post_worker_init(worker):
     # A WebSocket never ends by itself: without this, SIGTERM (stop, and SIGHUP's replacement of
     # old workers) would leave every stream open until graceful_timeout and then drop it without
     # a close frame. The handler closes streams with 1001 and then calls gunicorn's own.
-    from app.logging_setup import start_worker_lane
     from app.stream.hub import close_streams_on_sigterm
 
     close_streams_on_sigterm()
-    # The worker's stdout lines (each request's access line) are written by a thread of its
-    # own: written by the request's thread, the write and the handler's lock cost about half of
-    # a request's thread switches (app/logging_setup.py, docs/OPERATIONS.md).
-    start_worker_lane()
-
-
-def worker_exit(server, worker):
-    # In the worker, once it has stopped serving: every queued line is written before it ends.
-    from app.logging_setup import end_worker_lane
-
-    end_worker_lane()
 
 
 def child_exit(server, worker):

@@ -412,38 +412,6 @@ def stdout_on_own_thread() -> Iterator[None]:
                 target.handle(lane.get_nowait())
 
 
-_worker_lane: contextlib.ExitStack | None = None
-
-
-def start_worker_lane() -> None:
-    """For a gunicorn worker's ``post_worker_init`` hook: from now on this worker's stdout lines
-    (the access line of every request above all) are written by a thread of their own
-    (``stdout_on_own_thread``), until ``end_worker_lane``.
-
-    Written by the request's thread, each line is a ``write`` and a ``flush`` under the
-    handler's lock: the system call lets go of the GIL, another of the worker's threads takes
-    it and then often waits on that lock, which lets go of the GIL again. With 32 threads that
-    was about half of a request's context switches (docs/PERFORMANCE.md, "HTTP, the access
-    line off the request's thread"). A second call is a no-op (a hook merged from two
-    configuration files).
-    """
-    global _worker_lane
-    if _worker_lane is not None:
-        return
-    stack = contextlib.ExitStack()
-    stack.enter_context(stdout_on_own_thread())
-    _worker_lane = stack
-
-
-def end_worker_lane() -> None:
-    """For gunicorn's ``worker_exit`` hook: every queued line is written, then the worker's
-    later lines are written directly again."""
-    global _worker_lane
-    stack, _worker_lane = _worker_lane, None
-    if stack is not None:
-        stack.close()
-
-
 def _stdout_handlers(root: logging.Logger) -> list[StdoutJsonHandler]:
     """The process's ``StdoutJsonHandler``, on the root logger or behind its lane."""
     return [h.target if isinstance(h, StdoutLaneHandler) else h for h in root.handlers

@@ -191,30 +191,3 @@ def test_every_line_is_written_before_the_listener_exits(database_url: str, tmp_
         assert (line["level"], line["logger"], line["role"]) == ("info", "elemta.smtpd", "smtpd")
     messages = [line["message"] for line in lines]
     assert messages[-1] == "SMTP listener stopped"
-
-
-def test_a_gunicorn_worker_hands_its_lines_to_the_lane_until_it_exits(monkeypatch, caplog,
-                                                                      capsys):
-    """gunicorn.conf.py's ``post_worker_init`` / ``worker_exit``: the API worker's lines (its
-    access line of every request) are written by the lane's thread, the same bytes, and what
-    is queued is written when the worker exits."""
-    caplog.set_level(logging.INFO)
-    handler = StdoutJsonHandler("api", "json")
-    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
-    access = logging.getLogger("gunicorn.access")
-    atoms = {"h": "127.0.0.1", "{x-forwarded-for}i": "-", "m": "GET", "U": "/api/queue/stats",
-             "q": "", "s": "200", "B": "64", "a": "wrk", "{x-request-id}o": "r1", "D": "1500"}
-    record = access.makeRecord(access.name, logging.INFO, __file__, 1, "%(h)s", (atoms,), None)
-    expected = handler.format(copy.copy(record)) + "\n"
-    logging_setup.start_worker_lane()
-    logging_setup.start_worker_lane()  # a hook merged twice: still one lane
-    try:
-        assert [type(h) for h in _ours()] == [StdoutLaneHandler]
-        for _ in range(3):
-            logging.getLogger().handle(copy.copy(record))
-    finally:
-        logging_setup.end_worker_lane()
-    assert capsys.readouterr().out == expected * 3
-    assert _ours() == [handler]
-    logging_setup.end_worker_lane()  # nothing left to end: a no-op
-    assert _ours() == [handler]
