@@ -349,6 +349,15 @@ OUTCOMES = {"delivered": (250, "2.0.0", "250 2.0.0 ok"),
             "rejection": (550, "5.7.1", "550 5.7.1 refused by policy")}
 
 
+def _give_outcomes(attempts, kinds) -> None:
+    """Each one-recipient attempt gets the outcome of its kind (``OUTCOMES``)."""
+    for attempt, kind in zip(attempts, kinds, strict=True):
+        [result] = attempt.results
+        code, enhanced, text = OUTCOMES[kind]
+        attempt.results = [RecipientResult(result.recipient_id, result.address, kind, text,
+                                           code, enhanced, "mx.example.net", "192.0.2.7")]
+
+
 def test_a_group_of_mixed_outcomes_writes_what_the_read_side_recounts(app):
     # On PostgreSQL the group's events, rollups, shape deltas and DELETE are bound by hand on
     # the driver's connection (database.driver_write): what they store must be what Core
@@ -362,11 +371,7 @@ def test_a_group_of_mixed_outcomes_writes_what_the_read_side_recounts(app):
         shape.rebuild(session)  # bulk_queue's messages counted, as accepting counts them
     kinds = ["delivered", "tempfail", "rejection", "delivered", "tempfail", "delivered",
              "delivered"]
-    for attempt, kind in zip(attempts, kinds, strict=True):
-        [result] = attempt.results
-        code, enhanced, text = OUTCOMES[kind]
-        attempt.results = [RecipientResult(result.recipient_id, result.address, kind, text,
-                                           code, enhanced, "mx.example.net", "192.0.2.7")]
+    _give_outcomes(attempts, kinds)
     with unit_of_work(app) as session:
         record_outcomes(session, WORKER, attempts, POLICY)
     with unit_of_work(app) as session:
@@ -566,11 +571,7 @@ def test_a_groups_last_writes_go_as_one_statement_and_store_what_they_stored(
         counters.recount(session)
         before = counters.queue_counts(session)
     assert before["pending"] == 6
-    for attempt, kind in zip(attempts, ["delivered", "tempfail"] * 3, strict=True):
-        [result] = attempt.results
-        code, enhanced, text = OUTCOMES[kind]
-        attempt.results = [RecipientResult(result.recipient_id, result.address, kind, text,
-                                           code, enhanced, "mx.example.net", "192.0.2.7")]
+    _give_outcomes(attempts, ["delivered", "tempfail"] * 3)
     with unit_of_work(app) as session:
         record_outcomes(session, WORKER, attempts, POLICY)
     if database_url.startswith("postgresql"):
