@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,6 +239,27 @@ def run_worker(app: Flask, resolver: Any = None) -> Worker:
     worker = Worker(app, resolver=resolver)
     worker.run(once=True)
     return worker
+
+
+def delivered_recipients(app: Flask) -> Counter[str]:
+    """Each recipient with a ``delivery`` event, and how many it has."""
+    with app.app_context():
+        delivered = Counter(db.session.scalars(sa.select(DeliveryEvent.recipient).where(
+            DeliveryEvent.event_type == "delivery")))
+        db.session.remove()
+        return delivered
+
+
+def assert_each_delivered_once(app: Flask, peer: Peer, count: int) -> None:
+    """``bulk_queue``'s ``count`` recipients: the peer received each exactly once, and each
+    was recorded as delivered exactly once."""
+    expected = {f"r{n}@example.net" for n in range(count)}
+    received = Counter(peer.recipients_received())
+    assert set(received) == expected
+    assert max(received.values()) == 1, "a recipient was delivered twice"
+    delivered = delivered_recipients(app)
+    assert set(delivered) == expected
+    assert max(delivered.values()) == 1, "a delivery was recorded twice"
 
 
 def events(app: Flask, message_id: str | None = None,

@@ -25,7 +25,13 @@ from app.extensions import db
 from app.models import DeliveryEvent, Message, Recipient
 from app.queue.outcomes import Attempt
 from app.timeutil import utcnow
-from tests.delivery_helpers import Peer, bulk_queue, wait_for
+from tests.delivery_helpers import (
+    Peer,
+    assert_each_delivered_once,
+    bulk_queue,
+    delivered_recipients,
+    wait_for,
+)
 from tests.fault_helpers import SqliteLock, TcpProxy
 
 WORKER = "recorder-test"
@@ -66,12 +72,6 @@ def _record_from_threads(recorder: Recorder, attempts: list[Attempt], threads: i
     return answers
 
 
-def _delivered(app) -> Counter[str]:
-    with unit_of_work(app) as session:
-        return Counter(session.scalars(sa.select(DeliveryEvent.recipient).where(
-            DeliveryEvent.event_type == "delivery")))
-
-
 def _left(app) -> int:
     with unit_of_work(app) as session:
         return session.scalar(sa.select(sa.func.count()).select_from(Message)) or 0
@@ -88,7 +88,7 @@ def test_the_outcomes_of_many_threads_are_all_recorded_once(app):
     assert answers == [True] * 160
     assert recorder.recorded_attempts == 160
     assert recorder.transactions <= 160
-    delivered = _delivered(app)
+    delivered = delivered_recipients(app)
     assert set(delivered) == {f"r{n}@example.net" for n in range(160)}
     assert max(delivered.values()) == 1
     assert _left(app) == 0
@@ -130,7 +130,7 @@ def test_nothing_is_lost_when_commits_fail(app, make_app, database_url, monkeypa
     assert answers_first == [True] * 20
     assert later == [True] * 40
     assert recorder.recorded_attempts == 60
-    delivered = _delivered(app)
+    delivered = delivered_recipients(app)
     assert set(delivered) == {f"r{n}@example.net" for n in range(60)}
     assert max(delivered.values()) == 1
     assert _left(app) == 0
@@ -191,7 +191,7 @@ def test_a_group_waits_for_the_threads_the_last_commit_released_not_for_a_slow_j
         slow_thread.join(60)
         recorder.close(30)
     assert answers["slow"] is True
-    assert set(_delivered(app)) == {f"r{n}@example.net" for n in range(4)}
+    assert set(delivered_recipients(app)) == {f"r{n}@example.net" for n in range(4)}
 
 
 def test_a_worker_with_eight_threads_delivers_every_recipient_once(app, make_app):
@@ -199,12 +199,8 @@ def test_a_worker_with_eight_threads_delivers_every_recipient_once(app, make_app
     with Peer() as peer:
         worker = Worker(make_app(relay_host=peer.address, worker_concurrency=8))
         worker.run(once=True)
-    received = Counter(peer.recipients_received())
-    assert set(received) == {f"r{n}@example.net" for n in range(200)}
-    assert max(received.values()) == 1
+    assert_each_delivered_once(app, peer, 200)
     assert worker.recorded_attempts == 200
-    delivered = _delivered(app)
-    assert len(delivered) == 200 and max(delivered.values()) == 1
     assert _left(app) == 0
 
 
@@ -512,7 +508,7 @@ def test_busy_from_the_hand_over_until_the_commit_and_the_thread_woken_after_it(
     finally:
         go.set()
         recorder.close(30)
-    assert _delivered(app) == Counter({"r0@example.net": 1})
+    assert delivered_recipients(app) == Counter({"r0@example.net": 1})
 
 
 def test_the_pipeline_listener_is_the_engines_and_acts_only_inside_a_pipeline(
