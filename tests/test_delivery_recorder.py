@@ -620,3 +620,52 @@ def test_combined_writes_nested_join_the_outer_statement_in_order(app, database_
         assert session.scalar(sa.select(Message.last_error).where(Message.id == first)) == "one"
         assert session.scalar(sa.select(Recipient.last_error)
                               .where(Recipient.message_id == first)) == "r"
+
+
+def test_a_job_still_running_after_the_shutdown_grace_does_not_wait_for_ever(
+        app, make_app, monkeypatch):
+    # SIGTERM with a transaction that outlives the grace: the worker ends (its recorder too);
+    # when the transaction ends at last, its thread must not wait for a commit that nothing
+    # will make (the executor's threads are joined at exit: the process would never end).
+    from app.delivery import worker as worker_module
+    from tests.delivery_helpers import Behaviour
+
+    monkeypatch.setattr(worker_module, "SHUTDOWN_GRACE", 0.0)
+    bulk_queue(app, 1)
+    in_data, let_go = threading.Event(), threading.Event()
+
+    def hold_data() -> None:
+        in_data.set()
+        let_go.wait(30)
+
+    with Peer(Behaviour(before_data_reply=hold_data)) as peer:
+        worker = Worker(make_app(relay_host=peer.address, worker_concurrency=1))
+        runner = threading.Thread(target=worker.run)
+        runner.start()
+        try:
+            assert in_data.wait(30)
+            worker.stop()
+            runner.join(30)
+            assert not runner.is_alive()
+            worker.recorder._thread.join(30)  # it ended with the worker
+            assert not worker.recorder._thread.is_alive()
+            late = [t for t in threading.enumerate() if t.name.startswith("elemta-delivery")]
+            assert late, "the transaction under way was not left running"
+            let_go.set()
+            for thread in late:
+                thread.join(10)
+            assert not any(t.is_alive() for t in late), "a delivery thread waits for ever"
+            worker.pool.close_idle(0)  # the connection it gave back (the process would end)
+        finally:
+            let_go.set()
+            # On failure: release the thread waiting for ever, or pytest would never end.
+            while not worker.recorder._queue.empty():
+                item = worker.recorder._queue.get_nowait()
+                if item is not None:
+                    item.release()
+    assert peer.recipients_received() == ["r0@example.net"]
+    assert worker.recorded_attempts == 0  # given up: its lease expires, as after a crash
+    with app.app_context():
+        recipient = db.session.scalars(sa.select(Recipient)).one()
+        assert recipient.status == "pending" and recipient.lease_owner == worker.worker_id
+        db.session.remove()

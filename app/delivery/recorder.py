@@ -113,6 +113,7 @@ class Recorder:
         self._held: list[Outcome] = []
         self._give_up_at: float | None = None
         self._ending = False
+        self._closed = False  # the recorder thread ended: nothing records what comes now
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="elemta-recorder")
 
@@ -133,8 +134,12 @@ class Recorder:
         outcome = Outcome(attempt)
         with self._running_lock:
             self._running.discard(outcome.thread)
+            if self._closed:
+                # A job still running when the shutdown grace ended: the recorder is gone,
+                # its leases expire (as after a crash; docs/DELIVERY.md).
+                return False
             self._unsettled += 1
-        self._queue.put(outcome)
+            self._queue.put(outcome)  # under the lock: the end of ``_run`` finds it
         outcome.wait()
         return outcome.recorded
 
@@ -173,6 +178,19 @@ class Recorder:
                     self._gather()
                 self._take_queued()
                 self._write_held()
+        # Jobs still running after the shutdown grace (``Worker._shutdown``) hand their
+        # outcomes over later: they would wait for ever for a commit nothing makes, and the
+        # process, which joins the delivery threads at exit, would never end. Given up.
+        with self._running_lock:
+            self._closed = True
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._settled(1)
+                item.release()
 
     def _gather(self) -> None:
         """Wait (at most ``GATHER_MAX``) for the outcomes of the threads the last commit
