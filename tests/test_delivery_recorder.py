@@ -669,3 +669,36 @@ def test_a_job_still_running_after_the_shutdown_grace_does_not_wait_for_ever(
         recipient = db.session.scalars(sa.select(Recipient)).one()
         assert recipient.status == "pending" and recipient.lease_owner == worker.worker_id
         db.session.remove()
+
+
+def test_what_the_remote_accepted_stays_delivered_when_saving_a_backoff_fails(
+        app, make_app, monkeypatch):
+    # One recipient throttled (4.7.0), the other accepted, in one transaction; saving the
+    # destination's backoff then meets a database error. The accepted recipient was sent:
+    # recorded as a temporary failure it would be sent again at its retry.
+    from app.control import limits as shared
+    from app.queue.service import add_message
+    from tests.delivery_helpers import Behaviour
+    from tests.helpers import raw_message
+
+    with unit_of_work(app) as session:
+        message_id = add_message(session, sender="alice@example.com",
+                                 recipients=["slow@example.net", "ok@example.net"],
+                                 raw=raw_message(), origin="api").id
+
+    def outage(*_args, **_kwargs):
+        raise sa_exc.OperationalError("INSERT INTO backoff", {}, Exception("connection lost"))
+
+    monkeypatch.setattr(shared, "save_backoff", outage)
+    throttled = Behaviour(rcpt_replies={"slow@example.net": "450 4.7.0 Rate limited, slow down"})
+    with Peer(throttled) as peer:
+        worker = Worker(make_app(relay_host=peer.address))
+        worker.run(once=True)
+        assert peer.recipients_received() == ["ok@example.net"]
+    with app.app_context():
+        recipients = {r.address: r for r in db.session.scalars(
+            sa.select(Recipient).where(Recipient.message_id == message_id))}
+        assert recipients["ok@example.net"].status == "delivered"
+        assert recipients["slow@example.net"].status == "deferred"
+        db.session.remove()
+    assert delivered_recipients(app) == Counter({"ok@example.net": 1})

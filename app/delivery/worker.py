@@ -381,7 +381,10 @@ class Worker:
             results = self.client.deliver(route, sender, pairs, raw, limits)
         except NoConnectionSlot:
             raise self.control.slot_busy(admission) from None
-        self.control.observe(limits, results)
+        # The results stand whatever becomes of the backoff's save: an error here (the
+        # database away) made the recipients the server accepted temporary failures, and
+        # their retry sent them again.
+        self._safely(lambda: self.control.observe(limits, results))
         return results
 
 
