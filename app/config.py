@@ -545,13 +545,32 @@ def validate(app: Flask) -> None:
         cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("pool_size",
                                                     max(30, worker_connections(cfg)))
         cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("max_overflow", 0)
-        # A database host that drops packets must make /readyz answer 503, not hang. A
-        # connect_timeout given in the URL is left to the URL (connect_args would override it).
-        if "connect_timeout=" not in cfg["SQLALCHEMY_DATABASE_URI"]:
-            cfg["SQLALCHEMY_ENGINE_OPTIONS"].setdefault("connect_args", {"connect_timeout": 5})
+        # A database host that drops packets must make /readyz answer 503 and a delivery
+        # outcome's commit fail (then the recorder renews its leases: docs/DELIVERY.md), not
+        # hang (``POSTGRESQL_CONNECT_ARGS``). A parameter given in the URL is left to the URL
+        # (connect_args would override it); connect_args given to the app override these.
+        query = sa.engine.make_url(cfg["SQLALCHEMY_DATABASE_URI"]).query
+        options = cfg["SQLALCHEMY_ENGINE_OPTIONS"]
+        options["connect_args"] = {
+            **{k: v for k, v in POSTGRESQL_CONNECT_ARGS.items() if k not in query},
+            **options.get("connect_args", {})}
     # Flask's own request-size limit produces the 413 of the contract.
     cfg["MAX_CONTENT_LENGTH"] = cfg["MAX_REQUEST_BYTES"]
     cfg["SQLALCHEMY_TRACK_MODIFICATIONS"] = False
+
+
+# libpq's connection parameters for every PostgreSQL connection (API, listener, worker). A
+# connection whose peer vanished (a host gone, a firewall dropping its packets) otherwise
+# waits for the kernel's TCP retransmissions, about 15 minutes, longer than the worker's lease
+# (ELEMTA_WORKER_LEASE_SECONDS): a delivery outcome's commit hanging that long, unnoticed,
+# would let another worker claim and send again what was delivered. tcp_user_timeout (ms):
+# data sent and not acknowledged for that long fails the connection; the keepalives probe a
+# connection waiting for an answer (10 s idle, then 3 probes 5 s apart). A live server that is
+# merely slow answers the probes: a long statement is not cut. Both are Linux's; elsewhere
+# libpq ignores tcp_user_timeout. Unix-domain sockets ignore them.
+POSTGRESQL_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+    "keepalives_count": 3, "tcp_user_timeout": 30000}
 
 
 def worker_threads(cfg: Mapping[str, Any]) -> int:

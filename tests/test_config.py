@@ -258,3 +258,30 @@ def test_a_misspelt_variable_is_named_in_a_warning(monkeypatch, caplog, tmp_path
         create_app({"TESTING": True, "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
     warned = [r.getMessage() for r in caplog.records if r.name == "elemta.config"]
     assert warned == ["ELEMTA_RELAY_HOTS is not an Elemta setting and is ignored (misspelt?)"]
+
+
+def test_postgresql_connections_get_keepalives_and_a_tcp_user_timeout(load):
+    # A dead peer must fail a connection in tens of seconds, not the kernel's ~15 minutes: a
+    # delivery outcome's commit hanging that long outlives the worker's lease (DELIVERY.md).
+    args = load(DATABASE_URL="postgresql://elemta@db/elemta")[
+        "SQLALCHEMY_ENGINE_OPTIONS"]["connect_args"]
+    assert args["keepalives"] == 1 and args["tcp_user_timeout"] > 0
+    assert args["keepalives_idle"] > 0 and args["keepalives_interval"] > 0
+    assert args["keepalives_count"] > 0 and args["connect_timeout"] == 5
+    # What the operator's URL gives is left to the URL (connect_args would override it).
+    url = ("postgresql://elemta@db/elemta?connect_timeout=9&tcp_user_timeout=120000"
+           "&keepalives_idle=60")
+    args = load(DATABASE_URL=url)["SQLALCHEMY_ENGINE_OPTIONS"]["connect_args"]
+    assert "connect_timeout" not in args and "tcp_user_timeout" not in args
+    assert "keepalives_idle" not in args and args["keepalives"] == 1
+    # SQLite has none of them.
+    args = load(DATABASE_URL="sqlite:////tmp/elemta-config.db")[
+        "SQLALCHEMY_ENGINE_OPTIONS"]["connect_args"]
+    assert "keepalives" not in args and "tcp_user_timeout" not in args
+
+
+def test_connect_args_given_to_the_app_override_the_postgresql_defaults(tmp_path):
+    app = create_app({"DATABASE_URL": "postgresql://elemta@db/elemta", "TESTING": True,
+                      "SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"keepalives_idle": 99}}})
+    args = app.config["SQLALCHEMY_ENGINE_OPTIONS"]["connect_args"]
+    assert args["keepalives_idle"] == 99 and args["tcp_user_timeout"] > 0
