@@ -482,6 +482,19 @@ def driver_write(connection: sa.Connection, sql: str, params: Sequence[Any]) -> 
         raise _wrapped(connection, dbapi_connection, exc) from exc
 
 
+def bound_lock_waits(connection: sa.Connection, seconds: float | None) -> None:
+    """PostgreSQL: the rest of ``connection``'s transaction waits at most ``seconds`` for a
+    lock (``SET LOCAL lock_timeout``); a longer wait fails the statement with SQLSTATE 55P03,
+    a transient conflict. For the delivery recorder, whose writes must not wait past its
+    claims' lease (docs/DELIVERY.md, "A write that hangs"). Inside ``pipelined`` it is only
+    queued with the transaction's first statements: no round trip of its own. ``LOCAL``: the
+    setting ends with the transaction, so the pooled connection goes back as it came. SQLite:
+    nothing (its busy timeout already bounds a wait for the write lock)."""
+    if seconds is None or connection.dialect.name != "postgresql":
+        return
+    driver_write(connection, f"SET LOCAL lock_timeout = {max(1, int(seconds * 1000))}", ())
+
+
 _COMBINE = "elemta.combine"  # the writes ``combined_writes`` holds, in the connection's info
 _combined_sql: dict[tuple[str, ...], str] = {}
 

@@ -702,3 +702,63 @@ def test_what_the_remote_accepted_stays_delivered_when_saving_a_backoff_fails(
         assert recipients["slow@example.net"].status == "deferred"
         db.session.remove()
     assert delivered_recipients(app) == Counter({"ok@example.net": 1})
+
+
+def _lease_expiry(app) -> dt.datetime:
+    with unit_of_work(app) as session:
+        expiry = session.scalar(sa.select(Recipient.lease_expires_at))
+    assert expiry is not None
+    return expiry
+
+
+def test_a_write_stuck_behind_a_lock_fails_renews_the_leases_then_records_once(
+        app, database_url, monkeypatch):
+    # Another session holds a claimed message's row lock (an operator's transaction, a stuck
+    # client). The recorder's write must not wait for it silently past the lease (no renewal,
+    # claims going on, then another worker sending again what was delivered): it fails after
+    # its bound, takes the outage path (leases renewed, delivery paused), and records the
+    # outcome once the lock is gone.
+    if not database_url.startswith("postgresql"):
+        pytest.skip("lock_timeout is PostgreSQL's; on SQLite the busy timeout (30 s) already "
+                    "bounds a wait for the write lock")
+    monkeypatch.setattr(recorder_module, "BACKOFF_MAX", 0.25)
+    [attempt] = _leased(app, 1)
+    with unit_of_work(app) as session:
+        session.execute(sa.update(Recipient).values(
+            lease_expires_at=utcnow() + dt.timedelta(seconds=60)))
+    claimed_until = _lease_expiry(app)
+    locker_engine = sa.create_engine(database_url)
+    locker = locker_engine.connect()
+    locker.execute(sa.select(Message.id).where(Message.id == attempt.message_id)
+                   .with_for_update())
+    recorder = Recorder(app, WORKER, POLICY, 300)
+    recorder.lock_wait = 0.2  # the test's bound (300 s leases: 30 s)
+    answers: list[bool] = []
+
+    def deliver() -> None:
+        recorder.begin()
+        answers.append(recorder.record(attempt))
+
+    thread = threading.Thread(target=deliver, daemon=True)
+    recorder.start()
+    try:
+        thread.start()
+        # Without a bound the write waits for the lock, nothing is renewed: this fails.
+        wait_for(lambda: _lease_expiry(app) > claimed_until + dt.timedelta(seconds=120), 30)
+        assert not recorder.is_healthy()  # the outage path: no claiming meanwhile
+        assert answers == []  # still held
+    finally:
+        locker.rollback()
+        locker.close()
+        locker_engine.dispose()
+        thread.join(30)
+        recorder.close(30)
+    assert not thread.is_alive()
+    assert answers == [True]
+    assert recorder.is_healthy()
+    assert delivered_recipients(app) == Counter({"r0@example.net": 1})
+    assert _left(app) == 0
+    # SET LOCAL: the bound ended with the recorder's transactions, the pool's connections
+    # came back without it.
+    with unit_of_work(app) as session:
+        assert session.scalar(sa.text("SHOW lock_timeout")) == "0"

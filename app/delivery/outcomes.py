@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import sqlalchemy.orm as so
 
-from ..database import describe_error, is_unreachable, pipelined
+from ..database import bound_lock_waits, describe_error, is_unreachable, pipelined
 from ..dkim.signing import sign_outgoing
 from ..models import Message
 from ..queue import shape
@@ -73,10 +73,13 @@ def judge(policy: OutcomePolicy, result: AttemptResult, attempts: int,
 
 def record_outcome(session: so.Session, worker_id: str, message_id: str,
                    results: Sequence[AttemptResult], policy: OutcomePolicy,
-                   now: dt.datetime | None = None, sender: str | None = None) -> Recorded:
+                   now: dt.datetime | None = None, sender: str | None = None,
+                   lock_wait: float | None = None) -> Recorded:
     """Record one attempt, and its bounce, in one transaction; commits. ``sender`` names the
-    envelope sender in the events should the message have been deleted meanwhile."""
+    envelope sender in the events should the message have been deleted meanwhile;
+    ``lock_wait``: the longest wait for a lock, in seconds (``database.bound_lock_waits``)."""
     now = now or utcnow()
+    bound_lock_waits(session.connection(), lock_wait)
     [recorded], _ = record_attempts(session, worker_id, [Attempt(message_id, sender, results)],
                                     functools.partial(judge, policy), now)
     if recorded.failures and recorded.sender and policy.send_bounces:
@@ -97,7 +100,8 @@ class NotRecorded(Exception):
 
 
 def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Attempt],
-                    policy: OutcomePolicy, now: dt.datetime | None = None) -> None:
+                    policy: OutcomePolicy, now: dt.datetime | None = None, *,
+                    lock_wait: float | None = None) -> None:
     """Record many attempts in one transaction (one commit, one rollup bump); commits.
 
     The worker's hot path: with several messages per transaction the database does a few
@@ -107,7 +111,8 @@ def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Atte
     outcome the database refuses), every attempt is recorded on its own instead; if the
     database cannot be reached, nothing more is tried. Raises ``NotRecorded`` naming the
     attempts that were not committed, so the caller can keep them and try again later
-    without recording any attempt twice.
+    without recording any attempt twice. ``lock_wait``: no statement waits longer for a lock,
+    in seconds (``database.bound_lock_waits``; a longer wait is a transient conflict).
     """
     now = now or utcnow()
     singles: list[Attempt] = []
@@ -118,6 +123,7 @@ def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Atte
         # recorder in one pipeline"; the commit below then costs no round trip). An error met
         # when it ends is judged as any other.
         with pipelined(session, commit=True):
+            bound_lock_waits(session.connection(), lock_wait)  # queued: no round trip
             recorded, singles = record_attempts(
                 session, worker_id, attempts, functools.partial(judge, policy), now,
                 hold_back=functools.partial(_may_bounce, policy, now))
@@ -135,7 +141,7 @@ def record_outcomes(session: so.Session, worker_id: str, attempts: Sequence[Atte
     for n, attempt in enumerate(singles):
         try:
             record_outcome(session, worker_id, attempt.message_id, attempt.results, policy,
-                           now=now, sender=attempt.sender)
+                           now=now, sender=attempt.sender, lock_wait=lock_wait)
         except Exception as exc:
             session.rollback()
             raise NotRecorded(singles[n:], exc) from exc

@@ -12,11 +12,14 @@ crash can send twice is bounded by the thread count (docs/DELIVERY.md, "What a c
 outage can send twice").
 
 When the write fails because the database cannot be reached (or stays locked, or keeps
-conflicting), the outcomes and their leases are kept: the recorder waits for the database with
-a capped exponential backoff, renews the held recipients' leases as soon as it answers, then
-writes the outcomes. Meanwhile the delivery threads stay blocked on their outcome, and the
-worker claims nothing (``healthy`` is clear), so no new SMTP transaction starts. It logs once
-per state change (failing, a different error, back), naming the error's class and SQLSTATE.
+conflicting), the outcomes and their leases are kept: the recorder waits for the database
+with a capped exponential backoff, renews the held recipients' leases as soon as it answers,
+then writes the outcomes. A write cannot hang silently instead: its statements wait for a
+lock at most ``lock_wait`` (a share of the lease), and a dead connection errors out within
+the engine's TCP keepalives and ``tcp_user_timeout`` (app/config.py); either is a failure.
+Meanwhile the delivery threads stay blocked on their outcome, and the worker claims nothing
+(``healthy`` is clear), so no new SMTP transaction starts. It logs once per state change
+(failing, a different error, back), naming the error's class and SQLSTATE.
 
 An outcome the database refuses for another reason (a bug, a value it cannot store) is tried
 ``REFUSED_TRIES`` times, then given up with its traceback: its leases stay and expire, as a
@@ -33,6 +36,7 @@ import time
 from flask import Flask
 
 from ..database import (
+    bound_lock_waits,
     describe_error,
     error_code,
     is_transient_conflict,
@@ -55,6 +59,19 @@ REFUSED_TRIES = 3
 # a thread at most this long per transaction when a thread released with it is slow (a remote
 # server taking seconds); a job begun before the last commit is not waited for.
 GATHER_MAX = 0.03
+# The longest a recorder's statement waits for a lock (PostgreSQL ``lock_timeout``): a share of
+# the lease, capped. A write stuck behind a lock past it fails as a transient conflict and takes
+# the outage path (leases renewed, outcomes held, tried again); without a bound it waited
+# silently, and past the lease another worker could claim and send again what was delivered.
+# A dead connection is bounded by the engine's TCP keepalives and tcp_user_timeout
+# (app/config.py). docs/DELIVERY.md, "A write that hangs".
+LOCK_WAIT_SHARE = 0.1
+LOCK_WAIT_MAX = 30.0
+
+
+def lock_wait_for(lease_seconds: float) -> float:
+    """The recorder's bound on a lock wait for a lease of ``lease_seconds``."""
+    return min(LOCK_WAIT_MAX, lease_seconds * LOCK_WAIT_SHARE)
 
 
 class Outcome:
@@ -95,6 +112,7 @@ class Recorder:
         self.worker_id = worker_id
         self.policy = policy
         self.lease_seconds = lease_seconds
+        self.lock_wait = lock_wait_for(lease_seconds)  # seconds, each write's statements
         self.recorded_attempts = 0  # only the recorder thread writes it
         self.transactions = 0  # commits that recorded them (for the log and the bench)
         # Delivery threads with a job begun whose outcome is not handed over yet, and those
@@ -274,6 +292,7 @@ class Recorder:
                 # First of all keep the leases: an outage longer than the lease would
                 # otherwise let another worker claim (and send again) what was delivered.
                 with unit_of_work(self.app) as session:
+                    bound_lock_waits(session.connection(), self.lock_wait)
                     renew_leases(session, self.worker_id,
                                  [i for o in self._held for i in o.recipient_ids()],
                                  lease_seconds=self.lease_seconds)
@@ -297,7 +316,8 @@ class Recorder:
         scoped = self.app.extensions["sqlalchemy"].session
         session = scoped()
         try:
-            record_outcomes(session, self.worker_id, attempts, self.policy)
+            record_outcomes(session, self.worker_id, attempts, self.policy,
+                            lock_wait=self.lock_wait)
         except BaseException:
             session.rollback()
             raise
