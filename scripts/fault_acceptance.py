@@ -18,8 +18,8 @@ Per backend, on a fresh database (SQLite: a temporary file; PostgreSQL: a databa
    SQLite locked by another writer (``BEGIN EXCLUSIVE``) while the worker's busy timeout is 1 s.
 
 Prints one line per measurement and a JSON summary; exits 1 if a message was lost, a kill
-caused more duplicates than the worker's delivery threads (twice the concurrency, the default
-of ``ELEMTA_WORKER_THREADS``), or the outage caused any.
+caused more duplicates than the worker's delivery threads (four times the concurrency, the
+default of ``ELEMTA_WORKER_THREADS``), or the outage caused any.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ sys.path.insert(0, ROOT)
 import sqlalchemy as sa  # noqa: E402
 
 from app import create_app  # noqa: E402
+from app.config import THREADS_PER_SLOT  # noqa: E402
 from app.delivery.worker import Worker  # noqa: E402
 from app.extensions import db  # noqa: E402
 from app.models import Message, Recipient  # noqa: E402
@@ -137,7 +138,7 @@ def kill_run(url: str, app: Any, args: argparse.Namespace, rng: random.Random,
     return {"messages": count, "kills": args.kills, "lost": lost, "duplicates": duplicates,
             "at_risk_per_kill": at_risk, "left_in_queue": queued(app),
             "ok": lost == 0 and duplicates == sum(at_risk)
-            and all(r <= 2 * args.concurrency for r in at_risk)}  # the threads
+            and all(r <= THREADS_PER_SLOT * args.concurrency for r in at_risk)}  # the threads
 
 
 def outage_run(url: str, app: Any, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def _queued(app) -> int:
 def test_kill_9_mid_load_sends_again_at_most_one_transaction_per_thread(
         app, make_app, database_url):
     concurrency = 4
-    threads = 2 * concurrency  # ELEMTA_WORKER_THREADS's default: the bound of a kill -9
+    threads = 4 * concurrency  # ELEMTA_WORKER_THREADS's default: the bound of a kill -9
     with Peer() as peer:
         bulk_queue(app, COUNT)
         process = worker_process(database_url, relay_host=peer.address,

@@ -1,8 +1,8 @@
 """Deliveries at once (``ELEMTA_WORKER_CONCURRENCY``) apart from the delivery threads.
 
 A job holds one of the concurrency's slots for its SMTP part only and gives it back when it
-hands its outcome to the recorder (app/delivery/worker.py): with twice as many threads as
-slots (``ELEMTA_WORKER_THREADS``'s default), some threads wait for their commit while others
+hands its outcome to the recorder (app/delivery/worker.py): with four times as many threads
+as slots (``ELEMTA_WORKER_THREADS``'s default), some threads wait for their commit while others
 are in SMTP, never more than the concurrency at once, and a thread still starts nothing new
 before its last outcome is committed.
 """
@@ -103,7 +103,7 @@ def test_at_most_the_concurrency_is_in_smtp_while_more_threads_wait_for_commits(
     census = Census()
     with Peer() as peer:
         worker = Worker(make_app(relay_host=peer.address, worker_concurrency=3))
-        assert (worker.concurrency, worker.threads) == (3, 6)  # twice, by default
+        assert (worker.concurrency, worker.threads) == (3, 12)  # four times, by default
         _watch(worker, census, monkeypatch, smtp_seconds=0.02, commit_seconds=0.05)
         worker.run(once=True)
     # Never more SMTP transactions at once than the concurrency, which was reached...
@@ -149,8 +149,8 @@ def test_worker_threads_setting(make_app):
     from app.config import worker_connections, worker_threads
 
     app = make_app(worker_concurrency=5)
-    assert worker_threads(app.config) == 10
-    assert worker_connections(app.config) == 13
+    assert worker_threads(app.config) == 20
+    assert worker_connections(app.config) == 23
     app = make_app(worker_concurrency=5, worker_threads=7)
     assert worker_threads(app.config) == 7
     with pytest.raises(ConfigError, match="ELEMTA_WORKER_THREADS: 4 must be at least "
@@ -159,17 +159,17 @@ def test_worker_threads_setting(make_app):
 
 
 def test_the_database_pool_has_a_connection_for_every_delivery_thread(make_app, database_url):
-    app = make_app(worker_concurrency=20)  # 40 threads + 3
+    app = make_app(worker_concurrency=20)  # 80 threads + 3
     with app.app_context():
         pool = db.engine.pool
         if database_url.startswith("postgresql"):
-            assert pool.size() == 43 and pool._max_overflow == 0  # type: ignore[attr-defined]
+            assert pool.size() == 83 and pool._max_overflow == 0  # type: ignore[attr-defined]
         else:
-            assert pool.size() + pool._max_overflow >= 43  # type: ignore[attr-defined]
-    app = make_app()  # the default: as before
+            assert pool.size() + pool._max_overflow >= 83  # type: ignore[attr-defined]
+    app = make_app()  # the default: 32 threads + 3
     with app.app_context():
         pool = db.engine.pool
         if database_url.startswith("postgresql"):
-            assert pool.size() == 30
+            assert pool.size() == 35
         else:
-            assert (pool.size(), pool._max_overflow) == (5, 14)  # type: ignore[attr-defined]
+            assert (pool.size(), pool._max_overflow) == (5, 30)  # type: ignore[attr-defined]

@@ -6,8 +6,8 @@ commits the outcomes of every thread that finished meanwhile in one transaction;
 its next job only once its outcome is committed, so a crash can send again at most one
 transaction per thread. A job's SMTP part (routing, admission, connection, transaction) holds
 one of ``WORKER_CONCURRENCY`` slots, given back when the outcome is handed to the recorder:
-there are twice as many threads as slots by default (``WORKER_THREADS``), so while some wait
-for their commit, as many others are in SMTP, and a commit carries more outcomes. The main
+there are four times as many threads as slots by default (``WORKER_THREADS``), so while some
+wait for their commit, others are in SMTP, and a commit carries more outcomes. The main
 thread claims in batches (the next one while a batch's worth is still queued; nothing while the
 recorder waits for the database), submits jobs, beats the heartbeat, folds the queue counters
 and purges expired failed mail. ``stop()`` (SIGTERM) ends claiming; jobs not yet started give
