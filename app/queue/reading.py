@@ -10,10 +10,12 @@ from typing import Any
 
 import sqlalchemy as sa
 import sqlalchemy.orm as so
+from flask import Flask, current_app
 
 from ..cursors import decode_cursor_payload, encode_cursor_payload
 from ..errors import NotFound, ValidationFailed
 from ..models import DeliveryEvent, Message, MessageContent, Recipient
+from ..readcoalesce import ReadCoalescer
 from ..sqltypes import UTCDateTime
 from ..timeutil import parse_iso
 from . import counters
@@ -79,6 +81,21 @@ def queue_stats(session: so.Session | so.scoped_session[Any]) -> dict[str, int]:
     """The counts per state (``counters.counts_folding``); given the scoped ``db.session``, a
     GET request reads them without creating its ORM session (``database.DriverRead``)."""
     return counters.counts_folding(session)
+
+
+STATS_READS = "elemta_queue_stats_reads"  # the app's ReadCoalescer of queue_stats
+
+
+def init_stats_reads(app: Flask) -> None:
+    app.extensions[STATS_READS] = ReadCoalescer[dict[str, int]]("queue stats", copy=dict)
+
+
+def shared_queue_stats(session: so.Session | so.scoped_session[Any]) -> dict[str, int]:
+    """``queue_stats`` for ``GET /api/queue/stats``: the concurrent requests of this process
+    share one read, which started after each of them arrived (app/readcoalesce.py); the
+    leader's ``session`` reads for all of them."""
+    reads: ReadCoalescer[dict[str, int]] = current_app.extensions[STATS_READS]
+    return reads.read(lambda: queue_stats(session))
 
 
 def oldest_per_state(session: so.Session) -> dict[str, dt.datetime | None]:

@@ -32,6 +32,7 @@ MESSAGE_ITEM = MessageSchema(many=True)
 MESSAGE_COLUMNS = tuple(field.data_key or name for name, field in MESSAGE_ITEM.fields.items())
 
 blp = Blueprint("queue", __name__, url_prefix="/api/queue", description="The mail queue")
+blp.record_once(lambda state: service.init_stats_reads(state.app))
 
 
 class ListingTypeConverter(BaseConverter):
@@ -72,8 +73,9 @@ class QueueStats(MethodView):
     @blp.response(200, QueueStatsSchema)
     def get(self) -> dict[str, int]:
         """Number of messages in each queue state"""
-        # The scoped session itself: the read needs no ORM session (database.DriverRead).
-        return service.queue_stats(db.session)
+        # The scoped session itself: the read needs no ORM session (database.DriverRead);
+        # concurrent requests of this process share one read (reading.shared_queue_stats).
+        return service.shared_queue_stats(db.session)
 
 
 @blp.route("/shape")

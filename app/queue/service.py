@@ -54,6 +54,7 @@ from .reading import (  # noqa: F401  (re-exported, as above)
     decode_cursor,
     encode_cursor,
     get_message,
+    init_stats_reads,
     list_messages,
     message_detail,
     message_pages,
@@ -62,6 +63,7 @@ from .reading import (  # noqa: F401  (re-exported, as above)
     messages_by_ids,
     oldest_per_state,
     queue_stats,
+    shared_queue_stats,
 )
 from .shape import read_shape  # noqa: F401  (re-exported, as above)
 from .states import OPEN_STATES, QueueState, RecipientStatus
